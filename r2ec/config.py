@@ -1,0 +1,298 @@
+"""One configuration schema for the whole system, loaded from YAML with dotted command-line overrides.
+
+Every section is a pydantic model with ``extra="forbid"``, so a misspelt key is an error, not a silently ignored
+setting; every value is validated and the error names the field path and the reason. Nothing is rewritten behind
+the user's back: cross-field checks reject inconsistent settings instead of "fixing" them.
+
+Each component receives only its own sub-config (``cfg.data`` for the data pipeline, ``cfg.model`` for the model,
+``cfg.recpo`` for the loss, ...).
+
+Defaults are the paper's (R2ec, arXiv 2505.16994 v3, §4 and Appendix) unless a comment says otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the file, the field path and the reason."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------------- model
+class LoraConfig(_Section):
+    enabled: bool = False
+    r: int = Field(4, ge=1, description="LoRA rank; the paper uses 4")
+    alpha: float = Field(128.0, gt=0, description="LoRA alpha; the official code uses 128")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(
+        description="a hub id, a local folder, or asset://<name> for an asset prepared by `r2ec assets`"
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    tau: float = Field(0.02, gt=0, description="rec_head temperature: score = cos(h_T, h_v) / tau")
+    answer_marker: str = Field("<answer>", min_length=1)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    item_prompt_max_tokens: int = Field(512, ge=16, description="item prompts longer than this are an error")
+
+
+# --------------------------------------------------------------------------------------------------- data
+class PromptConfig(_Section):
+    category: str = Field(description="plural category words in the user prompt, e.g. 'video games'")
+    item_singular: str = Field(description="one item in words, e.g. 'video game'")
+    history_items: int = Field(20, ge=1, description="how many of the latest history items the user prompt shows")
+    description_words: int = Field(100, ge=0, description="item prompts keep the first N description words")
+
+
+class AmazonConfig(_Section):
+    category: str = Field(description="Amazon Reviews 2023 category, e.g. Video_Games")
+    reviews: str = Field(description="path or URL of {Category}.csv.gz (5-core, rating only)")
+    meta: str = Field(description="path or URL of meta_{Category}.jsonl.gz")
+    window_end: str = Field("2023-10-01", description="end of the time window (inclusive), YYYY-MM-DD")
+    window_months: int = Field(12, ge=1, description="initial window length")
+    widen_months: int = Field(3, ge=1, description="widen the window by this much until min_items is reached")
+    min_items: int = Field(10_000, ge=0, description="widen the window until at least this many items remain")
+    max_title_words: int = Field(20, ge=1)
+    k_core: int = Field(0, ge=0, description="iterative k-core on users and items inside the window; 0 = off")
+
+    @field_validator("window_end")
+    @classmethod
+    def _date(cls, v: str) -> str:
+        from datetime import date
+
+        try:
+            date.fromisoformat(v)
+        except ValueError as e:
+            raise ValueError(f"expected a date like 2023-10-01, got {v!r}") from e
+        return v
+
+
+class FilesConfig(_Section):
+    interactions: str = Field(description="CSV, JSONL or Parquet with user_id, item_id, timestamp[, rating]")
+    items: str = Field(description="CSV, JSONL or Parquet with item_id, title[, description, ...]")
+    timestamp_unit: Literal["s", "ms"] = "s"
+
+
+class DataConfig(_Section):
+    source: Literal["movielens100k", "amazon2023", "files"]
+    movielens_dir: str | None = Field(
+        None, description="folder with ml-100k.inter and ml-100k.item; default: the asset from `r2ec assets`"
+    )
+    amazon: AmazonConfig | None = None
+    files: FilesConfig | None = None
+    max_history: int = Field(20, ge=1, description="history items kept per sample")
+    train_frac: float = Field(0.8, gt=0, lt=1)
+    valid_frac: float = Field(0.1, gt=0, lt=1)
+    cache_dir: str | None = Field(None, description="where prepared splits are cached; default <cache>/data")
+    prompt: PromptConfig
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DataConfig:
+        if self.source == "amazon2023" and self.amazon is None:
+            raise ValueError("source 'amazon2023' needs an 'amazon' section (category, reviews, meta)")
+        if self.source == "files" and self.files is None:
+            raise ValueError("source 'files' needs a 'files' section (interactions, items)")
+        if self.train_frac + self.valid_frac >= 1:
+            raise ValueError(
+                f"train_frac + valid_frac must be < 1 to leave a test split, got {self.train_frac + self.valid_frac}"
+            )
+        if self.prompt.history_items > self.max_history:
+            raise ValueError(
+                f"prompt.history_items ({self.prompt.history_items}) cannot exceed max_history "
+                f"({self.max_history}): samples keep only max_history items"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------------- rollout
+class SamplingConfig(_Section):
+    temperature: float = Field(1.5, ge=0, description="paper 1.5; the official launch script uses 2.0")
+    top_k: int = Field(200, ge=-1, description="paper 200; the official launch script uses 50; -1 = off")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(640, ge=1, description="the official code's limit")
+
+
+class RolloutConfig(_Section):
+    engine: Literal["hf", "vllm"] = "hf"
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    batch_size: int = Field(16, ge=1, description="prompts per generate call")
+
+
+# --------------------------------------------------------------------------------------------------- learner
+class LearnerConfig(_Section):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    lr: float = Field(1e-5, gt=0)
+    grad_clip: float = Field(1.0, gt=0)
+    prompts_per_step: int = Field(12, ge=1, description="users per optimiser step; x group_size chains")
+    micro_batch_size: int = Field(4, ge=1, description="chains per forward/backward")
+    gradient_checkpointing: bool = True
+    epochs: int = Field(3, ge=1)
+
+
+# --------------------------------------------------------------------------------------------------- recpo
+class RecPOConfig(_Section):
+    group_size: int = Field(4, ge=2, description="G chains per user; GRPO needs at least 2")
+    beta: float = Field(0.05, ge=0, le=1, description="R = beta * R_c + (1 - beta) * R_d")
+    k_r: int = Field(1000, ge=1, description="R_d = NDCG@k_r of the target")
+    advantage: Literal["grpo", "rloo"] = "grpo"
+    eps_low: float = Field(0.2, ge=0, lt=1)
+    eps_high: float = Field(0.28, ge=0)
+    relabel_topk: int = Field(1, ge=1, description="item term on the top-k chains per group (paper 1, code 2)")
+    kl_coef: float = Field(0.0, ge=0, description="KL to a reference model; 0 = off (paper)")
+    refresh_every: int = Field(50, ge=1, description="steps between full item-table re-encodings")
+
+    @model_validator(mode="after")
+    def _topk(self) -> RecPOConfig:
+        if self.relabel_topk > self.group_size:
+            raise ValueError(
+                f"relabel_topk ({self.relabel_topk}) cannot exceed group_size ({self.group_size})"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------------- eval
+class EvalConfig(_Section):
+    split: Literal["valid", "test"] = "test"
+    ks: list[int] = Field(default_factory=lambda: [5, 10, 20])
+    max_samples: int | None = Field(None, ge=1, description="evaluate the first N samples of the split")
+    batch_size: int = Field(8, ge=1, description="users per greedy-generation batch")
+    max_new_tokens: int = Field(640, ge=1)
+    item_batch_size: int = Field(32, ge=1, description="item prompts per encoding batch")
+
+    @field_validator("ks")
+    @classmethod
+    def _ks(cls, v: list[int]) -> list[int]:
+        if not v or any(k < 1 for k in v):
+            raise ValueError(f"ks must be a non-empty list of positive cut-offs, got {v}")
+        return v
+
+
+# --------------------------------------------------------------------------------------------------- cluster
+class RolloutWorkersConfig(_Section):
+    num_workers: int = Field(1, ge=1)
+    gpus_per_worker: float = Field(0, ge=0)
+    tensor_parallel_size: int = Field(1, ge=1)
+
+
+class LearnerWorkersConfig(_Section):
+    num_workers: int = Field(1, ge=1)
+    gpus_per_worker: float = Field(0, ge=0)
+
+
+class ClusterConfig(_Section):
+    address: str | None = Field(None, description="Ray address; None = RAY_ADDRESS or an embedded local Ray")
+    rollout: RolloutWorkersConfig = Field(default_factory=RolloutWorkersConfig)
+    learner: LearnerWorkersConfig = Field(default_factory=LearnerWorkersConfig)
+
+
+# --------------------------------------------------------------------------------------------------- run
+class RunConfig(_Section):
+    name: str = "r2ec"
+    output_dir: str = "outputs/r2ec"
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class Config(_Section):
+    model: ModelConfig
+    data: DataConfig
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    recpo: RecPOConfig = Field(default_factory=RecPOConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    def hash(self) -> str:
+        """A short stable hash of the full config (used to tag caches and checkpoints)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------------------------------- loading
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (not in the schema; check the spelling)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        got = e.get("input")
+        got_s = "" if e["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {path}: {msg}{got_s}")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value``; the value is read as YAML, so ``8``, ``0.5``, ``true``, ``[5, 10]`` and ``null``
+    have their natural types and anything else is a string."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE with a dotted KEY, e.g. recpo.group_size=8")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {item!r}: empty segment in the key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from e
+    return parts, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply dotted overrides to a nested dict; unknown paths are reported by validation afterwards, but a path
+    that walks *through* a non-mapping value is reported here."""
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = data
+        for i, p in enumerate(parts[:-1]):
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            elif not isinstance(nxt, dict):
+                where = ".".join(parts[: i + 1])
+                raise ConfigError(f"override {item!r}: {where} is a value ({nxt!r}), not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                data: dict | None = None) -> Config:
+    """Load a YAML config (or a dict), apply ``--set`` overrides and validate."""
+    source = str(path) if path is not None else "<dict>"
+    if data is None:
+        if path is None:
+            raise ConfigError("no config given: pass --config FILE")
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {source} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {source} is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {source}: expected a mapping at the top level, got {type(data).__name__}")
+    data = apply_overrides(json.loads(json.dumps(data)), overrides or [])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None

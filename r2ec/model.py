@@ -1,0 +1,203 @@
+"""The R2ec dual-head model around any Hugging Face causal LM.
+
+- ``lm_head`` is the model's own LM head: it writes the reasoning chain.
+- ``rec_head`` is the item table H_V (V, d): each row is the final hidden state (after the final norm) at the last
+  token of the item's prompt, produced by the same model. A user's chain is scored by
+  ``s(v) = cos(h_T, H_V[v]) / tau`` where h_T is the final hidden state at the last token of the answer marker.
+
+Deviations from the paper / official code:
+- The official code finds the last token as "first pad token - 1", which is wrong under left padding and when the
+  pad token also occurs inside the text (it is EOS for many models). We take the last position whose attention mask
+  is 1 and pass explicit position ids, so left and right padding give the same hidden states.
+- A chain that ends without the marker (EOS or length cut) gets the marker's tokens appended (as the paper says);
+  a chain that contains it is cut right after the token that completes it.
+- Scores use cosine similarity (as the official code), not the paper's plain inner product.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from r2ec.algo.metrics import mask_history, topk_items
+from r2ec.algo.recpo import cosine_scores
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row, for right *and* left padding.
+
+    attention_mask: (B, L) 0/1. Returns (B,) long.
+    """
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.long() * (positions + 1)).argmax(dim=1)
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right",
+              device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pad token id lists. Returns input_ids (B, L), attention_mask (B, L), position_ids (B, L)."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+    if not seqs or any(len(s) == 0 for s in seqs):
+        raise ValueError("cannot pad an empty batch or an empty sequence")
+    length = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(0, len(s)) if side == "right" else slice(length - len(s), length)
+        ids[i, sl] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[i, sl] = 1
+    # Explicit positions: the model must not see left padding as extra context.
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+@dataclass
+class Chain:
+    """One finished reasoning chain."""
+
+    token_ids: list[int]  # completion tokens, ending with the answer marker
+    text: str
+    appended_marker: bool  # True when the marker was appended (the chain ended without it)
+
+
+class DualHeadModel:
+    """A causal LM plus its rec_head. Holds no item table itself: callers pass ``h_items`` explicitly."""
+
+    def __init__(self, model, tokenizer, tau: float = 0.02, marker: str = "<answer>"):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.tau = tau
+        self.marker = marker
+        self.marker_ids: list[int] = tokenizer.encode(marker, add_special_tokens=False)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+        eos = eos if eos is not None else tokenizer.eos_token_id
+        self.eos_ids: set[int] = set(eos if isinstance(eos, list) else [eos])
+
+    # ------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_config(cls, cfg, device: torch.device | str = "cpu") -> DualHeadModel:
+        """Build from ``ModelConfig``: a hub id, a local folder or ``asset://name``; LoRA via peft if enabled."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from r2ec.assets import resolve
+
+        path = resolve(cfg.name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype))
+        if cfg.lora.enabled:
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(
+                r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM"))
+        model.to(device).eval()
+        return cls(model, tokenizer, tau=cfg.tau, marker=cfg.answer_marker)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _decoder(self):
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return base.get_decoder()
+
+    # ------------------------------------------------------------------------------------------ hidden states
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      position_ids: torch.Tensor) -> torch.Tensor:
+        """Final hidden states after the final norm: (B, L, d)."""
+        out = self._decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False)
+        return out.last_hidden_state
+
+    def last_hidden(self, seqs: Sequence[Sequence[int]], padding_side: str = "right") -> torch.Tensor:
+        """Final hidden state at the last token of each sequence: (B, d), in the model's dtype."""
+        ids, mask, pos = pad_batch(seqs, self.pad_id, padding_side, self.device)
+        h = self.hidden_states(ids, mask, pos)
+        return h[torch.arange(h.shape[0], device=h.device), last_token_index(mask)]
+
+    @torch.no_grad()
+    def encode_items(self, item_prompt_ids: Sequence[Sequence[int]], batch_size: int = 32,
+                     progress=None) -> torch.Tensor:
+        """The item table H_V: (V, d) float32, rows in the order given. Batches are formed from length-sorted
+        prompts to waste little compute on padding."""
+        order = sorted(range(len(item_prompt_ids)), key=lambda i: len(item_prompt_ids[i]))
+        table: torch.Tensor | None = None
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            h = self.last_hidden([item_prompt_ids[i] for i in idx]).float()
+            if table is None:
+                table = torch.empty((len(order), h.shape[1]), dtype=torch.float32, device=h.device)
+            table[torch.as_tensor(idx, device=h.device)] = h
+            if progress is not None:
+                progress(len(idx))
+        if table is None:
+            raise ValueError("no item prompts to encode")
+        return table
+
+    def user_hidden(self, prompt_ids: Sequence[Sequence[int]], chains: Sequence[Sequence[int]]) -> torch.Tensor:
+        """h_T for prompt + chain (each chain already ending with the marker): (B, d)."""
+        return self.last_hidden([list(p) + list(c) for p, c in zip(prompt_ids, chains, strict=True)])
+
+    # ------------------------------------------------------------------------------------------ rec_head
+    def item_scores(self, h_user: torch.Tensor, h_items: torch.Tensor, history_idx: torch.Tensor | None = None,
+                    target_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """rec_head: cos(h_user, H_V) / tau over the full catalogue, (B, V) float32, with the history (B, H),
+        padded with -1, masked to -inf (the target itself is never masked)."""
+        scores = cosine_scores(h_user, h_items, self.tau)
+        if history_idx is not None:
+            scores = mask_history(scores, history_idx.to(scores.device), target_idx)
+        return scores
+
+    # ------------------------------------------------------------------------------------------ reasoning
+    def finish_chain(self, generated: Sequence[int]) -> Chain:
+        """Cut a generated completion at EOS or right after the marker; append the marker when it is missing."""
+        ids = list(generated)
+        for j, t in enumerate(ids):
+            if t in self.eos_ids or t == self.pad_id:
+                ids = ids[:j]
+                break
+        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        if self.marker in text:
+            # Shortest prefix whose text contains the marker: the chain ends at the token completing it.
+            k = len(ids)
+            while k > 1 and self.marker in self.tokenizer.decode(ids[:k - 1], skip_special_tokens=False):
+                k -= 1
+            ids = ids[:k]
+            return Chain(ids, self.tokenizer.decode(ids, skip_special_tokens=False), appended_marker=False)
+        ids = ids + self.marker_ids
+        return Chain(ids, self.tokenizer.decode(ids, skip_special_tokens=False), appended_marker=True)
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> list[Chain]:
+        """Reasoning chains with transformers ``generate`` (left padding), stopping at the marker."""
+        ids, mask, _ = pad_batch(prompt_ids, self.pad_id, "left", self.device)
+        kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, pad_token_id=self.pad_id,
+                      stop_strings=[self.marker], tokenizer=self.tokenizer)
+        if do_sample:
+            kwargs.update(temperature=temperature, top_k=top_k if top_k > 0 else None, top_p=top_p)
+        else:
+            kwargs.update(temperature=None, top_k=None, top_p=None)
+        out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        return [self.finish_chain(row[ids.shape[1]:].tolist()) for row in out]
+
+    @torch.no_grad()
+    def recommend(self, prompt_ids: Sequence[Sequence[int]], h_items: torch.Tensor, k: int,
+                  history_idx: torch.Tensor | None = None, max_new_tokens: int = 640
+                  ) -> tuple[list[Chain], torch.Tensor, torch.Tensor]:
+        """End to end: greedy reasoning, h_T, full-catalogue scores with the history masked, top-k.
+
+        Returns (chains, item_scores (B, V), top-k item indices (B, k))."""
+        chains = self.generate(prompt_ids, max_new_tokens=max_new_tokens)
+        h_user = self.user_hidden(prompt_ids, [c.token_ids for c in chains])
+        scores = self.item_scores(h_user, h_items, history_idx)
+        return chains, scores, topk_items(scores, min(k, scores.shape[1]))

@@ -1,0 +1,93 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from r2ec.config import Config, ConfigError, load_config
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
+MINIMAL = {
+    "model": {"name_or_path": "some/model"},
+    "data": {"source": "movielens100k", "prompt": {"category": "movies", "item_singular": "movie"}},
+}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+
+
+def test_configs_exist():
+    assert any(p.name == "ml100k-smollm2.yaml" for p in CONFIGS)
+
+
+def test_defaults_are_the_papers():
+    cfg = load_config(data=MINIMAL)
+    assert (cfg.recpo.group_size, cfg.recpo.beta, cfg.recpo.k_r) == (4, 0.05, 1000)
+    assert (cfg.recpo.eps_low, cfg.recpo.eps_high, cfg.recpo.kl_coef) == (0.2, 0.28, 0.0)
+    assert cfg.model.tau == 0.02 and cfg.model.lora.r == 4 and cfg.model.lora.alpha == 128
+    assert cfg.learner.lr == 1e-5 and cfg.learner.prompts_per_step == 12 and cfg.data.max_history == 20
+
+
+def test_dotted_overrides_have_yaml_types():
+    cfg = load_config(data=MINIMAL, overrides=["recpo.group_size=8", "eval.ks=[1, 50]", "run.output_dir=x/y",
+                                              "model.lora.enabled=true", "eval.max_samples=null"])
+    assert cfg.recpo.group_size == 8 and cfg.eval.ks == [1, 50] and cfg.run.output_dir == "x/y"
+    assert cfg.model.lora.enabled is True and cfg.eval.max_samples is None
+
+
+def test_overrides_from_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(MINIMAL))
+    assert load_config(p, ["recpo.beta=0.5"]).recpo.beta == 0.5
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("recpo.group_sise=8", "recpo.group_sise: unknown key"),
+        ("recpo.group_size=1", "recpo.group_size: Input should be greater than or equal to 2 (got 1)"),
+        ("recpo.advantage=ppo", "recpo.advantage: Input should be 'grpo' or 'rloo'"),
+        ("recpo.relabel_topk=5", "relabel_topk (5) cannot exceed group_size (4)"),
+        ("data.train_frac=0.95", "train_frac + valid_frac must be < 1"),
+        ("data.source=amazon2023", "needs an 'amazon' section"),
+        ("data.prompt.history_items=30", "cannot exceed max_history"),
+        ("eval.ks=[0]", "ks must be a non-empty list of positive cut-offs"),
+        ("model.tau=0", "model.tau: Input should be greater than 0"),
+    ],
+)
+def test_invalid_values_name_the_field_and_reason(override, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(data=MINIMAL, overrides=[override])
+    assert expected in str(e.value)
+
+
+def test_missing_required_key_is_named():
+    with pytest.raises(ConfigError, match=r"model.name_or_path: required key is missing"):
+        load_config(data={**MINIMAL, "model": {}})
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(data=MINIMAL, overrides=["recpo.group_size"])
+    with pytest.raises(ConfigError, match="is a value"):
+        load_config(data=MINIMAL, overrides=["model.name_or_path.x=1"])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    p = tmp_path / "list.yaml"
+    p.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(p)
+    p.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+
+
+def test_hash_is_stable_and_sensitive():
+    a, b = load_config(data=MINIMAL), load_config(data=MINIMAL)
+    assert a.hash() == b.hash()
+    assert a.hash() != load_config(data=MINIMAL, overrides=["recpo.beta=0.1"]).hash()

@@ -1,0 +1,114 @@
+import pytest
+import torch
+
+from r2ec.algo.recpo import cosine_scores
+from r2ec.model import last_token_index, pad_batch
+from r2ec.prompts import PromptBuilder, render_item, render_user
+
+
+def test_last_token_index_both_paddings():
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    left = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1]])
+    assert last_token_index(right).tolist() == [2, 3, 0]
+    assert last_token_index(left).tolist() == [3, 3, 3]
+
+
+def test_pad_batch_positions():
+    ids, mask, pos = pad_batch([[5, 6, 7], [8]], pad_id=0, side="left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert pos.tolist() == [[0, 1, 2], [0, 0, 0]]
+    with pytest.raises(ValueError):
+        pad_batch([[1], []], pad_id=0)
+
+
+def _prompts(model):
+    b = PromptBuilder("movies", "movie")
+    tok = model.tokenizer
+    users = [render_user(tok, b.user_messages(["A", "B"][:n], [4.0, 3.0][:n], [0, 60][:n], 3600))
+             for n in (1, 2)]
+    items = [render_item(tok, b.item_messages({"title": t})) for t in ("Toy Story (1995)", "X", "A longer title")]
+    return users, items
+
+
+def test_hidden_state_independent_of_padding_and_batch(tiny_model):
+    users, items = _prompts(tiny_model)
+    seqs = users + items
+    with torch.no_grad():
+        alone = torch.cat([tiny_model.last_hidden([s]) for s in seqs])
+        right = tiny_model.last_hidden(seqs, "right")
+        left = tiny_model.last_hidden(seqs, "left")
+    torch.testing.assert_close(right, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(left, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_hidden_state_is_the_final_norm_output_at_the_last_token(tiny_model):
+    _, items = _prompts(tiny_model)
+    ids = torch.tensor([items[0]])
+    with torch.no_grad():
+        out = tiny_model.model(input_ids=ids, output_hidden_states=True)
+        ref = out.hidden_states[-1][0, -1]  # HF applies the final norm to the last hidden state
+        assert torch.allclose(tiny_model.last_hidden([items[0]])[0], ref, atol=1e-6)
+        # and the LM head on it gives the model's own next-token logits
+        assert torch.allclose(tiny_model.model.lm_head(ref), out.logits[0, -1], atol=1e-5)
+
+
+def test_encode_items_keeps_the_given_order(tiny_model):
+    _, items = _prompts(tiny_model)
+    table = tiny_model.encode_items(items, batch_size=2)
+    assert table.dtype == torch.float32 and table.shape[0] == 3
+    with torch.no_grad():
+        for i, it in enumerate(items):
+            torch.testing.assert_close(table[i], tiny_model.last_hidden([it])[0], atol=1e-5, rtol=1e-5)
+
+
+def test_item_scores_mask_history_but_not_target(tiny_model):
+    torch.manual_seed(0)
+    h_user, h_items = torch.randn(2, 64), torch.randn(5, 64)
+    hist = torch.tensor([[0, 3], [1, -1]])
+    scores = tiny_model.item_scores(h_user, h_items, hist, target_idx=torch.tensor([3, 2]))
+    ref = cosine_scores(h_user, h_items, 0.02)
+    assert torch.isinf(scores[0, 0]) and torch.isinf(scores[1, 1])
+    assert scores[0, 3] == ref[0, 3]  # repeat of the target: never masked
+    assert torch.allclose(ref.abs().max(), torch.tensor(1 / 0.02), atol=50)  # cos in [-1, 1] / tau
+
+
+def test_finish_chain_cuts_or_appends(tiny_model):
+    tok = tiny_model.tokenizer
+    body = tok.encode("The user likes action.", add_special_tokens=False)
+    marker = tiny_model.marker_ids
+    tail = tok.encode(" more text", add_special_tokens=False)
+    cut = tiny_model.finish_chain(body + marker + tail)
+    assert cut.token_ids == body + marker and not cut.appended_marker
+    assert cut.text.endswith("<answer>")
+    eos = tok.eos_token_id
+    appended = tiny_model.finish_chain(body + [eos] + tail)
+    assert appended.token_ids == body + marker and appended.appended_marker
+
+
+def test_generate_and_recommend(tiny_model):
+    users, items = _prompts(tiny_model)
+    h_items = tiny_model.encode_items(items)
+    chains, scores, top = tiny_model.recommend(users, h_items, k=2, history_idx=torch.tensor([[0], [-1]]),
+                                               max_new_tokens=6)
+    assert len(chains) == 2 and all(c.text.endswith("<answer>") for c in chains)
+    assert all(len(c.token_ids) <= 6 + len(tiny_model.marker_ids) for c in chains)
+    assert scores.shape == (2, 3) and torch.isinf(scores[0, 0]) and top.shape == (2, 2)
+    assert 0 not in top[0].tolist()
+    # greedy generation is deterministic and h_T recomputed from the chain equals the one used for ranking
+    again = tiny_model.generate(users, max_new_tokens=6)
+    assert [c.token_ids for c in again] == [c.token_ids for c in chains]
+
+
+def test_lora_wraps_and_keeps_hidden_states_at_init(tiny_model_dir):
+    from r2ec.config import LoraConfig, ModelConfig
+    from r2ec.model import DualHeadModel
+
+    base = DualHeadModel.from_config(ModelConfig(name_or_path=str(tiny_model_dir)))
+    lora = DualHeadModel.from_config(ModelConfig(name_or_path=str(tiny_model_dir), lora=LoraConfig(enabled=True)))
+    trainable = [n for n, p in lora.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert any("gate_proj" in n for n in trainable) and any("v_proj" in n for n in trainable)
+    _, items = _prompts(base)
+    with torch.no_grad():  # LoRA B starts at zero: the wrapped model computes the same function
+        torch.testing.assert_close(lora.last_hidden(items), base.last_hidden(items), atol=1e-5, rtol=1e-5)
