@@ -1,0 +1,183 @@
+"""Full-ranking evaluation: Hit@K and NDCG@K over the whole catalogue, every earlier item of the user masked.
+
+Two scorers share one loop:
+- ``popularity``: items ranked by how often they are the target of a train sample.
+- the dual-head model: greedy reasoning with the HF engine, h_T at the answer marker, cos/tau against the item table.
+
+Ties are broken deterministically (``r2ec.algo.metrics.target_rank``): among equal scores the item with the smaller
+catalogue index (catalogue sorted by item_id) ranks first.
+
+Outputs, under ``run.output_dir``: ``eval_<split>.json`` (``hit@K``/``ndcg@K`` for each K, ``num_samples``, plus
+``method``, ``split`` and timing) and ``eval_<split>_samples.jsonl`` (per sample: reasoning text, top-10 item ids
+and titles, target rank).
+
+Deviations: the official code masks the history window only; we mask every earlier item of the user (a repeat of
+the target itself is never masked, so it stays rankable).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from r2ec.algo.metrics import RankingAccumulator, mask_history, target_rank, topk_items
+from r2ec.prompts import PromptBuilder, render_item, render_user
+
+TOP_N_LOGGED = 10
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def history_tensor(rows: list[list[int]]) -> torch.Tensor:
+    """Pad ragged lists of item indices with -1: (B, H) long (H >= 1)."""
+    width = max(1, max((len(r) for r in rows), default=0))
+    out = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+    return out
+
+
+def popularity_scores(prepared) -> torch.Tensor:
+    """(V,) float: how often each item is the target of a train sample."""
+    counts = torch.zeros(len(prepared.items), dtype=torch.float32)
+    targets = torch.as_tensor(prepared.splits["train"]["target_item_idx"], dtype=torch.long)
+    counts.index_add_(0, targets, torch.ones_like(targets, dtype=torch.float32))
+    return counts
+
+
+def user_prompt_ids(builder: PromptBuilder, tokenizer, row: dict, titles: list[str]) -> list[int]:
+    hist_titles = [titles[i] for i in row["history_item_idx"]]
+    messages = builder.user_messages(hist_titles, row["history_ratings"], row["history_timestamps"],
+                                     row["target_timestamp"])
+    return render_user(tokenizer, messages)
+
+
+def item_prompt_ids(builder: PromptBuilder, tokenizer, items) -> list[list[int]]:
+    return [render_item(tokenizer, builder.item_messages(item)) for item in items]
+
+
+def _item_table_key(model_cfg, prompt_ids: list[list[int]]) -> str:
+    from r2ec.assets import resolve
+
+    h = hashlib.sha256()
+    path = Path(resolve(model_cfg.name_or_path))
+    h.update(str(path.resolve() if path.exists() else model_cfg.name_or_path).encode())
+    if path.is_dir():  # a local checkpoint: its files' sizes and times identify the weights
+        for f in sorted(path.iterdir()):
+            if f.is_file():
+                st = f.stat()
+                h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(json.dumps(model_cfg.model_dump(mode="json"), sort_keys=True).encode())
+    for ids in prompt_ids:
+        h.update(b"|" + ",".join(map(str, ids)).encode())
+    return h.hexdigest()[:16]
+
+
+def zero_shot_item_table(model, model_cfg, prompt_ids: list[list[int]], batch_size: int, cache_dir: Path | None,
+                         log=print) -> torch.Tensor:
+    """Encode the catalogue with the (untrained) model; cached by weights + prompts, since it is deterministic."""
+    from safetensors.torch import load_file, save_file
+
+    path = None
+    if cache_dir is not None and not model_cfg.lora.enabled:
+        path = cache_dir / f"item_table-{_item_table_key(model_cfg, prompt_ids)}.safetensors"
+        if path.is_file():
+            log(f"item table: loaded from cache {path}")
+            return load_file(str(path))["h_items"].to(model.device)
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    with tqdm(total=len(prompt_ids), desc="encoding items", unit="item", leave=False) as bar:
+        table = model.encode_items(prompt_ids, batch_size=batch_size, progress=bar.update)
+    log(f"item table: {len(prompt_ids)} items encoded in {time.perf_counter() - start:.1f}s")
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"h_items": table.cpu().contiguous()}, str(tmp))
+        os.replace(tmp, path)
+    return table
+
+
+def evaluate(cfg, split: Literal["valid", "test"] | None = None, baseline: Literal["popularity"] | None = None,
+             log=print) -> dict:
+    """Evaluate on a split and write the JSON and per-sample JSONL; returns the metrics dict."""
+    from tqdm import tqdm
+
+    from r2ec.assets import cache_root
+    from r2ec.data.prepare import prepare_from_config
+
+    split = split or cfg.eval.split
+    prepared = prepare_from_config(cfg.data, log=log)
+    ds = prepared.splits[split]
+    n = len(ds) if cfg.eval.max_samples is None else min(cfg.eval.max_samples, len(ds))
+    if n == 0:
+        raise ValueError(f"the {split} split is empty; nothing to evaluate")
+    titles = list(prepared.items["title"])
+    item_ids = prepared.item_ids()
+    out_dir = Path(cfg.run.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    model = builder = h_items = pop = None
+    if baseline == "popularity":
+        pop = popularity_scores(prepared)
+        method, batch_size = "popularity", 256
+    elif baseline is None:
+        from r2ec.model import DualHeadModel, resolve_device
+
+        torch.manual_seed(cfg.run.seed)
+        model = DualHeadModel.from_config(cfg.model, resolve_device(cfg.run.device))
+        builder = PromptBuilder.from_config(cfg.data.prompt, cfg.model.answer_marker)
+        h_items = zero_shot_item_table(model, cfg.model, item_prompt_ids(builder, model.tokenizer, prepared.items),
+                                       cfg.eval.item_batch_size, cache_root() / "item_tables", log)
+        method, batch_size = "zero-shot" if not cfg.model.lora.enabled else "model", cfg.eval.batch_size
+    else:
+        raise ValueError(f"unknown baseline {baseline!r}; expected 'popularity' or none")
+
+    acc = RankingAccumulator(cfg.eval.ks)
+    samples_path = out_dir / f"eval_{split}_samples.jsonl"
+    start = time.perf_counter()
+    with open(samples_path.with_suffix(".tmp"), "w") as fout, tqdm(total=n, desc=f"eval {split}", unit="user") as bar:
+        for lo in range(0, n, batch_size):
+            rows = [ds[i] for i in range(lo, min(n, lo + batch_size))]
+            earlier = history_tensor([prepared.earlier_items(split, lo + j) for j in range(len(rows))])
+            target = torch.as_tensor([r["target_item_idx"] for r in rows], dtype=torch.long)
+            if pop is not None:
+                scores = mask_history(pop.expand(len(rows), -1), earlier, target)
+                reasoning = [None] * len(rows)
+            else:
+                prompts = [user_prompt_ids(builder, model.tokenizer, r, titles) for r in rows]
+                chains = model.generate(prompts, max_new_tokens=cfg.eval.max_new_tokens)
+                with torch.no_grad():
+                    h_user = model.user_hidden(prompts, [c.token_ids for c in chains])
+                    scores = model.item_scores(h_user, h_items, earlier.to(h_items.device),
+                                               target.to(h_items.device)).cpu()
+                reasoning = [{"text": c.text, "appended_marker": c.appended_marker} for c in chains]
+            rank = target_rank(scores, target)
+            top = topk_items(scores, min(TOP_N_LOGGED, scores.shape[1]))
+            acc.add(rank)
+            for r, rk, tp, rs in zip(rows, rank.tolist(), top.tolist(), reasoning, strict=True):
+                rec = {"sample_id": r["sample_id"], "user_id": r["user_id"],
+                       "target_item_id": item_ids[r["target_item_idx"]], "target_title": titles[r["target_item_idx"]],
+                       "target_rank": rk, "top10_item_ids": [item_ids[i] for i in tp],
+                       "top10_titles": [titles[i] for i in tp]}
+                if rs is not None:
+                    rec["reasoning"] = rs["text"]
+                    rec["appended_marker"] = rs["appended_marker"]
+                fout.write(json.dumps(rec) + "\n")
+            bar.update(len(rows))
+    os.replace(samples_path.with_suffix(".tmp"), samples_path)
+    metrics = acc.compute()
+    result = {**metrics, "method": method, "split": split, "num_items": len(item_ids),
+              "seconds": round(time.perf_counter() - start, 2)}
+    _write_json_atomic(out_dir / f"eval_{split}.json", result)
+    return result
