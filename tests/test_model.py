@@ -112,3 +112,19 @@ def test_lora_wraps_and_keeps_hidden_states_at_init(tiny_model_dir):
     _, items = _prompts(base)
     with torch.no_grad():  # LoRA B starts at zero: the wrapped model computes the same function
         torch.testing.assert_close(lora.last_hidden(items), base.last_hidden(items), atol=1e-5, rtol=1e-5)
+
+
+def test_recommender_end_to_end(tiny_model):
+    from r2ec.recommend import Recommender
+
+    b = PromptBuilder("movies", "movie")
+    titles = ["A", "B", "C", "D"]
+    h_items = tiny_model.encode_items([render_item(tiny_model.tokenizer, b.item_messages({"title": t}))
+                                       for t in titles])
+    rec = Recommender(tiny_model, b, ["a", "b", "c", "d"], titles, h_items)
+    out = rec.recommend([("b", 4.0, 0.0), ("d", None, 60.0)], k=3, max_new_tokens=5)
+    assert out.reasoning.endswith("<answer>")
+    assert sorted(out.item_ids[:2]) == ["a", "c"] and out.item_ids[2] in ("b", "d")  # history ranked last (-inf)
+    assert out.scores[:2] == sorted(out.scores[:2], reverse=True) and out.scores[2] == float("-inf")
+    with pytest.raises(ValueError, match="not in the catalogue"):
+        rec.recommend([("zzz", None, 0.0)])
