@@ -124,6 +124,28 @@ class DualHeadModel:
         h = self.hidden_states(ids, mask, pos)
         return h[torch.arange(h.shape[0], device=h.device), last_token_index(mask)]
 
+    def chain_forward(self, prompt_ids: Sequence[Sequence[int]], chains: Sequence[Sequence[int]]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One forward pass over prompt + chain giving both heads' inputs for the RecPO step.
+
+        Returns logp (B, L-1): log-prob of token t+1 given tokens <= t; mask (B, L-1) float, 1 where token t+1
+        belongs to the chain; h_T (B, d) at the chain's last token. The LM head runs on the hidden states
+        directly, so logits are computed once and never for padding beyond the batch's longest sequence.
+        """
+        seqs = [list(p) + list(c) for p, c in zip(prompt_ids, chains, strict=True)]
+        ids, attn, pos = pad_batch(seqs, self.pad_id, "right", self.device)
+        h = self.hidden_states(ids, attn, pos)
+        h_T = h[torch.arange(h.shape[0], device=h.device), last_token_index(attn)]
+        logits = self.model.get_output_embeddings()(h[:, :-1]).float()
+        softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        if softcap:  # Gemma-2 caps its logits inside the causal-LM forward, which we bypass here
+            logits = torch.tanh(logits / softcap) * softcap
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        mask = torch.zeros_like(logp)
+        for i, (p, c) in enumerate(zip(prompt_ids, chains, strict=True)):
+            mask[i, len(p) - 1: len(p) - 1 + len(c)] = 1.0
+        return logp, mask, h_T
+
     @torch.no_grad()
     def encode_items(self, item_prompt_ids: Sequence[Sequence[int]], batch_size: int = 32,
                      progress=None) -> torch.Tensor:

@@ -128,3 +128,47 @@ def test_recommender_end_to_end(tiny_model):
     assert out.scores[:2] == sorted(out.scores[:2], reverse=True) and out.scores[2] == float("-inf")
     with pytest.raises(ValueError, match="not in the catalogue"):
         rec.recommend([("zzz", None, 0.0)])
+
+
+def test_chain_forward_matches_the_causal_lm(tiny_model):
+    users, _ = _prompts(tiny_model)
+    chains = [[40, 41, 42] + tiny_model.marker_ids, [50] + tiny_model.marker_ids]
+    with torch.no_grad():
+        logp, mask, h_T = tiny_model.chain_forward(users, chains)
+        for i, (p, c) in enumerate(zip(users, chains, strict=True)):
+            seq = torch.tensor([p + c])
+            ref = torch.log_softmax(tiny_model.model(input_ids=seq).logits[0, :-1].float(), -1)
+            ref = ref.gather(-1, seq[0, 1:, None]).squeeze(-1)
+            torch.testing.assert_close(logp[i, : len(ref)], ref, atol=1e-5, rtol=1e-5)
+            assert mask[i].sum() == len(c) and mask[i, len(p) - 1] == 1 and mask[i, len(p) - 2] == 0
+        torch.testing.assert_close(h_T, tiny_model.user_hidden(users, chains), atol=1e-5, rtol=1e-5)
+
+
+def test_recpo_gradients_reach_lora_through_both_heads(tiny_model_dir):
+    """Token term through lm_head and item term through h_T and the re-encoded target items both move LoRA."""
+    from r2ec.algo.recpo import item_loss, token_loss
+    from r2ec.config import LoraConfig, ModelConfig
+    from r2ec.model import DualHeadModel
+
+    model = DualHeadModel.from_config(ModelConfig(name_or_path=str(tiny_model_dir), lora=LoraConfig(enabled=True)))
+    model.model.train()
+    for name, p in model.model.named_parameters():  # start B != 0 so every LoRA factor gets a gradient
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    users, items = _prompts(model)
+    chains = [[40, 41] + model.marker_ids, [50] + model.marker_ids]
+    adv = torch.tensor([1.0, -1.0])
+
+    def lora_grads(loss):
+        model.model.zero_grad()
+        loss.backward()
+        return {n: p.grad.abs().sum().item() for n, p in model.model.named_parameters()
+                if p.requires_grad and p.grad is not None}
+
+    logp, mask, h_T = model.chain_forward(users, chains)
+    g_tok = lora_grads(token_loss(logp, logp.detach(), adv, mask).loss)
+    logp, mask, h_T = model.chain_forward(users, chains)
+    h_items = model.last_hidden(items[:2])  # the batch's targets, re-encoded with gradient
+    g_item = lora_grads(item_loss(h_T, h_items, torch.tensor([0, 1]), adv, torch.tensor([True, True])))
+    assert sum(g_tok.values()) > 0 and sum(g_item.values()) > 0
+    assert any("lora_A" in n and v > 0 for n, v in g_item.items())
