@@ -149,21 +149,20 @@ def evaluate(cfg, split: Literal["valid", "test"] | None = None, baseline: Liter
     with open(samples_path.with_suffix(".tmp"), "w") as fout, tqdm(total=n, desc=f"eval {split}", unit="user") as bar:
         for lo in range(0, n, batch_size):
             rows = [ds[i] for i in range(lo, min(n, lo + batch_size))]
-            earlier = history_tensor([prepared.earlier_items(split, lo + j) for j in range(len(rows))])
+            earlier = history_tensor([prepared.earlier_items_of(r["user_id"], r["position"]) for r in rows])
             target = torch.as_tensor([r["target_item_idx"] for r in rows], dtype=torch.long)
+            n_top = min(TOP_N_LOGGED, len(item_ids))
             if pop is not None:
                 scores = mask_history(pop.expand(len(rows), -1), earlier, target)
+                top = topk_items(scores, n_top)
                 reasoning = [None] * len(rows)
             else:
                 prompts = [user_prompt_ids(builder, model.tokenizer, r, titles) for r in rows]
-                chains = model.generate(prompts, max_new_tokens=cfg.eval.max_new_tokens)
-                with torch.no_grad():
-                    h_user = model.user_hidden(prompts, [c.token_ids for c in chains])
-                    scores = model.item_scores(h_user, h_items, earlier.to(h_items.device),
-                                               target.to(h_items.device)).cpu()
+                chains, scores, top = model.recommend(prompts, h_items, n_top, earlier.to(h_items.device),
+                                                      cfg.eval.max_new_tokens, target.to(h_items.device))
+                scores, top = scores.cpu(), top.cpu()
                 reasoning = [{"text": c.text, "appended_marker": c.appended_marker} for c in chains]
             rank = target_rank(scores, target)
-            top = topk_items(scores, min(TOP_N_LOGGED, scores.shape[1]))
             acc.add(rank)
             for r, rk, tp, rs in zip(rows, rank.tolist(), top.tolist(), reasoning, strict=True):
                 rec = {"sample_id": r["sample_id"], "user_id": r["user_id"],

@@ -214,12 +214,13 @@ class DualHeadModel:
 
     @torch.no_grad()
     def recommend(self, prompt_ids: Sequence[Sequence[int]], h_items: torch.Tensor, k: int,
-                  history_idx: torch.Tensor | None = None, max_new_tokens: int = 640
-                  ) -> tuple[list[Chain], torch.Tensor, torch.Tensor]:
+                  history_idx: torch.Tensor | None = None, max_new_tokens: int = 640,
+                  target_idx: torch.Tensor | None = None) -> tuple[list[Chain], torch.Tensor, torch.Tensor]:
         """End to end: greedy reasoning, h_T, full-catalogue scores with the history masked, top-k.
+        ``target_idx`` (evaluation only) keeps a repeat of the target unmasked.
 
         Returns (chains, item_scores (B, V), top-k item indices (B, k))."""
         chains = self.generate(prompt_ids, max_new_tokens=max_new_tokens)
         h_user = self.user_hidden(prompt_ids, [c.token_ids for c in chains])
-        scores = self.item_scores(h_user, h_items, history_idx)
+        scores = self.item_scores(h_user, h_items, history_idx, target_idx)
         return chains, scores, topk_items(scores, min(k, scores.shape[1]))

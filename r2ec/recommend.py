@@ -35,7 +35,8 @@ class Recommender:
     def recommend(self, history: Sequence[tuple[str, float | None, float]], k: int = 10,
                   now: float | None = None, max_new_tokens: int = 640) -> Recommendation:
         """history: (item_id, rating or None, unix timestamp in seconds), oldest first. ``now`` defaults to the
-        last history timestamp. Items of the history are never recommended."""
+        last history timestamp. History items are masked to -inf, so they rank last and appear only when k exceeds
+        the number of other items."""
         if not history:
             raise ValueError("recommend needs at least one history item")
         unknown = [h[0] for h in history if h[0] not in self._index]

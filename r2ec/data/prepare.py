@@ -90,12 +90,16 @@ class PreparedData:
 
     def earlier_items(self, split: str, row: int) -> list[int]:
         """item_idx of ALL the user's items before the target of ``splits[split][row]`` (not just history)."""
+        sample = self.splits[split][row]
+        return self.earlier_items_of(sample["user_id"], sample["position"])
+
+    def earlier_items_of(self, user_id: str, position: int) -> list[int]:
+        """The same for a sample row already in hand (its ``user_id`` and ``position``)."""
         if self._earlier is None:
             # Built once on first use: one pass over the user sequences.
             seqs = self.user_sequences
             self._earlier = dict(zip(seqs["user_id"], seqs["item_idx"], strict=True))
-        sample = self.splits[split][row]
-        return list(self._earlier[sample["user_id"]][: sample["position"]])
+        return list(self._earlier[user_id][:position])
 
 
 def prepare_data(
