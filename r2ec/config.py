@@ -128,10 +128,20 @@ class SamplingConfig(_Section):
     max_new_tokens: int = Field(640, ge=1, description="the official code's limit")
 
 
+class VllmConfig(_Section):
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="GPU only: share of GPU memory vLLM takes")
+    cpu_kvcache_space_gib: int = Field(1, ge=1, description="CPU build only: KV-cache size (VLLM_CPU_KVCACHE_SPACE)")
+    enforce_eager: bool = Field(True, description="no CUDA graphs; the CPU build requires it")
+    enable_prefix_caching: bool = Field(True, description="makes the hidden-state prefill of prompt+chain cheap")
+    max_model_len: int = Field(4096, ge=64, description="prompt + chain tokens per sequence")
+
+
 class RolloutConfig(_Section):
     engine: Literal["hf", "vllm"] = "hf"
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     batch_size: int = Field(16, ge=1, description="prompts per generate call")
+    vllm: VllmConfig = Field(default_factory=VllmConfig)
+    timeout_s: float = Field(900, gt=0, description="every call to a rollout worker fails after this long")
 
 
 # --------------------------------------------------------------------------------------------------- learner
@@ -143,6 +153,10 @@ class LearnerConfig(_Section):
     micro_batch_size: int = Field(4, ge=1, description="chains per forward/backward")
     gradient_checkpointing: bool = True
     epochs: int = Field(3, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps; None = epochs")
+    weight_decay: float = Field(0.0, ge=0)
+    sync_bucket_mb: int = Field(256, ge=1, description="weight broadcast bucket size")
+    timeout_s: float = Field(900, gt=0, description="every learner call and weight sync fails after this long")
 
 
 # --------------------------------------------------------------------------------------------------- recpo
@@ -174,6 +188,8 @@ class EvalConfig(_Section):
     batch_size: int = Field(8, ge=1, description="users per greedy-generation batch")
     max_new_tokens: int = Field(640, ge=1)
     item_batch_size: int = Field(32, ge=1, description="item prompts per encoding batch")
+    valid_every: int | None = Field(None, ge=1, description="training: validate every N steps (and at the end)")
+    valid_max_samples: int | None = Field(256, ge=1, description="training: validate on the first N valid samples")
 
     @field_validator("ks")
     @classmethod
@@ -186,19 +202,26 @@ class EvalConfig(_Section):
 # --------------------------------------------------------------------------------------------------- cluster
 class RolloutWorkersConfig(_Section):
     num_workers: int = Field(1, ge=1)
-    gpus_per_worker: float = Field(0, ge=0)
+    gpus_per_worker: float = Field(0, ge=0, description="GPUs per worker; with tensor parallelism, per TP rank")
+    cpus_per_worker: float = Field(1, ge=0)
     tensor_parallel_size: int = Field(1, ge=1)
 
 
 class LearnerWorkersConfig(_Section):
-    num_workers: int = Field(1, ge=1)
+    num_workers: int = Field(1, ge=1, description="DeepSpeed data-parallel ranks")
     gpus_per_worker: float = Field(0, ge=0)
+    cpus_per_worker: float = Field(1, ge=0)
+    omp_threads: int = Field(1, ge=1, description="OMP_NUM_THREADS of each learner rank (CPU training)")
 
 
 class ClusterConfig(_Section):
     address: str | None = Field(None, description="Ray address; None = RAY_ADDRESS or an embedded local Ray")
     rollout: RolloutWorkersConfig = Field(default_factory=RolloutWorkersConfig)
     learner: LearnerWorkersConfig = Field(default_factory=LearnerWorkersConfig)
+    local_num_cpus: int | None = Field(
+        None, ge=1, description="embedded local Ray only: logical CPUs it advertises (None = the machine's cores)")
+    object_store_mb: int = Field(1024, ge=64, description="embedded local Ray only: object store size")
+    placement_timeout_s: float = Field(60, gt=0, description="fail when the workers cannot be placed this fast")
 
 
 # --------------------------------------------------------------------------------------------------- run
@@ -218,6 +241,18 @@ class Config(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _distributed(self) -> Config:
+        ranks = self.cluster.learner.num_workers
+        if self.learner.prompts_per_step % ranks:
+            raise ValueError(
+                f"learner.prompts_per_step ({self.learner.prompts_per_step}) must be a multiple of "
+                f"cluster.learner.num_workers ({ranks}): each learner rank trains on whole groups of chains"
+            )
+        if self.rollout.engine == "hf" and self.cluster.rollout.tensor_parallel_size > 1:
+            raise ValueError("cluster.rollout.tensor_parallel_size > 1 needs rollout.engine 'vllm'")
+        return self
 
     def hash(self) -> str:
         """A short stable hash of the full config (used to tag caches and checkpoints)."""

@@ -1,0 +1,128 @@
+"""Bucketed weight broadcast from learner rank 0 to every rollout engine over a dedicated process group.
+
+The group is separate from DeepSpeed's: rank 0 is learner rank 0, ranks 1.. are the rollout engines' model
+processes (one per tensor-parallel rank). It is built on its own TCPStore, so it needs no default process group
+and can join processes that belong to different ``torch.distributed`` worlds (gloo on CPU, NCCL on GPU).
+
+Protocol: the driver asks learner rank 0 for the list of ``TensorMeta`` (names are the Hugging Face checkpoint
+names, LoRA merged, tied ``lm_head.weight`` listed explicitly) and hands the same list to every receiver. Both
+sides cut it into the same buckets (consecutive tensors of one dtype up to ``bucket_bytes``); each bucket is one
+flat broadcast. Both sides also sum every bucket in float64: the driver compares these checksums after a sync,
+so a torn or stale update is caught rather than trained on.
+
+Imports torch only.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    name: str  # Hugging Face parameter name, e.g. model.layers.0.self_attn.q_proj.weight
+    dtype: str  # torch dtype name without the prefix, e.g. float32
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+@dataclass(frozen=True)
+class SyncGroup:
+    """Where and how to build the broadcast group; rank 0 (learner rank 0) hosts the store."""
+
+    master_addr: str
+    master_port: int
+    world_size: int  # 1 + every rollout model process
+    backend: str  # "gloo" or "nccl"
+    timeout_s: float
+
+
+def meta_of(name: str, tensor: torch.Tensor) -> TensorMeta:
+    return TensorMeta(name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape))
+
+
+def open_group(info: SyncGroup, rank: int) -> dist.ProcessGroup:
+    """Join the broadcast group as ``rank``; blocks until all ``world_size`` members have joined."""
+    timeout = datetime.timedelta(seconds=info.timeout_s)
+    store = dist.TCPStore(info.master_addr, info.master_port, info.world_size, is_master=(rank == 0),
+                          timeout=timeout, wait_for_workers=False)
+    if info.backend == "gloo":
+        return dist.ProcessGroupGloo(store, rank, info.world_size, timeout)
+    if info.backend == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        return dist.ProcessGroupNCCL(store, rank, info.world_size, opts)
+    raise ValueError(f"weight-sync backend must be 'gloo' or 'nccl', got {info.backend!r}")
+
+
+def plan_buckets(metas: Sequence[TensorMeta], bucket_bytes: int) -> list[list[int]]:
+    """Consecutive runs of tensors with one dtype and at most ``bucket_bytes`` (a larger tensor goes alone)."""
+    buckets: list[list[int]] = []
+    size = 0
+    for i, m in enumerate(metas):
+        nbytes = m.numel * m.torch_dtype.itemsize
+        if buckets and metas[buckets[-1][0]].dtype == m.dtype and size + nbytes <= bucket_bytes:
+            buckets[-1].append(i)
+            size += nbytes
+        else:
+            buckets.append([i])
+            size = nbytes
+    return buckets
+
+
+def send(group: dist.ProcessGroup, metas: Sequence[TensorMeta], tensors: Iterable[tuple[str, torch.Tensor]],
+         bucket_bytes: int, device: torch.device | str = "cpu") -> float:
+    """Rank 0: broadcast ``tensors`` (yielded in ``metas`` order) bucket by bucket. Returns the checksum.
+
+    ``tensors`` may be a generator that gathers ZeRO-3 shards lazily: only one bucket is held at a time."""
+    it = iter(tensors)
+    checksum = 0.0
+    for bucket in plan_buckets(metas, bucket_bytes):
+        flat = []
+        for i in bucket:
+            name, t = next(it)
+            m = metas[i]
+            if name != m.name or tuple(t.shape) != m.shape:
+                raise RuntimeError(f"weight sync: expected {m.name} {m.shape}, got {name} {tuple(t.shape)}")
+            flat.append(t.detach().to(device=device, dtype=m.torch_dtype).reshape(-1))
+        buf = torch.cat(flat)
+        group.broadcast(buf, 0).wait()
+        checksum += float(buf.double().sum())
+    if next(it, None) is not None:
+        raise RuntimeError("weight sync: more tensors than metas")
+    return checksum
+
+
+def receive(group: dist.ProcessGroup, metas: Sequence[TensorMeta], bucket_bytes: int,
+            device: torch.device | str = "cpu", checksum: list[float] | None = None
+            ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Ranks 1..: yield ``(name, tensor)`` as buckets arrive (feed it straight to a weight loader).
+
+    When ``checksum`` is a list, the running checksum is stored in ``checksum[0]``."""
+    total = 0.0
+    for bucket in plan_buckets(metas, bucket_bytes):
+        ms = [metas[i] for i in bucket]
+        buf = torch.empty(sum(m.numel for m in ms), dtype=ms[0].torch_dtype, device=device)
+        group.broadcast(buf, 0).wait()
+        total += float(buf.double().sum())
+        if checksum is not None:
+            checksum[:] = [total]
+        offset = 0
+        for m in ms:
+            yield m.name, buf[offset: offset + m.numel].view(m.shape)
+            offset += m.numel
