@@ -68,6 +68,54 @@ class Chain:
     appended_marker: bool  # True when the marker was appended (the chain ended without it)
 
 
+class ChainFinisher:
+    """Turns a raw completion into a :class:`Chain`: cut at EOS/padding or right after the marker, and append the
+    marker when it is missing. Needs only the tokenizer, so every rollout engine shares it."""
+
+    def __init__(self, tokenizer, marker: str, eos_ids: set[int], pad_id: int | None):
+        self.tokenizer = tokenizer
+        self.marker = marker
+        self.marker_ids: list[int] = tokenizer.encode(marker, add_special_tokens=False)
+        self.stop_ids = set(eos_ids) | ({pad_id} if pad_id is not None else set())
+
+    @classmethod
+    def from_pretrained(cls, path: str, marker: str) -> ChainFinisher:
+        """EOS ids from the checkpoint's generation config (falling back to the tokenizer's), as ``generate`` uses."""
+        from transformers import AutoTokenizer, GenerationConfig
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        try:
+            eos = GenerationConfig.from_pretrained(path).eos_token_id
+        except OSError:
+            eos = None
+        eos = eos if eos is not None else tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return cls(tokenizer, marker, set(eos if isinstance(eos, list) else [eos]), pad)
+
+    def num_kept(self, generated: Sequence[int]) -> int:
+        """How many leading tokens of ``generated`` the chain keeps (before any appended marker)."""
+        ids = list(generated)
+        for j, t in enumerate(ids):
+            if t in self.stop_ids:
+                ids = ids[:j]
+                break
+        if self.marker in self.tokenizer.decode(ids, skip_special_tokens=False):
+            # Shortest prefix whose text contains the marker: the chain ends at the token completing it.
+            k = len(ids)
+            while k > 1 and self.marker in self.tokenizer.decode(ids[:k - 1], skip_special_tokens=False):
+                k -= 1
+            return k
+        return len(ids)
+
+    def __call__(self, generated: Sequence[int]) -> Chain:
+        k = self.num_kept(generated)
+        ids = list(generated)[:k]
+        appended = self.marker not in self.tokenizer.decode(ids, skip_special_tokens=False)
+        if appended:
+            ids = ids + self.marker_ids
+        return Chain(ids, self.tokenizer.decode(ids, skip_special_tokens=False), appended_marker=appended)
+
+
 class DualHeadModel:
     """A causal LM plus its rec_head. Holds no item table itself: callers pass ``h_items`` explicitly."""
 
@@ -81,6 +129,7 @@ class DualHeadModel:
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids: set[int] = set(eos if isinstance(eos, list) else [eos])
+        self.finisher = ChainFinisher(tokenizer, marker, self.eos_ids, self.pad_id)
 
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -182,21 +231,7 @@ class DualHeadModel:
     # ------------------------------------------------------------------------------------------ reasoning
     def finish_chain(self, generated: Sequence[int]) -> Chain:
         """Cut a generated completion at EOS or right after the marker; append the marker when it is missing."""
-        ids = list(generated)
-        for j, t in enumerate(ids):
-            if t in self.eos_ids or t == self.pad_id:
-                ids = ids[:j]
-                break
-        text = self.tokenizer.decode(ids, skip_special_tokens=False)
-        if self.marker in text:
-            # Shortest prefix whose text contains the marker: the chain ends at the token completing it.
-            k = len(ids)
-            while k > 1 and self.marker in self.tokenizer.decode(ids[:k - 1], skip_special_tokens=False):
-                k -= 1
-            ids = ids[:k]
-            return Chain(ids, self.tokenizer.decode(ids, skip_special_tokens=False), appended_marker=False)
-        ids = ids + self.marker_ids
-        return Chain(ids, self.tokenizer.decode(ids, skip_special_tokens=False), appended_marker=True)
+        return self.finisher(generated)
 
     @torch.no_grad()
     def generate(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, do_sample: bool = False,
