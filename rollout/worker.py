@@ -21,24 +21,27 @@ from r2ec.weight_sync import SyncGroup, TensorMeta
 from rollout.engine import Completion, Engine, Sampling
 
 
-def build_engine(model_cfg, rollout_cfg, seed: int, device: str) -> Engine:
+def build_engine(model_cfg, rollout_cfg, seed: int, device: str, tensor_parallel_size: int = 1) -> Engine:
     if rollout_cfg.engine == "vllm":
         from rollout.vllm_engine import VllmEngine
 
-        return VllmEngine(model_cfg, rollout_cfg, seed, device)
+        return VllmEngine(model_cfg, rollout_cfg, seed, device, tensor_parallel_size=tensor_parallel_size)
+    if tensor_parallel_size != 1:
+        raise ValueError("the hf rollout engine has no tensor parallelism")
     from rollout.hf_engine import HFEngine
 
     return HFEngine(model_cfg, rollout_cfg, seed, device)
 
 
 class RolloutWorker:
-    def __init__(self, model_cfg, rollout_cfg, seed: int, device: str = "cpu", worker_index: int = 0):
+    def __init__(self, model_cfg, rollout_cfg, seed: int, device: str = "cpu", worker_index: int = 0,
+                 tensor_parallel_size: int = 1):
         from r2ec.assets import resolve
 
         self.sampling_cfg = rollout_cfg.sampling
         self.seed = seed
         self.worker_index = worker_index
-        self.engine = build_engine(model_cfg, rollout_cfg, seed + 1000 * worker_index, device)
+        self.engine = build_engine(model_cfg, rollout_cfg, seed + 1000 * worker_index, device, tensor_parallel_size)
         self.finisher = ChainFinisher.from_pretrained(resolve(model_cfg.name_or_path), model_cfg.answer_marker)
         self.weight_version = 0
         self._calls = 0
