@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 # torch is pinned in the same pip command as everything else, so the resolver never pulls a CUDA build on CPU.
 TORCH  := torch==2.13.0
-CONFIG ?= configs/ml100k-smollm2.yaml
+CONFIG ?= configs/quickstart.yaml
 # Two CPU threads per process matches the 2-core machines the defaults are sized for; override freely.
 export OMP_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM ?= false
@@ -35,13 +35,13 @@ assets: venv
 prepare: assets
 	$(VENV)/bin/r2ec prepare --config $(CONFIG)
 
-# Until distributed RecPO training lands, `make train` prepares the data and evaluates the popularity baseline and
-# the zero-shot dual-head model on 200 test users.
-train: prepare
-	$(VENV)/bin/r2ec eval --config $(CONFIG) --split test --baseline popularity --set run.output_dir=outputs/popularity
-	$(VENV)/bin/r2ec eval --config $(CONFIG) --split test --set eval.max_samples=200 --set run.output_dir=outputs/zero-shot
+# RecPO end to end on the embedded default: local Ray on 127.0.0.1, a vLLM (CPU build) rollout worker and a
+# DeepSpeed learner rank; prints validation and test metrics.
+train: rollout-cpu prepare
+	$(VENV)/bin/r2ec train --config $(CONFIG)
 
-test: assets
+# Every tier (unit, ray, vllm, slow) runs; the vLLM tier needs the CPU build.
+test: rollout-cpu assets
 	$(PY) -m pytest -q
 
 lint: venv

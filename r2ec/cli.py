@@ -1,4 +1,4 @@
-"""The ``r2ec`` command line: ``assets``, ``prepare``, ``eval``.
+"""The ``r2ec`` command line: ``assets``, ``prepare``, ``eval``, ``train``.
 
 Every command that takes ``--config`` also takes any number of ``--set key.path=value`` overrides. Errors in the
 user's input (config, data files, missing assets) are printed as one line, ``r2ec: error: ...``, with exit code 2.
@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--split", choices=["valid", "test"], default=None, help="default: eval.split")
     p.add_argument("--baseline", choices=["popularity"], default=None, help="evaluate a baseline, not the model")
+
+    p = sub.add_parser("train", help="distributed RecPO training on Ray (rollout workers + DeepSpeed learner)")
+    _add_config_args(p)
     return parser
 
 
@@ -48,37 +51,53 @@ def _quiet_libraries() -> None:
         pass
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_guarded(command) -> int:
+    """Run a command; errors in the user's input or cluster become one line on stderr and exit code 2."""
     from r2ec.assets import AssetError
-    from r2ec.config import ConfigError, load_config
+    from r2ec.config import ConfigError
     from r2ec.data.errors import DataError
+    from r2ec.driver import ClusterError
 
-    args = _parser().parse_args(argv)
     _quiet_libraries()
     try:
-        if args.command == "assets":
-            from r2ec.assets import prepare_all
-
-            for name, path in prepare_all().items():
-                print(f"{name}: {path}")
-            return 0
-        cfg = load_config(args.config, args.overrides)
-        if args.command == "prepare":
-            from r2ec.data.prepare import format_summary, prepare_from_config
-
-            prepared = prepare_from_config(cfg.data, force=args.force)
-            print(format_summary(prepared.summary))
-            return 0
-        if args.command == "eval":
-            from r2ec.evaluate import evaluate
-
-            result = evaluate(cfg, split=args.split, baseline=args.baseline)
-            print(json.dumps(result, indent=2))
-            print(f"wrote {cfg.run.output_dir}/eval_{result['split']}.json")
-            return 0
-    except (ConfigError, DataError, AssetError) as e:
+        return command()
+    except (ConfigError, DataError, AssetError, ClusterError) as e:
         print(f"r2ec: error: {e}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return run_guarded(lambda: _run(args))
+
+
+def _run(args) -> int:
+    from r2ec.config import load_config
+
+    if args.command == "assets":
+        from r2ec.assets import prepare_all
+
+        for name, path in prepare_all().items():
+            print(f"{name}: {path}")
+        return 0
+    if args.command == "train":
+        from r2ec.train import _train_command
+
+        return _train_command(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "prepare":
+        from r2ec.data.prepare import format_summary, prepare_from_config
+
+        prepared = prepare_from_config(cfg.data, force=args.force)
+        print(format_summary(prepared.summary))
+        return 0
+    if args.command == "eval":
+        from r2ec.evaluate import evaluate
+
+        result = evaluate(cfg, split=args.split, baseline=args.baseline)
+        print(json.dumps(result, indent=2))
+        print(f"wrote {cfg.run.output_dir}/eval_{result['split']}.json")
+        return 0
     return 1
 
 

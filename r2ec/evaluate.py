@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -111,8 +112,6 @@ def zero_shot_item_table(model, model_cfg, prompt_ids: list[list[int]], batch_si
 def evaluate(cfg, split: Literal["valid", "test"] | None = None, baseline: Literal["popularity"] | None = None,
              log=print) -> dict:
     """Evaluate on a split and write the JSON and per-sample JSONL; returns the metrics dict."""
-    from tqdm import tqdm
-
     from r2ec.assets import cache_root
     from r2ec.data.prepare import prepare_from_config
 
@@ -123,9 +122,7 @@ def evaluate(cfg, split: Literal["valid", "test"] | None = None, baseline: Liter
     if n == 0:
         raise ValueError(f"the {split} split is empty; nothing to evaluate")
     titles = list(prepared.items["title"])
-    item_ids = prepared.item_ids()
     out_dir = Path(cfg.run.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     model = builder = h_items = pop = None
     if baseline == "popularity":
@@ -143,7 +140,34 @@ def evaluate(cfg, split: Literal["valid", "test"] | None = None, baseline: Liter
     else:
         raise ValueError(f"unknown baseline {baseline!r}; expected 'popularity' or none")
 
-    acc = RankingAccumulator(cfg.eval.ks)
+    if pop is not None:
+        def score_batch(rows, earlier, target):
+            return mask_history(pop.expand(len(rows), -1), earlier, target), [None] * len(rows)
+    else:
+        def score_batch(rows, earlier, target):
+            prompts = [user_prompt_ids(builder, model.tokenizer, r, titles) for r in rows]
+            chains, scores, _ = model.recommend(prompts, h_items, 1, earlier.to(h_items.device),
+                                                cfg.eval.max_new_tokens, target.to(h_items.device))
+            return scores.cpu(), [{"text": c.text, "appended_marker": c.appended_marker} for c in chains]
+
+    return rank_split(prepared, split, n, batch_size, cfg.eval.ks, out_dir, method, score_batch)
+
+
+ScoreBatch = Callable[[list[dict], torch.Tensor, torch.Tensor], tuple[torch.Tensor, list[dict | None]]]
+
+
+def rank_split(prepared, split: str, n: int, batch_size: int, ks: list[int], out_dir: Path, method: str,
+               score_batch: ScoreBatch, extra: dict | None = None) -> dict:
+    """The evaluation loop shared by every scorer: ``score_batch(rows, earlier (B, H), target (B,))`` returns
+    full-catalogue scores (B, V) with the history already masked, and per-row reasoning (or None). Writes
+    ``eval_<split>.json`` and ``eval_<split>_samples.jsonl`` under ``out_dir``; returns the metrics dict."""
+    from tqdm import tqdm
+
+    ds = prepared.splits[split]
+    titles = list(prepared.items["title"])
+    item_ids = prepared.item_ids()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    acc = RankingAccumulator(ks)
     samples_path = out_dir / f"eval_{split}_samples.jsonl"
     start = time.perf_counter()
     with open(samples_path.with_suffix(".tmp"), "w") as fout, tqdm(total=n, desc=f"eval {split}", unit="user") as bar:
@@ -151,17 +175,8 @@ def evaluate(cfg, split: Literal["valid", "test"] | None = None, baseline: Liter
             rows = [ds[i] for i in range(lo, min(n, lo + batch_size))]
             earlier = history_tensor([prepared.earlier_items_of(r["user_id"], r["position"]) for r in rows])
             target = torch.as_tensor([r["target_item_idx"] for r in rows], dtype=torch.long)
-            n_top = min(TOP_N_LOGGED, len(item_ids))
-            if pop is not None:
-                scores = mask_history(pop.expand(len(rows), -1), earlier, target)
-                top = topk_items(scores, n_top)
-                reasoning = [None] * len(rows)
-            else:
-                prompts = [user_prompt_ids(builder, model.tokenizer, r, titles) for r in rows]
-                chains, scores, top = model.recommend(prompts, h_items, n_top, earlier.to(h_items.device),
-                                                      cfg.eval.max_new_tokens, target.to(h_items.device))
-                scores, top = scores.cpu(), top.cpu()
-                reasoning = [{"text": c.text, "appended_marker": c.appended_marker} for c in chains]
+            scores, reasoning = score_batch(rows, earlier, target)
+            top = topk_items(scores, min(TOP_N_LOGGED, len(item_ids)))
             rank = target_rank(scores, target)
             acc.add(rank)
             for r, rk, tp, rs in zip(rows, rank.tolist(), top.tolist(), reasoning, strict=True):
@@ -177,6 +192,6 @@ def evaluate(cfg, split: Literal["valid", "test"] | None = None, baseline: Liter
     os.replace(samples_path.with_suffix(".tmp"), samples_path)
     metrics = acc.compute()
     result = {**metrics, "method": method, "split": split, "num_items": len(item_ids),
-              "seconds": round(time.perf_counter() - start, 2)}
+              "seconds": round(time.perf_counter() - start, 2), **(extra or {})}
     _write_json_atomic(out_dir / f"eval_{split}.json", result)
     return result

@@ -78,7 +78,8 @@ class TrainShard:
     history_idx: torch.Tensor  # (U, H) long: the users' earlier items, -1 padded (masked when scoring)
     target_idx: torch.Tensor  # (U,) long: the next item of each user
     num_tokens: int  # sampled chain tokens in the whole step, all ranks (token-loss normaliser)
-    num_item_chains: int  # chains that get the item term in the whole step, all ranks (item-loss normaliser)
+    num_chains: int  # chains in the whole step, all ranks: the item-loss normaliser (the official code averages
+    # the item term over every chain of the batch, relabelled or not)
     table_updates_idx: torch.Tensor  # (K,) long: item rows re-encoded by any rank in the previous step
     table_updates: torch.Tensor  # (K, d) float32: their new embeddings, applied before scoring
 

@@ -1,0 +1,535 @@
+"""The RecPO learner: one DeepSpeed data-parallel rank (a plain class; the driver applies ``ray.remote``).
+
+Each rank receives whole groups of chains (``TrainShard``) and, per optimiser step:
+
+1. applies the item-table rows re-encoded by every rank in the previous step;
+2. scores the rollout's h_T with the rec_head, s(v) = cos(h_T, H_V[v]) / tau over the full catalogue with the
+   user's history masked, and turns the scores into RecPO's fused reward R = beta R_c + (1 - beta) R_d (R_d =
+   NDCG@k_r of the target, R_c = its full-catalogue softmax probability), group-relative advantages (GRPO / RLOO)
+   and the relabel mask (the top-k chains of each group by advantage, the paper's i*);
+3. token term: PPO-style clipped surrogate on the sampled chain tokens, micro-batch by micro-batch;
+4. item term: advantage-weighted in-batch softmax of the relabelled chains' h_T against the step's target items,
+   both recomputed WITH gradient (one extra backward);
+5. one optimiser step (``engine.step()``), with DeepSpeed's ZeRO 0-3.
+(The formulas are written out in r2ec/algo/recpo.py and in DESIGN.md section 2.)
+
+Every loss is normalised by a GLOBAL count (``shard.num_tokens``, ``shard.num_chains``), so the per-rank
+losses add up to the step's loss. DeepSpeed averages gradients over the data-parallel ranks; each loss is therefore
+multiplied by the world size, which turns that average into the global sum: W ranks with U/W users each take
+exactly the update one rank takes with all U users ("sharded equals global", tested).
+
+DeepSpeed usage the driver must respect:
+- ``gradient_accumulation_steps`` is the number of backward calls of one step (token micro-batches + 1); the
+  boundary is set explicitly (False, ..., True) and ``engine.step()`` runs once, so a step is always exactly one
+  optimiser update even when a shard is smaller than configured. ``engine.backward(loss, scale_wrt_gas=False)``:
+  our losses are already normalised.
+- Under ZeRO-2/3 every backward, and under ZeRO-3 every forward, is collective. Ranks agree on the number of
+  micro-batches (an all-reduce of the count) and a rank with fewer chains runs zero-loss padding micro-batches, so
+  unequal shards cannot deadlock. For the same reason ``train_step``, ``chain_states``, ``encode_items``,
+  ``greedy``, ``fingerprint``, ``full_state_dict``, ``trainable_state_dict`` and ``broadcast_weights`` must be
+  called on EVERY rank at the same time under ZeRO-3 (``train_step`` also under ZeRO-1/2 with world size > 1).
+- ``weight_metas`` and ``sync_address`` are local (rank 0 answers).
+
+Deviations from the paper / official code (github YRYangang/RRec):
+- One optimiser step per rollout batch (on-policy, as TRL's ``num_iterations=1``): ``old_logp`` is the learner's
+  own ``logp.detach()``, so the ratio is exactly 1 and the clip never binds (clip_frac is 0); the gradient is the
+  plain policy gradient A * grad log pi. The behaviour log-probs from the sampler are used only for the alarm
+  ``alarm_logp_abs_diff_mean`` (sampler vs learner mismatch), not as pi_old.
+- Rewards and advantages come from the rollout's h_T (what the sampler's weights produced); the learner's h_T from
+  the same forward pass feeds ``rewards_learner`` and ``alarm_h_T_max_diff`` as a consistency check.
+- The item term's in-batch softmax runs over THIS rank's unique target items; the paper's batch is the whole step
+  and the official code's is per device (as here). Duplicate targets are one candidate here (the official code
+  keeps each user's target as a separate candidate, so a duplicated target appears twice in the denominator).
+- Appended answer-marker tokens (chains cut by length or EOS) are not policy actions and get no token loss
+  (``rollout.logp_mask``); they still enter the forward pass that gives h_T.
+- No KL term and no reference model (the paper has none): ``recpo.kl_coef > 0`` raises ``NotImplementedError``.
+- On CPU the learner always trains in float32 (the configured dtype is used on GPU); weights are broadcast in the
+  configured ``model.dtype``, the dtype the rollout engines run.
+
+Imports no vllm and no ray; deepspeed is imported lazily inside methods.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import math
+import os
+import socket
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from learner.ds_config import build_ds_config, training_dtype
+from r2ec.algo.recpo import RewardOutput, compute_advantages, fused_reward, item_loss, relabel_mask, token_loss
+from r2ec.config import LearnerConfig, ModelConfig, RecPOConfig
+from r2ec.model import DualHeadModel, pad_batch
+from r2ec.protocol import StepResult, TrainShard
+from r2ec.weight_sync import SyncGroup, TensorMeta, open_group, send
+
+
+class _PolicyNet(torch.nn.Module):
+    """Routes every computation through one root ``forward`` so DeepSpeed sees ordinary forward passes.
+
+    ZeRO-3 gathers parameters in module hooks and resets its prefetch trace in the root module's hooks; calling
+    sub-modules directly would skip the latter. ``kind`` picks the computation.
+    """
+
+    def __init__(self, dual: DualHeadModel):
+        super().__init__()
+        self.model = dual.model  # the HF (or peft) model: the only registered sub-module
+        self.dual = dual  # not an nn.Module: a plain attribute
+
+    def forward(self, kind: str, *args: Any) -> Any:
+        if kind == "chain":  # (prompt_ids, chains) -> logp (B, L-1), mask (B, L-1), h_T (B, d)
+            return self.dual.chain_forward(*args)
+        if kind == "last":  # (seqs,) -> (B, d) final hidden state at each sequence's last token
+            return self.dual.last_hidden(*args)
+        if kind == "greedy":  # (prompt_ids, max_new_tokens, synced) -> token ids of each finished chain
+            return self._greedy(*args)
+        raise ValueError(f"unknown forward kind {kind!r}")
+
+    def _greedy(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, synced: bool) -> list[list[int]]:
+        # DualHeadModel.generate with `synced_gpus`: under ZeRO-3 every rank must run the same number of forward
+        # passes, so a rank whose chains finished keeps stepping until all ranks are done.
+        d = self.dual
+        ids, mask, _ = pad_batch(prompt_ids, d.pad_id, "left", d.device)
+        out = d.model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                               pad_token_id=d.pad_id, stop_strings=[d.marker], tokenizer=d.tokenizer,
+                               temperature=None, top_k=None, top_p=None, synced_gpus=synced)
+        return [d.finish_chain(row[ids.shape[1]:].tolist()).token_ids for row in out]
+
+
+@dataclass
+class _ExportUnit:
+    """A module whose own tensors are exported together (one ZeRO-3 gather): a LoRA layer (base weights merged
+    with the adapters) or any other module with parameters / persistent buffers of its own."""
+
+    prefix: str
+    module: torch.nn.Module
+    lora: bool
+
+    def tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """(local name, tensor) of what a Hugging Face checkpoint holds for this module."""
+        owner = self.module.get_base_layer() if self.lora else self.module
+        named = list(owner.named_parameters(recurse=False))
+        named += [(n, b) for n, b in owner.named_buffers(recurse=False) if n not in owner._non_persistent_buffers_set]
+        return named
+
+    def params(self) -> list[torch.nn.Parameter]:
+        # A LoRA layer needs its adapters too (recursive); any other unit only its own parameters.
+        return list(self.module.parameters(recurse=self.lora))
+
+
+def _full_shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(getattr(t, "ds_shape", t.shape))  # ZeRO-3 partitioned parameters have shape (0,)
+
+
+def _merged_lora_weight(layer: torch.nn.Module) -> torch.Tensor:
+    """W + sum_a B_a A_a * scaling_a over the active adapters, exactly as peft's ``merge_and_unload`` computes it."""
+    if getattr(layer, "lora_variant", None) or any(getattr(layer, "lora_bias", {}).values()):
+        raise NotImplementedError("weight export merges plain LoRA only (no DoRA or other variants, no lora_bias)")
+    weight = layer.get_base_layer().weight.detach()
+    for adapter in layer.active_adapters:
+        if adapter in layer.lora_A or adapter in getattr(layer, "lora_embedding_A", {}):
+            weight = weight + layer.get_delta_weight(adapter).detach()
+    return weight
+
+
+class LearnerWorker:
+    """One DeepSpeed data-parallel rank of the RecPO learner (see the module docstring for the step)."""
+
+    def __init__(self, model_cfg: ModelConfig, learner_cfg: LearnerConfig, recpo_cfg: RecPOConfig, rank: int,
+                 world_size: int, master_addr: str, master_port: int, device: str, seed: int):
+        if recpo_cfg.kl_coef > 0:
+            raise NotImplementedError(
+                "recpo.kl_coef > 0 needs a frozen reference model on every learner rank, which the learner does not "
+                "build (the paper trains without a KL term); set recpo.kl_coef to 0"
+            )
+        if learner_cfg.prompts_per_step % world_size:
+            raise ValueError(f"learner.prompts_per_step ({learner_cfg.prompts_per_step}) must be a multiple of the "
+                             f"learner world size ({world_size})")
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        import deepspeed
+
+        self.model_cfg, self.learner_cfg, self.recpo_cfg = model_cfg, learner_cfg, recpo_cfg
+        self.rank, self.world_size, self.master_addr = rank, world_size, master_addr
+        self.zero3 = learner_cfg.zero_stage == 3
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0", MASTER_ADDR=master_addr,
+                          MASTER_PORT=str(master_port))
+        if device == "cuda":  # one GPU per rank: the driver's placement makes it cuda:0 of this process
+            torch.cuda.set_device(0)
+        self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+        deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(seconds=learner_cfg.timeout_s), rank=rank,
+                                   world_size=world_size)
+
+        # The same seed on every rank: LoRA's random init must be identical everywhere (ZeRO-3 keeps each rank's
+        # own shard of the freshly built model; ZeRO-0/1/2 broadcast rank 0's weights anyway).
+        torch.manual_seed(seed)
+        self.dtype = training_dtype(model_cfg.dtype, device)
+        self.dual = DualHeadModel.from_config(model_cfg.model_copy(update={"dtype": self.dtype}), self.device)
+        model = self.dual.model
+        if learner_cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if model_cfg.lora.enabled:
+                # With frozen embeddings the blocks' inputs carry no grad. Non-reentrant checkpointing (used here)
+                # does not need them to; the reentrant variant would silently drop the adapters' gradients, so the
+                # embedding output is made to require grad as a guard (peft's usual recipe; costs one tiny grad).
+                model.enable_input_require_grads()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.num_trainable = sum(p.numel() for p in trainable)
+        self.hidden_size = int(model.config.hidden_size)
+
+        group_size = recpo_cfg.group_size
+        self.chains_per_rank = learner_cfg.prompts_per_step // world_size * group_size
+        self.backward_calls = math.ceil(self.chains_per_rank / learner_cfg.micro_batch_size) + 1
+        ds_config = build_ds_config(learner_cfg, learner_cfg.micro_batch_size, self.backward_calls, self.dtype)
+        optimizer = torch.optim.AdamW(trainable, lr=learner_cfg.lr, weight_decay=learner_cfg.weight_decay)
+        self.engine, *_ = deepspeed.initialize(model=_PolicyNet(self.dual), optimizer=optimizer, config=ds_config)
+        torch.manual_seed(seed + rank)  # dropout etc. differ across ranks from here on
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._units = self._export_units(base)
+        self.item_prompt_ids: list[list[int]] = []
+        self.table: torch.Tensor | None = None
+        self._sync: tuple[SyncGroup, Any] | None = None
+
+    # ------------------------------------------------------------------------------------------ small helpers
+    def ready(self) -> dict[str, Any]:
+        """Cheap liveness probe for the driver."""
+        return {"rank": self.rank, "world_size": self.world_size, "device": str(self.device),
+                "zero_stage": self.learner_cfg.zero_stage, "dtype": self.dtype, "trainable_params": self.num_trainable,
+                "backward_calls_per_step": self.backward_calls}
+
+    def _agree_max(self, n: int) -> int:
+        """The largest ``n`` over all ranks (collective), so every rank runs the same number of passes."""
+        if self.world_size == 1:
+            return n
+        t = torch.tensor([n], dtype=torch.long, device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t.item())
+
+    def _padding_chain(self) -> tuple[list[list[int]], list[list[int]]]:
+        # A two-token sequence: the smallest input chain_forward accepts (one predicted token).
+        return [[self.dual.pad_id]], [[self.dual.pad_id]]
+
+    def _gathered(self, params: list[torch.nn.Parameter]) -> contextlib.AbstractContextManager:
+        if not (self.zero3 and params):
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+    # ------------------------------------------------------------------------------------------ items
+    def set_items(self, item_prompt_ids: list[list[int]], table: torch.Tensor) -> None:
+        """Item prompts (token ids of all V items) and the item table H_V (V, d) float32 kept on this rank."""
+        if len(item_prompt_ids) != table.shape[0]:
+            raise ValueError(f"{len(item_prompt_ids)} item prompts for a table of {table.shape[0]} rows")
+        if table.dim() != 2 or table.shape[1] != self.hidden_size:
+            raise ValueError(f"item table must be (V, {self.hidden_size}), got {tuple(table.shape)}")
+        self.item_prompt_ids = [list(p) for p in item_prompt_ids]
+        self.table = table.detach().to(self.device, torch.float32).clone()
+
+    def _rewards(self, h_T: torch.Tensor, history_idx: torch.Tensor, target_idx: torch.Tensor) -> RewardOutput:
+        """RecPO's fused reward of each chain; history_idx / target_idx already repeated per chain."""
+        assert self.table is not None
+        scores = self.dual.item_scores(h_T.to(self.device, torch.float32), self.table, history_idx.to(self.device),
+                                       target_idx.to(self.device))
+        return fused_reward(scores, target_idx.to(self.device), beta=self.recpo_cfg.beta, k_r=self.recpo_cfg.k_r)
+
+    # ------------------------------------------------------------------------------------------ training
+    def train_step(self, shard: TrainShard) -> StepResult:
+        """One RecPO optimiser step on this rank's groups (collective: all ranks call it together).
+
+        Metrics: ``loss_token`` / ``loss_item`` are this rank's shares of the globally normalised losses (the step's
+        loss is their sum over ranks); ``grad_norm`` is the global norm before clipping (equal on every rank);
+        everything else describes this rank (average ``*_mean`` over ranks, take the worst ``alarm_*``)."""
+        if self.table is None:
+            raise RuntimeError("train_step before set_items: the learner has no item table")
+        t_start = time.perf_counter()
+        G, rollout, W = self.recpo_cfg.group_size, shard.rollout, self.world_size
+        U, N = len(shard.prompt_ids), len(shard.rollout)
+        if U == 0 or N != U * G:
+            raise ValueError(f"train_step: {U} prompts and {N} chains do not form groups of G={G}")
+        local_tokens = rollout.num_sampled_tokens
+        if local_tokens > shard.num_tokens:
+            raise ValueError(f"shard has {local_tokens} sampled tokens but the step's global num_tokens is "
+                             f"{shard.num_tokens}: pass the count over all ranks")
+        width = rollout.logp_mask.shape[1]
+        for r, chain in enumerate(rollout.chain_ids):  # checked before the first collective, not in the middle
+            if not chain or len(chain) > width or bool(rollout.logp_mask[r, len(chain):].any()):
+                raise ValueError(f"rollout row {r}: logp_mask does not fit its chain of {len(chain)} tokens")
+
+        # 1. rows re-encoded by any rank in the previous step
+        if shard.table_updates_idx.numel():
+            self.table[shard.table_updates_idx.to(self.device)] = shard.table_updates.to(self.device, torch.float32)
+
+        # 2. rewards from the rollout's h_T, group advantages, relabel mask
+        target_rep = shard.target_idx.repeat_interleave(G)
+        history_rep = shard.history_idx.repeat_interleave(G, dim=0)
+        reward = self._rewards(rollout.h_T, history_rep, target_rep)
+        rewards = reward.rewards.float().cpu()
+        adv = compute_advantages(rewards.view(U, G), self.recpo_cfg.advantage)  # (U, G)
+        relabel = relabel_mask(adv, self.recpo_cfg.relabel_topk)  # (U, G) bool
+        adv_flat, relabel_flat = adv.flatten(), relabel.flatten()
+        t_reward = time.perf_counter() - t_start
+
+        # 3. token term (clipped surrogate on sampled tokens), micro-batch by micro-batch
+        t0 = time.perf_counter()
+        self.engine.train()
+        mbs = self.learner_cfg.micro_batch_size
+        batches = [list(range(lo, min(N, lo + mbs))) for lo in range(0, N, mbs)]
+        n_micro = self._agree_max(len(batches))
+        num_tokens = max(shard.num_tokens, 1)  # all chains may be appended markers only: loss 0, not NaN
+        h_T_learner = torch.empty(N, self.hidden_size, dtype=torch.float32)
+        loss_token = clipped = logp_abs_diff = 0.0
+        for k in range(n_micro):
+            self.engine.set_gradient_accumulation_boundary(False)
+            if k < len(batches):
+                rows = batches[k]
+                prompts = [shard.prompt_ids[r // G] for r in rows]
+                chains = [rollout.chain_ids[r] for r in rows]
+                logp, _, h_T = self.engine("chain", prompts, chains)
+                mask, logp_rollout = self._align_chain_tokens(rows, prompts, chains, tuple(logp.shape), rollout)
+                # On-policy: one optimiser step per batch, so pi_old is the current policy (ratio 1).
+                out = token_loss(logp, logp.detach(), adv_flat[rows].to(self.device), mask,
+                                 eps_low=self.recpo_cfg.eps_low, eps_high=self.recpo_cfg.eps_high,
+                                 num_tokens=num_tokens)
+                loss = out.loss
+                loss_token += float(out.loss.detach())
+                clipped += float(out.clip_frac) * num_tokens
+                logp_abs_diff += float(((logp.detach().float() - logp_rollout).abs() * mask).sum())
+                h_T_learner[rows] = h_T.detach().float().cpu()
+            else:  # padding micro-batch: keeps ZeRO's collectives in step with ranks that have more chains
+                logp, _, _ = self.engine("chain", *self._padding_chain())
+                loss = logp.sum() * 0.0
+            # DeepSpeed averages gradients over ranks; x W turns the average of globally normalised shares into
+            # their sum. scale_wrt_gas=False: the loss is normalised already.
+            self.engine.backward(loss * W, scale_wrt_gas=False)
+        t_token = time.perf_counter() - t0
+        # The alarm's rewards: the learner's own h_T against the same table (before this step's write-back).
+        reward_learner = self._rewards(h_T_learner, history_rep, target_rep)
+
+        # 4. item term (in-batch softmax): relabelled chains' h_T and this rank's unique targets, both with gradient
+        t0 = time.perf_counter()
+        self.engine.set_gradient_accumulation_boundary(True)
+        sel = relabel_flat.nonzero().flatten().tolist()
+        items, user_label = torch.unique(shard.target_idx, return_inverse=True)  # sorted unique targets
+        labels = user_label.repeat_interleave(G)[sel]
+        h_user = self.engine("last", [list(shard.prompt_ids[r // G]) + list(rollout.chain_ids[r]) for r in sel])
+        h_items = self.engine("last", [self.item_prompt_ids[v] for v in items.tolist()])
+        loss_item = item_loss(h_user, h_items, labels.to(self.device), adv_flat[sel].to(self.device),
+                              torch.ones(len(sel), dtype=torch.bool, device=self.device), tau=self.model_cfg.tau,
+                              num_chains=max(shard.num_chains, 1))
+        self.engine.backward(loss_item * W, scale_wrt_gas=False)
+        item_updates = h_items.detach().float()
+        self.table[items.to(self.device)] = item_updates
+        t_item = time.perf_counter() - t0
+
+        # 5. the optimiser step
+        t0 = time.perf_counter()
+        grad_norm = self._stage0_grad_norm()
+        steps_before = self.engine.global_steps
+        self.engine.step()
+        if self.engine.global_steps != steps_before + 1:
+            raise RuntimeError("DeepSpeed did not take exactly one optimiser step at the accumulation boundary")
+        t_opt = time.perf_counter() - t0
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
+
+        t_train = t_token + t_item + t_opt
+        metrics = {
+            "loss_token": loss_token,
+            "loss_item": float(loss_item.detach()),
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std()) if N > 1 else 0.0,
+            "r_d_mean": float(reward.r_d.mean()),
+            "r_c_mean": float(reward.r_c.mean()),
+            "target_rank_mean": float(reward.rank.double().mean()),
+            "adv_abs_mean": float(adv.abs().mean()),
+            "clip_frac": clipped / max(local_tokens, 1),
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "chain_len_mean": sum(len(c) for c in rollout.chain_ids) / N,
+            "num_tokens": float(local_tokens),
+            "item_candidates": float(len(items)),
+            "alarm_h_T_max_diff": float((h_T_learner - rollout.h_T.float()).abs().max()),
+            "alarm_logp_abs_diff_mean": logp_abs_diff / max(local_tokens, 1),
+            "time_reward_s": t_reward,
+            "time_token_s": t_token,
+            "time_item_s": t_item,
+            "time_optimizer_s": t_opt,
+            "time_train_s": t_train,
+            "tokens_per_s_learner": local_tokens / max(t_train, 1e-9),
+        }
+        return StepResult(metrics=metrics, table_updates_idx=items.cpu(), table_updates=item_updates.cpu(),
+                          rewards=rewards, rewards_learner=reward_learner.rewards.float().cpu())
+
+    def _stage0_grad_norm(self) -> float | None:
+        """Without ZeRO, DeepSpeed's fp32 path clips but does not report the norm; after the boundary backward the
+        gradients are already averaged over ranks, so the norm (before clipping) is computed here."""
+        if self.learner_cfg.zero_stage != 0 or self.dtype != "float32":
+            return None
+        grads = [p.grad for p in self.engine.module.parameters() if p.requires_grad and p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+    def _align_chain_tokens(self, rows: list[int], prompts: list[list[int]], chains: list[list[int]],
+                            shape: tuple[int, ...], rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss mask and rollout logp on chain_forward's grid: position t predicts token t+1, so chain token j of a
+        prompt of length P sits at t = P - 1 + j. Only tokens the rollout sampled are trained (logp_mask)."""
+        mask = torch.zeros(shape, dtype=torch.float32)
+        logp_rollout = torch.zeros(shape, dtype=torch.float32)
+        for i, (r, p, c) in enumerate(zip(rows, prompts, chains, strict=True)):
+            n, start = len(c), len(p) - 1
+            mask[i, start:start + n] = rollout.logp_mask[r, :n].float()
+            logp_rollout[i, start:start + n] = rollout.logp[r, :n].float()
+        return mask.to(self.device), logp_rollout.to(self.device)
+
+    # ------------------------------------------------------------------------------------------ inference helpers
+    @torch.no_grad()
+    def chain_states(self, prompt_ids: Sequence[Sequence[int]], chains: Sequence[Sequence[int]]
+                     ) -> tuple[torch.Tensor, list[list[float]]]:
+        """h_T (N, d) float32 and the log-prob of every chain token under the current weights (eval mode).
+
+        Collective under ZeRO-3 (every rank must call it; ranks may pass different numbers of chains)."""
+        self.engine.eval()
+        mbs = self.learner_cfg.micro_batch_size
+        batches = [list(range(lo, min(len(chains), lo + mbs))) for lo in range(0, len(chains), mbs)]
+        h_T, logps = [], []
+        for k in range(self._agree_max(len(batches)) if self.zero3 else len(batches)):
+            if k >= len(batches):
+                self.engine("chain", *self._padding_chain())
+                continue
+            p, c = [list(prompt_ids[r]) for r in batches[k]], [list(chains[r]) for r in batches[k]]
+            logp, mask, h = self.engine("chain", p, c)
+            h_T.append(h.float().cpu())
+            logps += [row[m.bool()].tolist() for row, m in zip(logp.float().cpu(), mask.cpu(), strict=True)]
+        return (torch.cat(h_T) if h_T else torch.zeros(0, self.hidden_size)), logps
+
+    @torch.no_grad()
+    def encode_items(self, item_prompt_ids: Sequence[Sequence[int]], batch_size: int = 32) -> torch.Tensor:
+        """Item embeddings (n, d) float32 with the current weights (eval mode). Collective under ZeRO-3."""
+        self.engine.eval()
+        order = sorted(range(len(item_prompt_ids)), key=lambda i: len(item_prompt_ids[i]))
+        batches = [order[lo:lo + batch_size] for lo in range(0, len(order), batch_size)]
+        table = torch.zeros(len(order), self.hidden_size, dtype=torch.float32)
+        for k in range(self._agree_max(len(batches)) if self.zero3 else len(batches)):
+            if k >= len(batches):
+                self.engine("last", [[self.dual.pad_id]])
+                continue
+            table[torch.as_tensor(batches[k])] = self.engine("last", [list(item_prompt_ids[i]) for i in batches[k]]
+                                                             ).float().cpu()
+        return table
+
+    @torch.no_grad()
+    def greedy(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy reasoning chains (token ids, ending with the answer marker). Collective under ZeRO-3."""
+        self.engine.eval()
+        return self.engine("greedy", prompt_ids, max_new_tokens, self.zero3 and self.world_size > 1)
+
+    def fingerprint(self) -> float:
+        """Sum of all trainable parameters (full, gathered) in float64. Collective under ZeRO-3."""
+        total = 0.0
+        for p in self.dual.model.parameters():
+            if p.requires_grad:
+                with self._gathered([p]):
+                    total += float(p.detach().double().sum())
+        return total
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Trainable parameters (LoRA adapters, or everything for full fine-tuning) under the model's own names
+        (peft names with LoRA); full tensors on rank 0, {} elsewhere. Collective under ZeRO-3."""
+        out = {}
+        for name, p in self.dual.model.named_parameters():
+            if p.requires_grad:
+                with self._gathered([p]):
+                    if self.rank == 0:
+                        out[name] = p.detach().cpu().clone()
+        return out
+
+    # ------------------------------------------------------------------------------------------ weight export
+    @staticmethod
+    def _export_units(base: torch.nn.Module) -> list[_ExportUnit]:
+        """Modules in checkpoint order; LoRA layers become one unit each and their inner modules are skipped.
+        A tied ``lm_head`` is its own unit, so ``lm_head.weight`` is listed explicitly."""
+        try:
+            from peft.tuners.lora import LoraLayer
+        except ImportError:  # peft absent: no LoRA layers can exist
+            LoraLayer = ()  # noqa: N806
+        units: list[_ExportUnit] = []
+        inside: str | None = None
+        for prefix, module in base.named_modules():
+            if inside is not None and prefix.startswith(inside + "."):
+                continue
+            inside = None
+            if isinstance(module, LoraLayer):
+                units.append(_ExportUnit(prefix, module, lora=True))
+                inside = prefix
+                continue
+            unit = _ExportUnit(prefix, module, lora=False)
+            if unit.tensors():
+                units.append(unit)
+        return units
+
+    @staticmethod
+    def _name(unit: _ExportUnit, local: str) -> str:
+        return f"{unit.prefix}.{local}" if unit.prefix else local
+
+    def weight_metas(self) -> list[TensorMeta]:
+        """Hugging Face checkpoint names of the full model (LoRA merged, ``lm_head.weight`` explicit), in broadcast
+        order, with the configured ``model.dtype`` (what the rollout engines run). Local, no communication."""
+        return [TensorMeta(self._name(u, local), self.model_cfg.dtype, _full_shape(t))
+                for u in self._units for local, t in u.tensors()]
+
+    def _full_weights(self, merged: bool = True, materialize: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, full tensor) in ``weight_metas`` order, gathering one module at a time under ZeRO-3 (never
+        the whole model). ``materialize=False`` only takes part in the gathers (ZeRO-3 ranks other than 0)."""
+        for unit in self._units:
+            with self._gathered(unit.params()):
+                if not materialize:
+                    continue
+                out = []
+                for local, t in unit.tensors():
+                    if unit.lora and merged and local == "weight":
+                        t = _merged_lora_weight(unit.module)
+                    t = t.detach()
+                    # The gathered storage is released when the context exits: keep a copy under ZeRO-3.
+                    out.append((self._name(unit, local), t.clone() if self.zero3 else t))
+            yield from out
+
+    def full_state_dict(self, merged: bool = True) -> dict[str, torch.Tensor]:
+        """The full model under Hugging Face names (LoRA merged unless ``merged=False``, which gives the frozen base
+        weights), on CPU on rank 0; {} elsewhere. Holds the whole model on rank 0: for export and tests.
+        Collective under ZeRO-3."""
+        if self.rank != 0:
+            if self.zero3:
+                for _ in self._full_weights(merged, materialize=False):
+                    pass
+            return {}
+        return {name: t.cpu().clone() for name, t in self._full_weights(merged)}
+
+    def sync_address(self) -> tuple[str, int]:
+        """Address for the weight-sync group's store: MASTER_ADDR (rank 0's node) and a port free right now."""
+        with socket.socket() as s:
+            s.bind((self.master_addr, 0))
+            return self.master_addr, int(s.getsockname()[1])
+
+    def broadcast_weights(self, info: SyncGroup | None, bucket_bytes: int) -> float | None:
+        """Send the full merged weights to every rollout engine (see r2ec.weight_sync); returns the checksum on
+        rank 0, None elsewhere. Call on EVERY rank at once: under ZeRO-3 the gathers are collective. Rank 0 joins
+        the group (``open_group(info, 0)``) on its first call, which blocks until every receiver has joined."""
+        if self.rank != 0:
+            if self.zero3:
+                for _ in self._full_weights(materialize=False):
+                    pass
+            return None
+        if info is None:
+            raise ValueError("broadcast_weights on rank 0 needs the SyncGroup")
+        if self._sync is None or self._sync[0] != info:
+            self._sync = (info, open_group(info, 0))
+        device = self.device if info.backend == "nccl" else torch.device("cpu")
+        return send(self._sync[1], self.weight_metas(), self._full_weights(), bucket_bytes, device=device)

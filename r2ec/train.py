@@ -1,0 +1,190 @@
+"""Distributed RecPO training: ``r2ec train --config X`` or ``python -m r2ec.train --config X``.
+
+The loop (one optimiser step):
+1. take ``prompts_per_step`` train samples and render their user prompts;
+2. the rollout workers sample G chains per user and return each chain's h_T (``System.generate``);
+3. the learner ranks, each on whole groups, score h_T with the rec_head, compute fused rewards and group
+   advantages, and take the RecPO step (token term + item term, Eq. of DESIGN §2);
+4. learner rank 0 broadcasts the new weights to every rollout engine (checksums verified);
+5. item rows re-encoded with gradient are written back to every copy of the table; the full table is re-encoded
+   every ``recpo.refresh_every`` steps, and before the final test evaluation.
+Validation (Hit/NDCG@K, full ranking, greedy reasoning) runs every ``eval.valid_every`` steps and at the end.
+
+Deviation from the official code: validation uses the first ``eval.valid_max_samples`` valid samples (the
+official code evaluates the whole split); set it to null for the whole split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from r2ec.algo.metrics import mask_history
+from r2ec.algo.recpo import cosine_scores
+from r2ec.config import Config
+from r2ec.evaluate import history_tensor, item_prompt_ids, rank_split, user_prompt_ids
+from r2ec.protocol import Rollout, TrainShard
+
+
+def total_steps(cfg: Config, num_train: int) -> int:
+    per_epoch = max(1, num_train // cfg.learner.prompts_per_step)
+    return cfg.learner.max_steps or cfg.learner.epochs * per_epoch
+
+
+def make_shards(prompts: list[list[int]], rollout: Rollout, earlier: torch.Tensor, target: torch.Tensor,
+                ranks: int, group_size: int, updates: tuple[torch.Tensor, torch.Tensor]) -> list[TrainShard]:
+    """Cut a step into whole groups per learner rank, with the step's global normalisers."""
+    users = len(prompts) // ranks
+    num_tokens = rollout.num_sampled_tokens
+    shards = []
+    for r in range(ranks):
+        u = slice(r * users, (r + 1) * users)
+        rows = range(r * users * group_size, (r + 1) * users * group_size)
+        shards.append(TrainShard(prompts[u], rollout.select(rows), earlier[u], target[u], num_tokens,
+                                 len(rollout), updates[0], updates[1]))
+    return shards
+
+
+def batch_inputs(rows: list[dict], prepared, builder, tokenizer, titles: list[str]
+                 ) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
+    """User prompts, every earlier item (B, H) -1 padded, and targets (B,) for a batch of samples."""
+    prompts = [user_prompt_ids(builder, tokenizer, r, titles) for r in rows]
+    earlier = history_tensor([prepared.earlier_items_of(r["user_id"], r["position"]) for r in rows])
+    target = torch.as_tensor([r["target_item_idx"] for r in rows], dtype=torch.long)
+    return prompts, earlier, target
+
+
+def rl_step(system, cfg: Config, prompts: list[list[int]], earlier: torch.Tensor, target: torch.Tensor,
+            updates: tuple[torch.Tensor, torch.Tensor], version: int) -> tuple[Rollout, list, dict]:
+    """One RecPO step across the system: rollout, learner step, weight broadcast. Returns the rollout, the
+    ranks' StepResults and the step's timings."""
+    t = time.perf_counter()
+    rollout = system.generate(prompts, cfg.recpo.group_size)
+    t_rollout = time.perf_counter() - t
+    t = time.perf_counter()
+    shards = make_shards(prompts, rollout, earlier, target, len(system.learners), cfg.recpo.group_size, updates)
+    results = system.train_step(shards)
+    t_learn = time.perf_counter() - t
+    t = time.perf_counter()
+    system.sync_weights(version=version)
+    t_sync = time.perf_counter() - t
+    return rollout, results, {"time_rollout_s": t_rollout, "time_learner_s": t_learn, "time_sync_s": t_sync}
+
+
+def train(cfg: Config, log=print) -> dict:
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from r2ec.assets import resolve
+    from r2ec.data.prepare import prepare_from_config
+    from r2ec.data.sampler import EpochSampler
+    from r2ec.driver import System
+    from r2ec.model import resolve_device
+    from r2ec.prompts import PromptBuilder
+    from r2ec.tracking import MetricsWriter, reduce_rank_metrics
+
+    out_dir = Path(cfg.run.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
+    torch.manual_seed(cfg.run.seed)
+    prepared = prepare_from_config(cfg.data, log=log)
+    train_ds, titles = prepared.splits["train"], list(prepared.items["title"])
+    tokenizer = AutoTokenizer.from_pretrained(resolve(cfg.model.name_or_path))
+    builder = PromptBuilder.from_config(cfg.data.prompt, cfg.model.answer_marker)
+    item_prompts = item_prompt_ids(builder, tokenizer, prepared.items)
+    G, steps = cfg.recpo.group_size, total_steps(cfg, len(train_ds))
+    sampler = EpochSampler(len(train_ds), cfg.run.seed)
+    device = str(resolve_device(cfg.run.device))
+
+    def evaluate_split(system: System, table: torch.Tensor, split: str, n: int | None, step: int) -> dict:
+        ds = prepared.splits[split]
+        n = len(ds) if n is None else min(n, len(ds))
+
+        def score_batch(rows, earlier, target):
+            prompts = [user_prompt_ids(builder, tokenizer, r, titles) for r in rows]
+            chains, h_T = system.greedy(prompts, cfg.eval.max_new_tokens)
+            return (mask_history(cosine_scores(h_T, table, cfg.model.tau), earlier, target),
+                    [{"text": c.text, "appended_marker": c.appended_marker} for c in chains])
+
+        batch = cfg.eval.batch_size * cfg.cluster.rollout.num_workers
+        return rank_split(prepared, split, n, batch, cfg.eval.ks, out_dir, "r2ec", score_batch, {"step": step})
+
+    log(f"train: {len(train_ds)} samples, {steps} steps of {cfg.learner.prompts_per_step} users x G={G}")
+    with System(cfg, device, log) as system, MetricsWriter(out_dir) as metrics:
+        t0 = time.perf_counter()
+        table = system.encode_items(item_prompts)
+        log(f"item table: {len(item_prompts)} items encoded in {time.perf_counter() - t0:.1f}s")
+        system.set_items(item_prompts, table)
+        updates = (torch.zeros(0, dtype=torch.long), torch.zeros(0, table.shape[1]))
+        valid = {}
+        bar = tqdm(range(1, steps + 1), desc="train", unit="step")
+        for step in bar:
+            t_step = time.perf_counter()
+            rows = [train_ds[i] for i in sampler.next(cfg.learner.prompts_per_step)]
+            prompts, earlier, target = batch_inputs(rows, prepared, builder, tokenizer, titles)
+            rollout, results, timings = rl_step(system, cfg, prompts, earlier, target, updates, version=step)
+            updates = (torch.cat([r.table_updates_idx for r in results]), torch.cat([r.table_updates for r in results]))
+            table[updates[0]] = updates[1]
+
+            if step % cfg.recpo.refresh_every == 0 and step < steps:
+                table = system.encode_items(item_prompts)
+                system.set_items(item_prompts, table)
+                updates = (updates[0][:0], updates[1][:0])
+
+            step_s = time.perf_counter() - t_step
+            gen_tokens = rollout.timings.get("generated_tokens", 0.0)
+            record = {
+                **reduce_rank_metrics([r.metrics for r in results]),
+                "reward_max_abs_diff_rollout_vs_learner": max(
+                    float((r.rewards - r.rewards_learner).abs().max()) for r in results),
+                "weight_version": rollout.weight_version,
+                "chains_with_appended_marker": float(rollout.appended_marker.float().mean()),
+                "time_generate_s": rollout.timings.get("generate", 0.0) / cfg.cluster.rollout.num_workers,
+                "time_hidden_s": rollout.timings.get("hidden", 0.0) / cfg.cluster.rollout.num_workers,
+                **timings, "time_step_s": step_s,
+                "tokens_per_s_rollout": gen_tokens / max(timings["time_rollout_s"], 1e-9),
+                "epoch": sampler.epoch,
+            }
+            metrics.log(step, record)
+            bar.set_postfix(reward=f"{record['reward_mean']:.4f}", loss=f"{record['loss_token']:+.4f}")
+            if (cfg.eval.valid_every and step % cfg.eval.valid_every == 0) or step == steps:
+                valid = evaluate_split(system, table, "valid", cfg.eval.valid_max_samples, step)
+                metrics.log(step, {f"valid/{k}": v for k, v in valid.items() if isinstance(v, float)})
+                log(f"step {step}: valid " + " ".join(f"{k}={v:.4f}" for k, v in valid.items()
+                                                      if k.startswith(("hit", "ndcg"))))
+        bar.close()
+
+        # The final model's own item table, as inference would precompute it.
+        table = system.encode_items(item_prompts)
+        test = evaluate_split(system, table, "test", cfg.eval.max_samples, steps)
+        metrics.log(steps, {f"test/{k}": v for k, v in test.items() if isinstance(v, float)})
+    log("test " + " ".join(f"{k}={v:.4f}" for k, v in test.items() if k.startswith(("hit", "ndcg"))))
+    return {"valid": valid, "test": test, "steps": steps}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from r2ec.cli import _add_config_args, run_guarded
+
+    p = argparse.ArgumentParser(prog="python -m r2ec.train", description="distributed RecPO training on Ray")
+    _add_config_args(p)
+    args = p.parse_args(argv)
+    return run_guarded(lambda: _train_command(args.config, args.overrides))
+
+
+def _train_command(config: str, overrides: list[str]) -> int:
+    from r2ec.config import load_config
+
+    cfg = load_config(config, overrides)
+    result = train(cfg)
+    print(json.dumps({"valid": result["valid"], "test": result["test"]}, indent=2))
+    print(f"wrote {cfg.run.output_dir}/metrics.jsonl, eval_valid.json and eval_test.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
