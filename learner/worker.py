@@ -518,7 +518,7 @@ class LearnerWorker:
             s.bind((self.master_addr, 0))
             return self.master_addr, int(s.getsockname()[1])
 
-    def broadcast_weights(self, info: SyncGroup | None, bucket_bytes: int) -> float | None:
+    def broadcast_weights(self, info: SyncGroup | None, bucket_bytes: int) -> int | None:
         """Send the full merged weights to every rollout engine (see r2ec.weight_sync); returns the checksum on
         rank 0, None elsewhere. Call on EVERY rank at once: under ZeRO-3 the gathers are collective. Rank 0 joins
         the group (``open_group(info, 0)``) on its first call, which blocks until every receiver has joined."""

@@ -197,6 +197,7 @@ class System:
         r = c.rollout
         Rollout_ = ray.remote(RolloutWorker)
         rollout_env = {"TOKENIZERS_PARALLELISM": "false",
+                       "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
                        "VLLM_CPU_KVCACHE_SPACE": str(cfg.rollout.vllm.cpu_kvcache_space_gib)}
         for i in range(r.num_workers):
             # One group per worker: its tensor-parallel ranks must sit together, workers may spread out.
@@ -267,7 +268,7 @@ class System:
         return get([a.train_step.remote(s) for a, s in zip(self.learners, shards, strict=True)],
                    self.cfg.learner.timeout_s, "learner train_step")
 
-    def sync_weights(self, version: int) -> float:
+    def sync_weights(self, version: int) -> int:
         """Broadcast learner rank 0's full weights to every rollout engine; verify the checksums agree."""
         timeout = self.cfg.learner.timeout_s
         bucket = self.cfg.learner.sync_bucket_mb * 2**20

@@ -7,8 +7,10 @@ and can join processes that belong to different ``torch.distributed`` worlds (gl
 Protocol: the driver asks learner rank 0 for the list of ``TensorMeta`` (names are the Hugging Face checkpoint
 names, LoRA merged, tied ``lm_head.weight`` listed explicitly) and hands the same list to every receiver. Both
 sides cut it into the same buckets (consecutive tensors of one dtype up to ``bucket_bytes``); each bucket is one
-flat broadcast. Both sides also sum every bucket in float64: the driver compares these checksums after a sync,
-so a torn or stale update is caught rather than trained on.
+flat broadcast. Both sides also checksum every bucket: the sum of the raw bit patterns as integers, modulo 2**64.
+Integer addition is exact and order-free, so the value does not depend on thread count or device (a float sum
+does), and any changed bit changes it. The driver compares the checksums after a sync, so a torn or stale update is
+caught rather than trained on.
 
 Imports torch only.
 """
@@ -52,6 +54,19 @@ class SyncGroup:
     timeout_s: float
 
 
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_MOD = 2**64
+
+
+def bits_checksum(buf: torch.Tensor, chunk: int = 1 << 24) -> int:
+    """Sum of the raw bit patterns of a flat tensor, as integers modulo 2**64 (exact, order-independent)."""
+    ints = buf.reshape(-1).view(_INT_OF_SIZE[buf.element_size()])
+    total = 0
+    for lo in range(0, ints.numel(), chunk):  # bounded int64 temporaries for large buckets
+        total += int(ints[lo: lo + chunk].to(torch.int64).sum())
+    return total % _MOD
+
+
 def meta_of(name: str, tensor: torch.Tensor) -> TensorMeta:
     return TensorMeta(name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape))
 
@@ -86,12 +101,12 @@ def plan_buckets(metas: Sequence[TensorMeta], bucket_bytes: int) -> list[list[in
 
 
 def send(group: dist.ProcessGroup, metas: Sequence[TensorMeta], tensors: Iterable[tuple[str, torch.Tensor]],
-         bucket_bytes: int, device: torch.device | str = "cpu") -> float:
+         bucket_bytes: int, device: torch.device | str = "cpu") -> int:
     """Rank 0: broadcast ``tensors`` (yielded in ``metas`` order) bucket by bucket. Returns the checksum.
 
     ``tensors`` may be a generator that gathers ZeRO-3 shards lazily: only one bucket is held at a time."""
     it = iter(tensors)
-    checksum = 0.0
+    checksum = 0
     for bucket in plan_buckets(metas, bucket_bytes):
         flat = []
         for i in bucket:
@@ -102,24 +117,24 @@ def send(group: dist.ProcessGroup, metas: Sequence[TensorMeta], tensors: Iterabl
             flat.append(t.detach().to(device=device, dtype=m.torch_dtype).reshape(-1))
         buf = torch.cat(flat)
         group.broadcast(buf, 0).wait()
-        checksum += float(buf.double().sum())
+        checksum = (checksum + bits_checksum(buf)) % _MOD
     if next(it, None) is not None:
         raise RuntimeError("weight sync: more tensors than metas")
     return checksum
 
 
 def receive(group: dist.ProcessGroup, metas: Sequence[TensorMeta], bucket_bytes: int,
-            device: torch.device | str = "cpu", checksum: list[float] | None = None
+            device: torch.device | str = "cpu", checksum: list[int] | None = None
             ) -> Iterator[tuple[str, torch.Tensor]]:
     """Ranks 1..: yield ``(name, tensor)`` as buckets arrive (feed it straight to a weight loader).
 
     When ``checksum`` is a list, the running checksum is stored in ``checksum[0]``."""
-    total = 0.0
+    total = 0
     for bucket in plan_buckets(metas, bucket_bytes):
         ms = [metas[i] for i in bucket]
         buf = torch.empty(sum(m.numel for m in ms), dtype=ms[0].torch_dtype, device=device)
         group.broadcast(buf, 0).wait()
-        total += float(buf.double().sum())
+        total = (total + bits_checksum(buf)) % _MOD
         if checksum is not None:
             checksum[:] = [total]
         offset = 0

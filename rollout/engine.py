@@ -49,7 +49,7 @@ class Engine(Protocol):
     def join_sync_group(self, info: SyncGroup, first_rank: int) -> None:
         """Join the weight-broadcast group; this engine's model processes take ranks first_rank.. in TP order."""
 
-    def receive_weights(self, metas: Sequence[TensorMeta], bucket_bytes: int) -> float:
+    def receive_weights(self, metas: Sequence[TensorMeta], bucket_bytes: int) -> int:
         """Receive one broadcast (see r2ec.weight_sync) and load it in place; returns the receive checksum."""
 
     @property

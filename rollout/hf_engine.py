@@ -73,12 +73,12 @@ class HFEngine:
         self._group, self._rank = open_group(info, first_rank), first_rank
 
     @torch.no_grad()
-    def receive_weights(self, metas: Sequence[TensorMeta], bucket_bytes: int) -> float:
+    def receive_weights(self, metas: Sequence[TensorMeta], bucket_bytes: int) -> int:
         if self._group is None:
             raise RuntimeError("receive_weights before join_sync_group")
         # state_dict() lists tied weights under both names (sharing storage), so lm_head.weight has a home.
         params = self.model.model.state_dict(keep_vars=True)
-        box, unknown = [0.0], []
+        box, unknown = [0], []
         for name, t in receive(self._group, metas, bucket_bytes, device=self.model.device, checksum=box):
             if name in params:
                 params[name].data.copy_(t)

@@ -204,7 +204,7 @@ class VllmEngine:
             raise RuntimeError("vLLM could not reset its prefix cache after a weight update")
         if len(set(checksums)) != 1:
             raise RuntimeError(f"weight sync: tensor-parallel ranks received different data {checksums}")
-        return float(checksums[0])
+        return int(checksums[0])
 
     @property
     def num_sync_ranks(self) -> int:

@@ -151,7 +151,7 @@ class R2ecWorkerExtension:
         if group is None:
             raise RuntimeError("r2ec: receive_weights before join_sync_group")
         ms = [TensorMeta(name, dtype, tuple(shape)) for name, dtype, shape in metas]
-        checksum = [0.0]
+        checksum = [0]
         stream = receive(group, ms, bucket_bytes, device=self.device, checksum=checksum)  # type: ignore[attr-defined]
         counted = _Counted(stream)
         try:

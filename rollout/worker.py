@@ -118,7 +118,7 @@ class RolloutWorker:
     def join_sync_group(self, info: SyncGroup, first_rank: int) -> None:
         self.engine.join_sync_group(info, first_rank)
 
-    def receive_weights(self, metas: Sequence[TensorMeta], bucket_bytes: int, version: int) -> float:
+    def receive_weights(self, metas: Sequence[TensorMeta], bucket_bytes: int, version: int) -> int:
         checksum = self.engine.receive_weights(metas, bucket_bytes)
         self.weight_version = version
         return checksum

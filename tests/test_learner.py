@@ -216,7 +216,7 @@ def _receiver(info, metas):
 
     def run() -> tuple[dict[str, torch.Tensor], float]:
         group = open_group(info, 1)
-        box: list[float] = []
+        box: list[int] = []
         got = {name: t.clone() for name, t in receive(group, metas, bucket_bytes=20_000, checksum=box)}
         return got, box[0]
 

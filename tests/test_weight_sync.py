@@ -63,3 +63,15 @@ def test_send_rejects_a_tensor_out_of_order():
     group = open_group(info, 0)
     with pytest.raises(RuntimeError, match="expected a.weight"):
         send(group, metas, iter(reversed(list(weights.items()))), bucket_bytes=64)
+
+
+def test_bits_checksum_is_exact_and_order_free():
+    from r2ec.weight_sync import bits_checksum
+
+    t = torch.randn(10_000, dtype=torch.float32)
+    assert bits_checksum(t) == bits_checksum(t[torch.randperm(t.numel())])  # any summation order
+    assert bits_checksum(t, chunk=7) == bits_checksum(t)
+    u = t.clone()
+    u[1234] = torch.nextafter(u[1234], torch.tensor(float("inf")))  # one ulp anywhere changes it
+    assert bits_checksum(u) != bits_checksum(t)
+    assert bits_checksum(t.to(torch.bfloat16)) != bits_checksum(t.to(torch.bfloat16) * 2)
