@@ -68,7 +68,7 @@ from r2ec.algo.recpo import RewardOutput, compute_advantages, fused_reward, item
 from r2ec.config import LearnerConfig, ModelConfig, RecPOConfig
 from r2ec.model import DualHeadModel, pad_batch
 from r2ec.protocol import StepResult, TrainShard
-from r2ec.weight_sync import SyncGroup, TensorMeta, open_group, send
+from r2ec.weight_sync import SyncGroup, TensorMeta, bound_store, open_group, send
 
 
 class _PolicyNet(torch.nn.Module):
@@ -164,8 +164,14 @@ class LearnerWorker:
         if device == "cuda":  # one GPU per rank: the driver's placement makes it cuda:0 of this process
             torch.cuda.set_device(0)
         self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
-        deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", auto_mpi_discovery=False,
-                                   timeout=datetime.timedelta(seconds=learner_cfg.timeout_s), rank=rank,
+        backend, timeout = ("nccl" if device == "cuda" else "gloo"), datetime.timedelta(seconds=learner_cfg.timeout_s)
+        if not torch.distributed.is_initialized():
+            # Our own store, listening on MASTER_ADDR only (torch's env:// store would listen on every interface);
+            # DeepSpeed then finds the process group initialised and uses it.
+            store = bound_store(master_addr, master_port, world_size, rank == 0, timeout)
+            torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                                 timeout=timeout)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, rank=rank,
                                    world_size=world_size)
 
         # The same seed on every rank: LoRA's random init must be identical everywhere (ZeRO-3 keeps each rank's

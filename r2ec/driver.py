@@ -36,9 +36,10 @@ def _free_port() -> tuple[str, int, int]:
 
     ports = []
     socks = []
+    host = ray.util.get_node_ip_address()
     for _ in range(2):
         s = socket.socket()
-        s.bind(("", 0))
+        s.bind((host, 0))
         socks.append(s)
         ports.append(s.getsockname()[1])
     for s in socks:
@@ -48,19 +49,27 @@ def _free_port() -> tuple[str, int, int]:
 
 def connect(cfg: Config, log: Callable[[str], Any] = print) -> bool:
     """Attach to a cluster or start an embedded local one. Returns True when this process started Ray."""
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        # 127.0.0.1 only. _node_ip_address alone still leaves Ray's gRPC servers on every interface and its agents
+        # on the external one; Ray's local-only mode puts every listener on 127.0.0.1. Ray reads the flag from the
+        # environment when it is imported (so set it first) and its processes inherit it; if ray was imported
+        # already, the module constant is set too (Ray 2.60; tests/test_train_ray.py checks the listeners).
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
 
-    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return False
     if address:
         log(f"ray: attaching to {address}")
         ray.init(address=address, logging_level="WARNING")
         return False
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
     num_cpus = cfg.cluster.local_num_cpus or os.cpu_count() or 1
     log(f"ray: starting an embedded local cluster on 127.0.0.1 ({num_cpus} logical CPUs)")
-    # 127.0.0.1 only, no dashboard: nothing listens on an external interface.
-    # address="local": always a new cluster, never one that happens to run on this machine.
+    # address="local": always a new cluster, never one that happens to run on this machine. No dashboard.
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
              object_store_memory=cfg.cluster.object_store_mb * 2**20, logging_level="WARNING")
     return True
@@ -179,11 +188,18 @@ class System:
         def on(pg, bundle: int) -> PlacementGroupSchedulingStrategy:
             return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=bundle)
 
+        # A cluster on 127.0.0.1 keeps gloo there too (gloo otherwise binds the address the hostname resolves to).
+        net_env = {}
+        if ray.util.get_node_ip_address() == "127.0.0.1" and "GLOO_SOCKET_IFNAME" not in os.environ:
+            loopback = [name for _, name in socket.if_nameindex() if name.startswith("lo")]
+            if loopback:
+                net_env["GLOO_SOCKET_IFNAME"] = loopback[0]
+
         probe = ray.remote(num_cpus=0)(_free_port)
         master_addr, ds_port, sync_port = get(probe.options(scheduling_strategy=on(learner_pg, 0)).remote(),
                                               60, "probing the learner node for free ports")
         self._sync_addr = (master_addr, sync_port)
-        learner_env = {"OMP_NUM_THREADS": str(lr.omp_threads), "TOKENIZERS_PARALLELISM": "false"}
+        learner_env = {"OMP_NUM_THREADS": str(lr.omp_threads), "TOKENIZERS_PARALLELISM": "false", **net_env}
         Learner = ray.remote(LearnerWorker)
         self.learners = [
             Learner.options(num_cpus=lr.cpus_per_worker, num_gpus=lr.gpus_per_worker,
@@ -196,7 +212,7 @@ class System:
 
         r = c.rollout
         Rollout_ = ray.remote(RolloutWorker)
-        rollout_env = {"TOKENIZERS_PARALLELISM": "false",
+        rollout_env = {"TOKENIZERS_PARALLELISM": "false", **net_env,
                        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
                        "VLLM_CPU_KVCACHE_SPACE": str(cfg.rollout.vllm.cpu_kvcache_space_gib)}
         for i in range(r.num_workers):

@@ -18,6 +18,7 @@ Imports torch only.
 from __future__ import annotations
 
 import datetime
+import socket
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -71,11 +72,25 @@ def meta_of(name: str, tensor: torch.Tensor) -> TensorMeta:
     return TensorMeta(name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape))
 
 
+def bound_store(host: str, port: int, world_size: int, is_master: bool, timeout: datetime.timedelta
+                ) -> dist.TCPStore:
+    """A TCPStore whose server listens on ``host`` only. TCPStore binds every interface by itself; handing it a
+    socket bound to ``host`` keeps an embedded run on 127.0.0.1 (on a cluster, host is the node's address)."""
+    fd = None
+    if is_master:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        fd = sock.detach()  # the store owns the descriptor from here on
+    return dist.TCPStore(host, port, world_size, is_master=is_master, timeout=timeout, wait_for_workers=False,
+                         master_listen_fd=fd)
+
+
 def open_group(info: SyncGroup, rank: int) -> dist.ProcessGroup:
     """Join the broadcast group as ``rank``; blocks until all ``world_size`` members have joined."""
     timeout = datetime.timedelta(seconds=info.timeout_s)
-    store = dist.TCPStore(info.master_addr, info.master_port, info.world_size, is_master=(rank == 0),
-                          timeout=timeout, wait_for_workers=False)
+    store = bound_store(info.master_addr, info.master_port, info.world_size, rank == 0, timeout)
     if info.backend == "gloo":
         return dist.ProcessGroupGloo(store, rank, info.world_size, timeout)
     if info.backend == "nccl":

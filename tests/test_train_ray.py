@@ -57,6 +57,23 @@ def _assert_workers_equal_learner(system, prompts):
             torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-4, rtol=1e-4)
 
 
+def _assert_listeners_on_loopback():
+    """Every socket that this process and its children (Ray's daemons and workers) listen on is 127.0.0.1."""
+    import ipaddress
+    import os
+
+    import psutil
+
+    procs = [psutil.Process(os.getpid()), *psutil.Process(os.getpid()).children(recursive=True)]
+    pids = {p.pid for p in procs}
+    listening = [(c.pid, c.laddr) for c in psutil.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN and c.pid in pids]
+    assert listening, "found no listening sockets at all: the check itself is broken"
+    outside = [(pid, addr) for pid, addr in listening if not ipaddress.ip_address(addr.ip).is_loopback
+               and addr.ip != "::ffff:127.0.0.1"]
+    assert not outside, f"listening beyond 127.0.0.1: {outside}"
+
+
 ENGINES_AND_STAGES = [
     pytest.param("hf", 2, marks=pytest.mark.ray),
     pytest.param("hf", 3, marks=pytest.mark.ray),
@@ -92,6 +109,7 @@ def test_two_rollout_workers_two_learner_ranks(engine, stage, tiny_model_dir, tm
         after = get([a.fingerprint.remote() for a in system.learners], 300, "fingerprint")[0]
         assert after != before
         _assert_workers_equal_learner(system, batches[0][0])
+        _assert_listeners_on_loopback()  # Ray, DeepSpeed's store and gloo, the weight-sync group, vLLM
 
 
 @pytest.mark.ray
