@@ -108,11 +108,8 @@ class RolloutWorker:
         return self.engine.chain_states(prompt_ids, chains)
 
     # ------------------------------------------------------------------------------------------ weight sync
-    @property
-    def num_sync_ranks(self) -> int:
-        return self.engine.num_sync_ranks
-
     def sync_ranks(self) -> int:
+        """Ranks this worker's engine takes in the weight-broadcast group (its tensor-parallel size)."""
         return self.engine.num_sync_ranks
 
     def join_sync_group(self, info: SyncGroup, first_rank: int) -> None:
