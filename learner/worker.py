@@ -66,7 +66,7 @@ import torch
 from learner.ds_config import build_ds_config, training_dtype
 from r2ec.algo.recpo import RewardOutput, compute_advantages, fused_reward, item_loss, relabel_mask, token_loss
 from r2ec.config import LearnerConfig, ModelConfig, RecPOConfig
-from r2ec.model import DualHeadModel, pad_batch
+from r2ec.model import DualHeadModel
 from r2ec.protocol import StepResult, TrainShard
 from r2ec.weight_sync import SyncGroup, TensorMeta, bound_store, open_group, send
 
@@ -95,12 +95,7 @@ class _PolicyNet(torch.nn.Module):
     def _greedy(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, synced: bool) -> list[list[int]]:
         # DualHeadModel.generate with `synced_gpus`: under ZeRO-3 every rank must run the same number of forward
         # passes, so a rank whose chains finished keeps stepping until all ranks are done.
-        d = self.dual
-        ids, mask, _ = pad_batch(prompt_ids, d.pad_id, "left", d.device)
-        out = d.model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                               pad_token_id=d.pad_id, stop_strings=[d.marker], tokenizer=d.tokenizer,
-                               temperature=None, top_k=None, top_p=None, synced_gpus=synced)
-        return [d.finish_chain(row[ids.shape[1]:].tolist()).token_ids for row in out]
+        return [c.token_ids for c in self.dual.generate(prompt_ids, max_new_tokens, synced_gpus=synced)]
 
 
 @dataclass

@@ -234,18 +234,28 @@ class DualHeadModel:
         return self.finisher(generated)
 
     @torch.no_grad()
-    def generate(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> list[Chain]:
-        """Reasoning chains with transformers ``generate`` (left padding), stopping at the marker."""
+    def generate_raw(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, do_sample: bool = False,
+                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, **generate_kwargs
+                     ) -> list[list[int]]:
+        """Completions exactly as transformers ``generate`` returns them (left padding, stopping at the marker),
+        not yet cut or completed: the rollout engine finishes them itself. ``generate_kwargs`` go to ``generate``
+        (e.g. ``synced_gpus`` under ZeRO-3)."""
         ids, mask, _ = pad_batch(prompt_ids, self.pad_id, "left", self.device)
         kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, pad_token_id=self.pad_id,
-                      stop_strings=[self.marker], tokenizer=self.tokenizer)
+                      stop_strings=[self.marker], tokenizer=self.tokenizer, **generate_kwargs)
         if do_sample:
             kwargs.update(temperature=temperature, top_k=top_k if top_k > 0 else None, top_p=top_p)
         else:
             kwargs.update(temperature=None, top_k=None, top_p=None)
         out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-        return [self.finish_chain(row[ids.shape[1]:].tolist()) for row in out]
+        return [row[ids.shape[1]:].tolist() for row in out]
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, **generate_kwargs) -> list[Chain]:
+        """Reasoning chains with transformers ``generate`` (left padding), stopping at the marker."""
+        return [self.finish_chain(c) for c in self.generate_raw(prompt_ids, max_new_tokens, do_sample, temperature,
+                                                                top_k, top_p, **generate_kwargs)]
 
     @torch.no_grad()
     def recommend(self, prompt_ids: Sequence[Sequence[int]], h_items: torch.Tensor, k: int,

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from r2ec.model import DualHeadModel, pad_batch
+from r2ec.model import DualHeadModel
 from r2ec.weight_sync import SyncGroup, TensorMeta, open_group, receive
 from rollout.engine import Completion, Sampling
 
@@ -24,9 +24,7 @@ class HFEngine:
         base_cfg = model_cfg.model_copy(update={"lora": model_cfg.lora.model_copy(update={"enabled": False})})
         self.model = DualHeadModel.from_config(base_cfg, device)
         self.batch_size = rollout_cfg.batch_size
-        self.generator_seed = seed
         self._group = None
-        self._rank = 0
 
     @property
     def num_sync_ranks(self) -> int:
@@ -41,16 +39,9 @@ class HFEngine:
         out: list[Completion] = []
         step = max(1, self.batch_size * n)
         for lo in range(0, len(expanded), step):
-            ids, mask, _ = pad_batch(expanded[lo:lo + step], m.pad_id, "left", m.device)
-            kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=m.pad_id,
-                          stop_strings=list(sampling.stop) or None, tokenizer=m.tokenizer)
-            if sampling.temperature > 0:
-                kwargs.update(do_sample=True, temperature=sampling.temperature,
-                              top_k=sampling.top_k if sampling.top_k > 0 else None, top_p=sampling.top_p)
-            else:
-                kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
-            rows = m.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-            out.extend(Completion(row[ids.shape[1]:].tolist(), None) for row in rows)
+            out.extend(Completion(c, None) for c in m.generate_raw(
+                expanded[lo:lo + step], sampling.max_new_tokens, do_sample=sampling.temperature > 0,
+                temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p))
         return out
 
     @torch.no_grad()
@@ -70,7 +61,7 @@ class HFEngine:
         return torch.cat(h_T), logps
 
     def join_sync_group(self, info: SyncGroup, first_rank: int) -> None:
-        self._group, self._rank = open_group(info, first_rank), first_rank
+        self._group = open_group(info, first_rank)
 
     @torch.no_grad()
     def receive_weights(self, metas: Sequence[TensorMeta], bucket_bytes: int) -> int:
