@@ -15,7 +15,8 @@ How each part works:
   (``rollout.vllm_ext``) captures, during a 1-token prefill (``max_tokens=1``) of each full sequence, the row of
   the sequence's last token. Rows are mapped back to requests from the model runner's per-step state, so several
   requests per step, prefix-cache hits (only the uncached tail is in the batch; vLLM always recomputes at least
-  the last token) and chunked prefill (only the chunk that reaches the last token counts) all work.
+  the last token) and chunked prefill (only the chunk that reaches the last token counts) all work. On CPU the
+  engine turns chunked prefill off (seeded requests cannot be chunk-prefilled there, see ``__init__``).
 - ``chain_states``: the same prefill with ``prompt_logprobs=0`` gives the log-prob of every chain token.
 - Weights: ``join_sync_group`` / ``receive_weights`` run ``r2ec.weight_sync.receive`` inside each vLLM worker
   (rank ``first_rank + tp_rank``) and feed it to vLLM's in-place reload; the prefix cache is dropped afterwards
@@ -108,6 +109,13 @@ class VllmEngine:
         )
         if device == "cuda":
             kwargs["gpu_memory_utilization"] = vcfg.gpu_memory_utilization
+        else:
+            # Every sampled request carries its own seed (reproducible, batch-independent chains: what an exact
+            # resume needs). When a seeded request's prefill is cut into chunks, vLLM rewinds that request's
+            # generator with ``set_offset``, which CPU generators do not support (the engine dies). So on CPU
+            # each prompt is prefilled whole: no chunked prefill, and a token budget that holds a full sequence.
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(vcfg.max_model_len, 4096)
         if tensor_parallel_size > 1:
             kwargs["distributed_executor_backend"] = "ray"
         kwargs.update(llm_kwargs or {})

@@ -1,7 +1,9 @@
 """The vLLM rollout engine against the HF reference (DualHeadModel), on the tiny float32 model.
 
-One engine for the whole module (start ~20-40 s, ~2 GB). Small scheduler budgets force what real runs hit at scale:
-several requests per forward step and chunked prefill (a 600-token sequence is prefilled in 3 chunks). Sequences
+One engine for the whole module (start ~20-40 s, ~2 GB), configured as on CPU in production (no chunked prefill:
+seeded requests cannot be chunk-prefilled by the CPU build), with a token budget of one full sequence, so several
+requests share a forward step. A second, short-lived engine with chunked prefill on (as on GPUs; a 600-token
+sequence is prefilled in 3 chunks) checks the hidden-state capture there, with unseeded requests only. Sequences
 sharing a 300-token prefix (vLLM's CPU block size is 128) exercise prefix-cache hits. The weight-update test runs
 last: it broadcasts perturbed weights, checks them, then broadcasts the originals back.
 """
@@ -19,7 +21,8 @@ import torch
 pytestmark = pytest.mark.vllm
 
 TOL = 1e-4
-TOKEN_BUDGET = 256  # max_num_batched_tokens: forces chunked prefill and several requests per step
+MAX_LEN = 1024  # max_model_len, and the token budget of the main engine: several requests per step
+CHUNK_BUDGET = 256  # the chunked engine's max_num_batched_tokens: a 600-token sequence takes 3 chunks
 
 
 def _free_port() -> int:
@@ -39,7 +42,21 @@ def engine(tiny_model_dir):
     from rollout.vllm_engine import VllmEngine
 
     eng = VllmEngine(ModelConfig(name_or_path=str(tiny_model_dir)), RolloutConfig(), seed=0, device="cpu",
-                     llm_kwargs=dict(max_num_batched_tokens=TOKEN_BUDGET, max_num_seqs=16, max_model_len=1024))
+                     llm_kwargs=dict(max_num_batched_tokens=MAX_LEN, max_num_seqs=16, max_model_len=MAX_LEN))
+    yield eng
+    eng.close()
+
+
+@pytest.fixture()
+def chunked_engine(tiny_model_dir):
+    """Chunked prefill on, as vLLM runs on GPUs; only unseeded requests may go to it on CPU."""
+    pytest.importorskip("vllm")
+    from r2ec.config import ModelConfig, RolloutConfig
+    from rollout.vllm_engine import VllmEngine
+
+    eng = VllmEngine(ModelConfig(name_or_path=str(tiny_model_dir)), RolloutConfig(), seed=0, device="cpu",
+                     llm_kwargs=dict(enable_chunked_prefill=True, max_num_batched_tokens=CHUNK_BUDGET, max_num_seqs=16,
+                                     max_model_len=MAX_LEN))
     yield eng
     eng.close()
 
@@ -93,7 +110,7 @@ def test_version_check_names_the_supported_version(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------- hidden states
-def test_last_hidden_matches_hf_with_prefix_hits_and_chunking(engine, tiny_model, seqs):
+def test_last_hidden_matches_hf_with_prefix_hits(engine, tiny_model, seqs):
     with torch.no_grad():
         ref = tiny_model.last_hidden(seqs).float()
     first = engine.last_hidden(seqs)
@@ -109,6 +126,22 @@ def test_last_hidden_matches_hf_with_prefix_hits_and_chunking(engine, tiny_model
     perm = list(reversed(range(len(seqs))))
     rev = engine.last_hidden([seqs[i] for i in perm])
     assert (rev - ref[perm]).abs().max().item() < TOL
+
+
+def test_last_hidden_with_chunked_prefill(chunked_engine, tiny_model, seqs):
+    # Only the chunk that reaches a sequence's last token may fill its row; earlier chunks must be ignored.
+    with torch.no_grad():
+        ref = tiny_model.last_hidden(seqs).float()
+    assert max(len(s) for s in seqs) > 2 * CHUNK_BUDGET
+    for _ in range(2):  # the second call is served mostly from the prefix cache
+        h = chunked_engine.last_hidden(seqs)
+        assert (h - ref).abs().max().item() < TOL
+
+
+def test_cpu_engine_prefills_whole_sequences(engine):
+    # Seeded requests on the CPU build must never be chunk-prefilled (vLLM would rewind their CPU generator).
+    sched = engine.llm.llm_engine.vllm_config.scheduler_config
+    assert not sched.enable_chunked_prefill and sched.max_num_batched_tokens >= MAX_LEN
 
 
 # ------------------------------------------------------------------------------------------------- sampling
