@@ -12,6 +12,7 @@ each chunk goes to whichever worker finishes first (``ray.wait``), so a slow wor
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import time
@@ -45,6 +46,12 @@ def _free_port() -> tuple[str, int, int]:
     for s in socks:
         s.close()
     return ray.util.get_node_ip_address(), ports[0], ports[1]
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    """A sampling seed for chunk ``chunk`` of a call seeded ``seed`` (well mixed, so nearby seeds never collide)."""
+    digest = hashlib.sha256(f"{seed}:{chunk}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def connect(cfg: Config, log: Callable[[str], Any] = print) -> bool:
@@ -257,9 +264,12 @@ class System:
     def _chunks(self, n: int, size: int) -> list[slice]:
         return [slice(lo, min(n, lo + size)) for lo in range(0, n, size)]
 
-    def generate(self, prompt_ids: list[list[int]], group_size: int) -> Rollout:
+    def generate(self, prompt_ids: list[list[int]], group_size: int, seed: int) -> Rollout:
+        """G chains per prompt. Chunk j is sampled with ``chunk_seed(seed, j)`` whichever worker takes it, so a
+        step's rollout depends on the weights, the prompts and ``seed`` only."""
         chunks = self._chunks(len(prompt_ids), self.cfg.rollout.batch_size)
-        parts = self._spread("generate", [(prompt_ids[s], group_size) for s in chunks], "generate")
+        parts = self._spread("generate", [(prompt_ids[s], group_size, chunk_seed(seed, j))
+                                          for j, s in enumerate(chunks)], "generate")
         return Rollout.concat(parts)
 
     def greedy(self, prompt_ids: list[list[int]], max_new_tokens: int) -> tuple[list, torch.Tensor]:

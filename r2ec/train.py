@@ -64,7 +64,7 @@ def rl_step(system, cfg: Config, prompts: list[list[int]], earlier: torch.Tensor
     """One RecPO step across the system: rollout, learner step, weight broadcast. Returns the rollout, the
     ranks' StepResults and the step's timings."""
     t = time.perf_counter()
-    rollout = system.generate(prompts, cfg.recpo.group_size)
+    rollout = system.generate(prompts, cfg.recpo.group_size, seed=cfg.run.seed * 1_000_003 + version)
     t_rollout = time.perf_counter() - t
     t = time.perf_counter()
     shards = make_shards(prompts, rollout, earlier, target, len(system.learners), cfg.recpo.group_size, updates)

@@ -44,16 +44,10 @@ class RolloutWorker:
         self.engine = build_engine(model_cfg, rollout_cfg, seed + 1000 * worker_index, device, tensor_parallel_size)
         self.finisher = ChainFinisher.from_pretrained(resolve(model_cfg.name_or_path), model_cfg.answer_marker)
         self.weight_version = 0
-        self._calls = 0
 
     def ready(self) -> dict:
         """Cheap liveness probe for the driver."""
         return {"worker_index": self.worker_index, "weight_version": self.weight_version}
-
-    def _next_seed(self) -> int:
-        # Distinct per worker and per call, reproducible for a given run seed.
-        self._calls += 1
-        return (self.seed * 1_000_003 + self.worker_index * 7919 + self._calls) % (2**31)
 
     def _finish(self, completions: Sequence[Completion]) -> tuple[list[Chain], list[list[float] | None]]:
         chains, logps = [], []
@@ -63,11 +57,14 @@ class RolloutWorker:
             logps.append(None if c.logp is None else c.logp[:k])
         return chains, logps
 
-    def generate(self, prompt_ids: Sequence[Sequence[int]], group_size: int) -> Rollout:
-        """G = ``group_size`` sampled chains per prompt, grouped (prompt i -> rows i*G .. i*G+G-1)."""
+    def generate(self, prompt_ids: Sequence[Sequence[int]], group_size: int, seed: int) -> Rollout:
+        """G = ``group_size`` sampled chains per prompt, grouped (prompt i -> rows i*G .. i*G+G-1).
+
+        ``seed`` comes from the driver (per step and chunk), not from this worker's history: the same chunk gives
+        the same chains on any worker, after a restart or a resume (with the same weights)."""
         s = self.sampling_cfg
         sampling = Sampling(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                            max_new_tokens=s.max_new_tokens, stop=(self.finisher.marker,), seed=self._next_seed())
+                            max_new_tokens=s.max_new_tokens, stop=(self.finisher.marker,), seed=seed)
         t0 = time.perf_counter()
         chains, logps = self._finish(self.engine.sample(prompt_ids, group_size, sampling))
         t1 = time.perf_counter()

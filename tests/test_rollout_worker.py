@@ -28,7 +28,7 @@ def _prompts(tokenizer, n=3):
 
 def test_generate_returns_grouped_chains_with_their_states(worker, tiny_model):
     prompts = _prompts(tiny_model.tokenizer)
-    ro = worker.generate(prompts, group_size=2)
+    ro = worker.generate(prompts, group_size=2, seed=0)
     assert len(ro) == 6 and ro.h_T.shape == (6, 64) and ro.h_T.dtype == torch.float32
     assert ro.weight_version == 0 and ro.timings["generate"] > 0
     marker = tiny_model.marker_ids
@@ -44,15 +44,17 @@ def test_generate_returns_grouped_chains_with_their_states(worker, tiny_model):
         torch.testing.assert_close(ro.logp[i, :n_sampled], ref, atol=1e-5, rtol=1e-5)
 
 
-def test_sampling_is_seeded_per_call_but_reproducible(tiny_model_dir, worker, tiny_model):
+def test_sampling_depends_on_the_call_seed_only(tiny_model_dir, worker, tiny_model):
     prompts = _prompts(tiny_model.tokenizer, 2)
-    a = worker.generate(prompts, 2).chain_ids
-    b = worker.generate(prompts, 2).chain_ids
-    fresh = RolloutWorker(ModelConfig(name_or_path=str(tiny_model_dir)), RolloutConfig(
-        engine="hf", batch_size=2, sampling=SamplingConfig(temperature=1.5, top_k=50, max_new_tokens=12)), seed=0)
-    fresh.generate(_prompts(tiny_model.tokenizer), 2)  # the module worker made this call first
-    assert fresh.generate(prompts, 2).chain_ids == a
-    assert a != b  # a new seed per call
+    a = worker.generate(prompts, 2, seed=5).chain_ids
+    b = worker.generate(prompts, 2, seed=6).chain_ids
+    # Another worker (other index, other history of calls) gives the same chains for the same seed.
+    other = RolloutWorker(ModelConfig(name_or_path=str(tiny_model_dir)), RolloutConfig(
+        engine="hf", batch_size=2, sampling=SamplingConfig(temperature=1.5, top_k=50, max_new_tokens=12)), seed=1,
+        worker_index=1)
+    other.generate(_prompts(tiny_model.tokenizer), 2, seed=9)
+    assert other.generate(prompts, 2, seed=5).chain_ids == a
+    assert a != b
 
 
 def test_greedy_equals_the_dual_head_model(worker, tiny_model):
