@@ -205,6 +205,7 @@ class RolloutWorkersConfig(_Section):
     gpus_per_worker: float = Field(0, ge=0, description="GPUs per worker; with tensor parallelism, per TP rank")
     cpus_per_worker: float = Field(1, ge=0)
     tensor_parallel_size: int = Field(1, ge=1)
+    max_restarts: int = Field(3, ge=0, description="rollout workers restarted after dying, per run, before failing")
 
 
 class LearnerWorkersConfig(_Section):
@@ -230,6 +231,9 @@ class RunConfig(_Section):
     output_dir: str = "outputs/r2ec"
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="training: save a checkpoint every N steps (and after the last); None = never")
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept (the best by valid NDCG@10 too)")
 
 
 class Config(_Section):
