@@ -35,7 +35,14 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="distributed RecPO training on Ray (rollout workers + DeepSpeed learner)")
     _add_config_args(p)
+    add_resume_arg(p)
     return parser
+
+
+def add_resume_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", default="auto", metavar="auto|none|PATH",
+                   help="auto (default): continue from the newest complete checkpoint of run.output_dir if there is "
+                        "one; none: start fresh (refused if the folder holds checkpoints); PATH: that checkpoint")
 
 
 def _quiet_libraries() -> None:
@@ -54,6 +61,7 @@ def _quiet_libraries() -> None:
 def run_guarded(command) -> int:
     """Run a command; errors in the user's input or cluster become one line on stderr and exit code 2."""
     from r2ec.assets import AssetError
+    from r2ec.checkpoint import CheckpointError
     from r2ec.config import ConfigError
     from r2ec.data.errors import DataError
     from r2ec.driver import ClusterError
@@ -61,7 +69,7 @@ def run_guarded(command) -> int:
     _quiet_libraries()
     try:
         return command()
-    except (ConfigError, DataError, AssetError, ClusterError) as e:
+    except (ConfigError, DataError, AssetError, ClusterError, CheckpointError) as e:
         print(f"r2ec: error: {e}", file=sys.stderr)
         return 2
 
@@ -83,7 +91,7 @@ def _run(args) -> int:
     if args.command == "train":
         from r2ec.train import _train_command
 
-        return _train_command(args.config, args.overrides)
+        return _train_command(args.config, args.overrides, args.resume)
     cfg = load_config(args.config, args.overrides)
     if args.command == "prepare":
         from r2ec.data.prepare import format_summary, prepare_from_config

@@ -1,4 +1,8 @@
-"""Per-step metrics to ``metrics.jsonl`` and TensorBoard, one record per optimiser step or evaluation."""
+"""Per-step metrics to ``metrics.jsonl`` and TensorBoard, one record per optimiser step or evaluation.
+
+A resumed run passes ``resume_step``: records of later steps (written by the attempt that was interrupted after
+its last checkpoint) are removed from ``metrics.jsonl`` and purged from TensorBoard, so every step appears once.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +12,21 @@ from pathlib import Path
 
 
 class MetricsWriter:
-    def __init__(self, out_dir: Path, tensorboard: bool = True):
+    def __init__(self, out_dir: Path, tensorboard: bool = True, resume_step: int | None = None):
         out_dir.mkdir(parents=True, exist_ok=True)
         self.path = out_dir / "metrics.jsonl"
+        self.dropped = 0
+        if resume_step is not None:
+            self.dropped = _truncate_after(self.path, resume_step)
+        elif self.path.exists():  # a fresh run in a used folder: keep the old log aside, never mix two runs
+            self.path.rename(self.path.with_suffix(f".jsonl.{int(self.path.stat().st_mtime)}"))
         self._file = open(self.path, "a", buffering=1)
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(out_dir / "tensorboard"))
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge)
 
     def log(self, step: int, metrics: dict[str, float | int | str]) -> None:
         record = {"step": step, **metrics}
@@ -36,6 +46,26 @@ class MetricsWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _truncate_after(path: Path, step: int) -> int:
+    """Keep the records of steps <= ``step`` (an unreadable last line, cut by a crash, goes too). Atomic."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            keep = json.loads(line)["step"] <= step
+        except (json.JSONDecodeError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+    return dropped
 
 
 def reduce_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:

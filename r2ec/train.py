@@ -20,6 +20,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from r2ec.algo.recpo import cosine_scores
 from r2ec.config import Config
 from r2ec.evaluate import history_tensor, item_prompt_ids, rank_split, user_prompt_ids
 from r2ec.protocol import Rollout, TrainShard
+from r2ec.run_state import compat_of, rollout_seed
 
 
 def total_steps(cfg: Config, num_train: int) -> int:
@@ -64,7 +66,7 @@ def rl_step(system, cfg: Config, prompts: list[list[int]], earlier: torch.Tensor
     """One RecPO step across the system: rollout, learner step, weight broadcast. Returns the rollout, the
     ranks' StepResults and the step's timings."""
     t = time.perf_counter()
-    rollout = system.generate(prompts, cfg.recpo.group_size, seed=cfg.run.seed * 1_000_003 + version)
+    rollout = system.generate(prompts, cfg.recpo.group_size, seed=rollout_seed(cfg.run.seed, version))
     t_rollout = time.perf_counter() - t
     t = time.perf_counter()
     shards = make_shards(prompts, rollout, earlier, target, len(system.learners), cfg.recpo.group_size, updates)
@@ -76,7 +78,9 @@ def rl_step(system, cfg: Config, prompts: list[list[int]], earlier: torch.Tensor
     return rollout, results, {"time_rollout_s": t_rollout, "time_learner_s": t_learn, "time_sync_s": t_sync}
 
 
-def train(cfg: Config, log=print) -> dict:
+def train(cfg: Config, log=print, resume: str = "auto") -> dict:
+    """Train (or continue) a run; ``resume`` is ``auto`` (the newest complete checkpoint of ``run.output_dir``, if
+    any), ``none`` (a fresh run; refused if the folder has checkpoints) or a checkpoint folder."""
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
@@ -90,7 +94,6 @@ def train(cfg: Config, log=print) -> dict:
 
     out_dir = Path(cfg.run.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
     torch.manual_seed(cfg.run.seed)
     prepared = prepare_from_config(cfg.data, log=log)
     train_ds, titles = prepared.splits["train"], list(prepared.items["title"])
@@ -100,6 +103,9 @@ def train(cfg: Config, log=print) -> dict:
     G, steps = cfg.recpo.group_size, total_steps(cfg, len(train_ds))
     sampler = EpochSampler(len(train_ds), cfg.run.seed)
     device = str(resolve_device(cfg.run.device))
+    resumed = _find_checkpoint(cfg, out_dir, resume, prepared.item_ids(), log)
+    compat = compat_of(cfg, prepared.item_ids(), None)
+    (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
 
     def evaluate_split(system: System, table: torch.Tensor, split: str, n: int | None, step: int) -> dict:
         ds = prepared.splits[split]
@@ -115,26 +121,33 @@ def train(cfg: Config, log=print) -> dict:
         return rank_split(prepared, split, n, batch, cfg.eval.ks, out_dir, "r2ec", score_batch, {"step": step})
 
     log(f"train: {len(train_ds)} samples, {steps} steps of {cfg.learner.prompts_per_step} users x G={G}")
-    with System(cfg, device, log) as system, MetricsWriter(out_dir) as metrics:
-        t0 = time.perf_counter()
-        table = system.encode_items(item_prompts)
-        log(f"item table: {len(item_prompts)} items encoded in {time.perf_counter() - t0:.1f}s")
-        system.set_items(item_prompts, table)
-        updates = (torch.zeros(0, dtype=torch.long), torch.zeros(0, table.shape[1]))
+    universal = resumed is not None and resumed.state["learner_world_size"] != cfg.cluster.learner.num_workers
+    with System(cfg, device, log, load_universal=universal) as system, \
+            MetricsWriter(out_dir, resume_step=resumed.step if resumed else None) as metrics:
+        if resumed is None:
+            t0 = time.perf_counter()
+            table = system.encode_items(item_prompts)
+            log(f"item table: {len(item_prompts)} items encoded in {time.perf_counter() - t0:.1f}s")
+            run = RunState(table=table, updates=(torch.zeros(0, dtype=torch.long), torch.zeros(0, table.shape[1])))
+        else:
+            run = _restore(system, cfg, resumed, sampler, log)
+        system.set_items(item_prompts, run.table)
         valid = {}
-        bar = tqdm(range(1, steps + 1), desc="train", unit="step")
+        bar = tqdm(range(run.step + 1, steps + 1), desc="train", unit="step", initial=run.step, total=steps)
         for step in bar:
             t_step = time.perf_counter()
             rows = [train_ds[i] for i in sampler.next(cfg.learner.prompts_per_step)]
             prompts, earlier, target = batch_inputs(rows, prepared, builder, tokenizer, titles)
-            rollout, results, timings = rl_step(system, cfg, prompts, earlier, target, updates, version=step)
-            updates = (torch.cat([r.table_updates_idx for r in results]), torch.cat([r.table_updates for r in results]))
-            table[updates[0]] = updates[1]
+            rollout, results, timings = rl_step(system, cfg, prompts, earlier, target, run.updates, version=step)
+            run.step = step
+            run.updates = (torch.cat([r.table_updates_idx for r in results]),
+                           torch.cat([r.table_updates for r in results]))
+            run.table[run.updates[0]] = run.updates[1]
 
             if step % cfg.recpo.refresh_every == 0 and step < steps:
-                table = system.encode_items(item_prompts)
-                system.set_items(item_prompts, table)
-                updates = (updates[0][:0], updates[1][:0])
+                run.table = system.encode_items(item_prompts)
+                system.set_items(item_prompts, run.table)
+                run.updates, run.table_version = (run.updates[0][:0], run.updates[1][:0]), step
 
             step_s = time.perf_counter() - t_step
             gen_tokens = rollout.timings.get("generated_tokens", 0.0)
@@ -152,11 +165,18 @@ def train(cfg: Config, log=print) -> dict:
             }
             metrics.log(step, record)
             bar.set_postfix(reward=f"{record['reward_mean']:.4f}", loss=f"{record['loss_token']:+.4f}")
+            new_best = False
             if (cfg.eval.valid_every and step % cfg.eval.valid_every == 0) or step == steps:
-                valid = evaluate_split(system, table, "valid", cfg.eval.valid_max_samples, step)
+                valid = evaluate_split(system, run.table, "valid", cfg.eval.valid_max_samples, step)
                 metrics.log(step, {f"valid/{k}": v for k, v in valid.items() if isinstance(v, float)})
                 log(f"step {step}: valid " + " ".join(f"{k}={v:.4f}" for k, v in valid.items()
                                                       if k.startswith(("hit", "ndcg"))))
+                new_best = run.best is None or valid[_best_key(cfg)] > run.best["value"]
+                if new_best:
+                    run.best = {"step": step, "metric": _best_key(cfg), "value": valid[_best_key(cfg)]}
+            every = cfg.run.checkpoint_every
+            if every and (step % every == 0 or step == steps or new_best):
+                _save(system, cfg, run, sampler, new_best, compat, log)
         bar.close()
 
         # The final model's own item table, as inference would precompute it.
@@ -164,23 +184,124 @@ def train(cfg: Config, log=print) -> dict:
         test = evaluate_split(system, table, "test", cfg.eval.max_samples, steps)
         metrics.log(steps, {f"test/{k}": v for k, v in test.items() if isinstance(v, float)})
     log("test " + " ".join(f"{k}={v:.4f}" for k, v in test.items() if k.startswith(("hit", "ndcg"))))
-    return {"valid": valid, "test": test, "steps": steps}
+    return {"valid": valid, "test": test, "steps": steps, "resumed_from": resumed.step if resumed else None}
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+@dataclass
+class RunState:
+    """The driver's side of a run between steps (the learner ranks hold the weights and optimiser)."""
+
+    table: torch.Tensor  # (V, d) float32 item table H_V as the driver holds it
+    updates: tuple[torch.Tensor, torch.Tensor]  # (U,) long rows, (U, d) float32: applied by learners next step
+    step: int = 0
+    table_version: int = 0  # step of the last full encoding
+    best: dict | None = None  # {"step", "metric", "value"} of the best validation so far
+
+
+@dataclass
+class _Resumed:
+    folder: Path
+    state: dict
+    table: torch.Tensor
+    updates: tuple[torch.Tensor, torch.Tensor]
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+def _best_key(cfg: Config) -> str:
+    return "ndcg@10" if 10 in cfg.eval.ks else f"ndcg@{max(cfg.eval.ks)}"
+
+
+def _find_checkpoint(cfg: Config, out_dir: Path, resume: str, item_ids: list[str], log) -> _Resumed | None:
+    from r2ec import checkpoint as ck
+    from r2ec.run_state import check_compatible, read_driver_state
+
+    folder = ck.find_resume(out_dir, resume, log)
+    if folder is None:
+        existing = ck.list_checkpoints(ck.checkpoint_root(out_dir))
+        if resume == "none" and existing:
+            raise ck.CheckpointError(
+                f"{ck.checkpoint_root(out_dir)} already holds checkpoints ({existing[-1].name} newest): continue "
+                f"with --resume auto, or give this run another run.output_dir")
+        if resume == "auto" and existing:
+            raise ck.CheckpointError(f"no complete checkpoint under {ck.checkpoint_root(out_dir)} verifies (see "
+                                     f"above); fix or move them, or start over in another run.output_dir")
+        return None
+    state, table, updates = read_driver_state(folder)
+    changed = check_compatible(cfg, state, item_ids, folder)
+    log(f"resume: {folder} (step {state['step']}); settings changed since: {', '.join(changed) or 'none'}")
+    return _Resumed(folder, state, table, updates)
+
+
+def _restore(system, cfg: Config, resumed: _Resumed, sampler, log) -> RunState:
+    """Learner shards (re-sharded through DeepSpeed's universal format when the world size changed), sampler,
+    RNG, item table; then the rollout engines get the loaded weights before the first rollout."""
+    import shutil
+
+    from r2ec import checkpoint as ck
+    from r2ec.run_state import restore_rng
+
+    learner_dir = resumed.folder / ck.LEARNER
+    universal_dir = None
+    if system.load_universal:
+        from learner.universal import to_universal
+
+        universal_dir = resumed.folder.parent / f".universal-{resumed.folder.name}"
+        log(f"resume: learner world size {resumed.state['learner_world_size']} -> "
+            f"{cfg.cluster.learner.num_workers}: converting to DeepSpeed's universal checkpoint")
+        universal_dir = to_universal(learner_dir, universal_dir)
+    system.load_checkpoint(str(learner_dir), str(universal_dir) if universal_dir else None)
+    if universal_dir is not None:
+        shutil.rmtree(universal_dir, ignore_errors=True)
+    sampler.load_state_dict(resumed.state["sampler"])
+    restore_rng(resumed.state["rng"])
+    s = resumed.state
+    system.sync_weights(version=resumed.step)
+    return RunState(table=resumed.table.clone(), updates=resumed.updates, step=resumed.step,
+                    table_version=s["item_table_version"], best=s["best"])
+
+
+def _save(system, cfg: Config, run: RunState, sampler, best: bool, compat, log) -> Path:
+    from r2ec import checkpoint as ck
+    from r2ec.run_state import capture_rng, write_driver_state
+
+    t0 = time.perf_counter()
+    tmp = ck.stage(cfg.run.output_dir, run.step)
+    system.save_checkpoint(str(tmp / ck.LEARNER))
+    state = {
+        "step": run.step, "sampler": sampler.state_dict(), "rng": capture_rng(),
+        "rollout_seed": {"rule": "run.seed * 1000003 + step", "next": rollout_seed(cfg.run.seed, run.step + 1)},
+        "item_table_version": run.table_version, "best": run.best,
+        "learner_world_size": cfg.cluster.learner.num_workers, "config_hash": cfg.hash(),
+        "compat": {**compat.__dict__, "hidden_size": int(run.table.shape[1])},
+    }
+    write_driver_state(tmp, cfg, state, run.table, run.updates)
+    final = ck.commit(tmp, run.step)
+    if best:
+        ck.mark_best(cfg.run.output_dir, run.step)
+    ck.prune(cfg.run.output_dir, cfg.run.keep_checkpoints, log)
+    log(f"checkpoint: {final} ({time.perf_counter() - t0:.1f}s)")
+    return final
 
 
 def main(argv: list[str] | None = None) -> int:
-    from r2ec.cli import _add_config_args, run_guarded
+    from r2ec.cli import _add_config_args, add_resume_arg, run_guarded
 
     p = argparse.ArgumentParser(prog="python -m r2ec.train", description="distributed RecPO training on Ray")
     _add_config_args(p)
+    add_resume_arg(p)
     args = p.parse_args(argv)
-    return run_guarded(lambda: _train_command(args.config, args.overrides))
+    return run_guarded(lambda: _train_command(args.config, args.overrides, args.resume))
 
 
-def _train_command(config: str, overrides: list[str]) -> int:
+def _train_command(config: str, overrides: list[str], resume: str = "auto") -> int:
     from r2ec.config import load_config
 
     cfg = load_config(config, overrides)
-    result = train(cfg)
+    result = train(cfg, resume=resume)
     print(json.dumps({"valid": result["valid"], "test": result["test"]}, indent=2))
     print(f"wrote {cfg.run.output_dir}/metrics.jsonl, eval_valid.json and eval_test.json")
     return 0

@@ -37,3 +37,14 @@ class EpochSampler:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_samples": self.num_samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where ``state`` was taken; the train split and seed must be the same."""
+        for key in ("seed", "num_samples"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"sampler state has {key}={state[key]}, this run has {getattr(self, key)}: the "
+                                 f"train split or the seed changed, so the data order cannot be continued")
+        if not 0 <= state["position"] <= self.num_samples:
+            raise ValueError(f"sampler position {state['position']} outside 0..{self.num_samples}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._perm = self._permutation(self.epoch)
