@@ -8,6 +8,9 @@ Choices that are not DeepSpeed defaults, and why:
 - No scheduler: the paper trains with a constant learning rate.
 - Precision: fp32 on CPU whatever ``model.dtype`` says (CPU bf16 matmuls are slow and lossy); bf16/fp16 mixed
   precision on GPU when the model is loaded in that dtype (fp32 master weights in the ZeRO optimizer).
+- ``checkpoint.load_universal`` only when resuming from a universal checkpoint (another learner world size, see
+  learner/universal.py): DeepSpeed then reads parameters and optimizer states from the universal ``zero/`` folder
+  instead of the per-rank shards, and refuses ordinary checkpoints.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ def training_dtype(model_dtype: str, device: str) -> str:
     return model_dtype if device.startswith("cuda") else "float32"
 
 
-def build_ds_config(cfg: LearnerConfig, micro_batch_chains: int, backward_calls: int, dtype: str) -> dict[str, Any]:
+def build_ds_config(cfg: LearnerConfig, micro_batch_chains: int, backward_calls: int, dtype: str,
+                    load_universal: bool = False) -> dict[str, Any]:
     """DeepSpeed config for one optimiser step made of ``backward_calls`` backward passes per rank.
 
     ``gradient_accumulation_steps`` equals the number of backward calls of one ``train_step`` (token micro-batches
@@ -41,4 +45,5 @@ def build_ds_config(cfg: LearnerConfig, micro_batch_chains: int, backward_calls:
         "fp16": {"enabled": dtype == "float16"},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": bool(load_universal)},
     }

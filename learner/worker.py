@@ -29,6 +29,9 @@ DeepSpeed usage the driver must respect:
   ``greedy``, ``fingerprint``, ``full_state_dict``, ``trainable_state_dict`` and ``broadcast_weights`` must be
   called on EVERY rank at the same time under ZeRO-3 (``train_step`` also under ZeRO-1/2 with world size > 1).
 - ``weight_metas`` and ``sync_address`` are local (rank 0 answers).
+- ``save_checkpoint`` and ``load_checkpoint`` are collective on every ZeRO stage. A checkpoint written by W ranks
+  is loaded by W ranks as is (bit-exact resume, RNG states included); by another number of ranks only after
+  ``learner.universal.to_universal`` and with ``load_universal=True`` (see that module for what it supports).
 
 Deviations from the paper / official code (github YRYangang/RRec):
 - One optimiser step per rollout batch (on-policy, as TRL's ``num_iterations=1``): ``old_logp`` is the learner's
@@ -51,14 +54,18 @@ Imports no vllm and no ray; deepspeed is imported lazily inside methods.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime
+import json
 import math
 import os
+import random
 import socket
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -138,7 +145,8 @@ class LearnerWorker:
     """One DeepSpeed data-parallel rank of the RecPO learner (see the module docstring for the step)."""
 
     def __init__(self, model_cfg: ModelConfig, learner_cfg: LearnerConfig, recpo_cfg: RecPOConfig, rank: int,
-                 world_size: int, master_addr: str, master_port: int, device: str, seed: int):
+                 world_size: int, master_addr: str, master_port: int, device: str, seed: int,
+                 load_universal: bool = False):
         if recpo_cfg.kl_coef > 0:
             raise NotImplementedError(
                 "recpo.kl_coef > 0 needs a frozen reference model on every learner rank, which the learner does not "
@@ -153,6 +161,7 @@ class LearnerWorker:
 
         self.model_cfg, self.learner_cfg, self.recpo_cfg = model_cfg, learner_cfg, recpo_cfg
         self.rank, self.world_size, self.master_addr = rank, world_size, master_addr
+        self.seed, self.load_universal = seed, load_universal
         self.zero3 = learner_cfg.zero_stage == 3
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0", MASTER_ADDR=master_addr,
                           MASTER_PORT=str(master_port))
@@ -189,7 +198,8 @@ class LearnerWorker:
         group_size = recpo_cfg.group_size
         self.chains_per_rank = learner_cfg.prompts_per_step // world_size * group_size
         self.backward_calls = math.ceil(self.chains_per_rank / learner_cfg.micro_batch_size) + 1
-        ds_config = build_ds_config(learner_cfg, learner_cfg.micro_batch_size, self.backward_calls, self.dtype)
+        ds_config = build_ds_config(learner_cfg, learner_cfg.micro_batch_size, self.backward_calls, self.dtype,
+                                    load_universal=load_universal)
         optimizer = torch.optim.AdamW(trainable, lr=learner_cfg.lr, weight_decay=learner_cfg.weight_decay)
         self.engine, *_ = deepspeed.initialize(model=_PolicyNet(self.dual), optimizer=optimizer, config=ds_config)
         torch.manual_seed(seed + rank)  # dropout etc. differ across ranks from here on
@@ -530,7 +540,149 @@ class LearnerWorker:
             return None
         if info is None:
             raise ValueError("broadcast_weights on rank 0 needs the SyncGroup")
-        if self._sync is None or self._sync[0] != info:
-            self._sync = (info, open_group(info, 0))
-        device = self.device if info.backend == "nccl" else torch.device("cpu")
-        return send(self._sync[1], self.weight_metas(), self._full_weights(), bucket_bytes, device=device)
+        weights = self._full_weights()
+        try:
+            if self._sync is None or self._sync[0] != info:
+                # A different SyncGroup means the driver rebuilt the group after replacing a rollout worker: drop
+                # the old one (its store and its connections to a dead member) before hosting the new one.
+                if self._sync is not None:
+                    from r2ec.weight_sync import close_group
+
+                    close_group(self._sync[1])
+                    self._sync = None
+                self._sync = (info, open_group(info, 0))
+            device = self.device if info.backend == "nccl" else torch.device("cpu")
+            return send(self._sync[1], self.weight_metas(), weights, bucket_bytes, device=device)
+        except Exception:
+            # A receiver died before or during the broadcast. Under ZeRO-3 the other ranks are gathering all the
+            # same: go through the remaining gathers with them, so the learner ranks stay in step and the driver
+            # can redo the sync on a new group.
+            if self.zero3:
+                for _ in weights:
+                    pass
+            raise
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, directory: str) -> None:
+        """Write this rank's part of the learner checkpoint into ``directory`` (collective: every rank at once).
+
+        ``directory/ds/``: DeepSpeed's sharded checkpoint (module, ZeRO partitions of the fp32 weights and AdamW
+        states, step counters), without DeepSpeed's ``latest`` file and without client state (the driver keeps
+        the project's state itself). ``directory/rng-rank<r>.json``: this rank's RNG states. Returns once every
+        rank has finished writing."""
+        from r2ec.checkpoint import DS_TAG, write_json_atomic
+
+        path = os.fspath(directory)
+        os.makedirs(path, exist_ok=True)
+        self.engine.save_checkpoint(path, tag=DS_TAG, client_state={}, save_latest=False)
+        state = {"world_size": self.world_size, "rank": self.rank, "global_steps": int(self.engine.global_steps),
+                 **_rng_state()}
+        write_json_atomic(Path(path) / f"rng-rank{self.rank}.json", state)
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    def load_checkpoint(self, directory: str, universal_dir: str | None = None) -> dict[str, Any]:
+        """Restore what ``save_checkpoint`` wrote into ``directory`` (collective: every rank at once).
+
+        Module weights, fp32 master weights, AdamW states and DeepSpeed's step counters are restored, so the next
+        ``train_step`` is the one an uninterrupted run would take. Every torch-pickle file is first opened with
+        ``torch.load(weights_only=True)`` under ``r2ec.checkpoint.SAFE_GLOBALS`` (DeepSpeed itself unpickles with
+        ``weights_only=False``). With ``universal_dir`` (the output of ``learner.universal.to_universal``, needed
+        when the checkpoint was written by another number of ranks) the weights and optimizer states come from the
+        universal checkpoint instead; the worker must have been built with ``load_universal=True``.
+
+        Call it on a freshly built worker, before any ``train_step`` (DeepSpeed's ZeRO-3 cannot load into an
+        engine whose parameters it has already partitioned and trained), with the same model / LoRA / ZeRO config.
+
+        RNG: this rank's saved states are restored when the checkpoint has this world size; otherwise every RNG
+        is seeded from (seed, saved step, rank), which is deterministic but not the uninterrupted run's stream.
+        Returns ``{"global_steps", "world_size_saved", "universal", "rng_restored", "rng_seed"}``."""
+        from learner.universal import needs_universal, saved_world_size
+        from r2ec.checkpoint import DS_TAG, CheckpointError, check_pickles, pickle_files
+
+        folder = Path(directory)
+        if universal_dir is not None and not self.load_universal:
+            raise ValueError("load_checkpoint(universal_dir=...) needs a LearnerWorker built with "
+                             "load_universal=True (DeepSpeed's checkpoint.load_universal is fixed at initialisation)")
+        if universal_dir is None and self.load_universal:
+            raise ValueError("this LearnerWorker was built with load_universal=True and can only load a universal "
+                             "checkpoint: pass universal_dir (see learner.universal.to_universal)")
+        load_dir = Path(universal_dir) if universal_dir is not None else folder
+        if not (load_dir / DS_TAG).is_dir():
+            raise CheckpointError(f"{load_dir / DS_TAG}: no DeepSpeed checkpoint folder")
+        files = pickle_files(load_dir / DS_TAG)
+        if not files:
+            raise CheckpointError(f"{load_dir / DS_TAG}: no checkpoint files")
+        check_pickles(files)  # before DeepSpeed unpickles anything
+        saved_w = saved_world_size(folder)
+        if universal_dir is None and needs_universal(folder, self.world_size):  # (ZeRO-0 loads at any size)
+            raise CheckpointError(f"{folder}: written by {saved_w} learner ranks, this learner has "
+                                  f"{self.world_size}; convert it with learner.universal.to_universal and load it "
+                                  "with load_universal=True")
+
+        load_path, _ = self.engine.load_checkpoint(os.fspath(load_dir), tag=DS_TAG, load_module_strict=True,
+                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_path is None:
+            raise CheckpointError(f"{load_dir / DS_TAG}: DeepSpeed found no checkpoint to load")
+        steps = int(self.engine.global_steps)
+
+        rng_file = folder / f"rng-rank{self.rank}.json"
+        rng_seed = None
+        if saved_w == self.world_size and rng_file.is_file():
+            state = json.loads(rng_file.read_text())
+            if state.get("world_size") != self.world_size or state.get("rank") != self.rank:
+                raise CheckpointError(f"{rng_file}: belongs to rank {state.get('rank')} of "
+                                      f"{state.get('world_size')}, not rank {self.rank} of {self.world_size}")
+            _set_rng_state(state)
+        else:
+            rng_seed = (self.seed * 1_000_003 + steps * 1_009 + self.rank) % 2**32
+            _seed_all(rng_seed)
+        return {"global_steps": steps, "world_size_saved": saved_w, "universal": universal_dir is not None,
+                "rng_restored": rng_seed is None, "rng_seed": rng_seed}
+
+
+# ---------------------------------------------------------------------------------------------- RNG states
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+
+def _rng_state() -> dict[str, Any]:
+    """Python ``random``, numpy's global generator, torch CPU and (if present) every CUDA generator, as JSON."""
+    import numpy as np
+
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    cuda = [_b64(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else None
+    return {"python": {"version": version, "state": list(internal), "gauss_next": gauss},
+            "numpy": {"kind": kind, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                      "cached_gaussian": float(cached)},
+            "torch": _b64(torch.get_rng_state()), "cuda": cuda}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(_unb64(state["torch"]))
+    if state.get("cuda") and torch.cuda.is_available():
+        cuda = [_unb64(s) for s in state["cuda"]]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:  # another GPU layout per process: restore the generator this rank uses (cuda:0)
+            torch.cuda.set_rng_state(cuda[0], 0)
+
+
+def _seed_all(seed: int) -> None:
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA generator
