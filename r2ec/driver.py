@@ -8,6 +8,16 @@ has a timeout (``rollout.timeout_s`` / ``learner.timeout_s``) and a timeout name
 
 Work is spread across rollout workers by load: the batch is cut into chunks of ``rollout.batch_size`` prompts and
 each chunk goes to whichever worker finishes first (``ray.wait``), so a slow worker takes fewer chunks.
+
+Faults. A rollout worker holds no state the run cannot rebuild (its weights are the learner's, its sampling seeds
+come from the driver per chunk), so when one dies during any call it is replaced: a new actor on the same
+placement group (reserved for the whole run), then a new weight-sync group for every rollout worker (a fresh port;
+survivors and learner rank 0 drop the old group), then the current weights at the current version, then the lost
+chunks again, which give the same results since their seeds are fixed. Each replacement is an event
+(:meth:`System.drain_events`); after ``cluster.rollout.max_restarts`` deaths the run fails. The learner ranks are
+one DeepSpeed group and cannot be replaced mid-run: a dead rank fails the run at once (waits on several ranks are
+fail-fast, so the survivors hanging in a collective with the dead rank do not hold it up), and
+``r2ec train --resume auto`` continues from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -118,16 +128,103 @@ def _placement_group(bundles: list[dict], strategy: str, timeout_s: float, what:
     return pg
 
 
-def get(refs, timeout_s: float, what: str):
-    """``ray.get`` with a timeout that names what was waited for."""
+class WorkerDied(ClusterError):
+    """A worker died (or became unreachable) while a call on it was awaited; ``index`` is its ref's position."""
+
+    def __init__(self, message: str, index: int, name: str, reason: str):
+        super().__init__(message)
+        self.index, self.name, self.reason = index, name, reason
+
+
+def is_death(e: BaseException) -> bool:
+    """Whether a failed call means its worker is gone (as opposed to an exception raised by the call itself)."""
     import ray
 
-    try:
-        return ray.get(refs, timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        raise ClusterError(f"{what} did not finish within {timeout_s:g}s") from None
-    except ray.exceptions.ActorDiedError as e:
-        raise ClusterError(f"{what}: a worker died ({e})") from e
+    if isinstance(e, ray.exceptions.RayActorError):  # ActorDiedError, ActorUnavailableError
+        return True
+    # vLLM's engine process died under a live actor: the worker can serve nothing more, as if it had died.
+    return any(c.__name__ == "EngineDeadError" for c in type(e).__mro__)
+
+
+def _reason(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def get(refs, timeout_s: float, what: str, names: Sequence[str] | None = None):
+    """``ray.get`` with a timeout that names what was waited for.
+
+    A list is waited for fail-fast (a ``ray.wait`` loop): the first call that fails raises at once, even while
+    others still run, e.g. learner ranks stuck in a collective with a rank that just died (``ray.get`` on the list
+    would wait for them, up to the collective's timeout). A dead or unreachable worker raises :class:`WorkerDied`;
+    an exception raised inside a call propagates as Ray raises it. ``names`` (one per ref) label the workers."""
+    import ray
+
+    single = not isinstance(refs, (list, tuple))
+    refs_ = [refs] if single else list(refs)
+    labels = list(names) if names is not None else (["a worker"] if single else [f"call {i}" for i in
+                                                                                  range(len(refs_))])
+    position = {ref: i for i, ref in enumerate(refs_)}
+    results: list = [None] * len(refs_)
+    pending = list(refs_)
+    deadline = time.monotonic() + timeout_s
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not done:
+            waiting = f" (still waiting for {', '.join(labels[position[r]] for r in pending)})" if names else ""
+            raise ClusterError(f"{what} did not finish within {timeout_s:g}s{waiting}")
+        for ref in done:
+            i = position[ref]
+            try:
+                results[i] = ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))  # ready: returns at once
+            except ray.exceptions.GetTimeoutError:
+                raise ClusterError(f"{what} did not finish within {timeout_s:g}s") from None
+            except Exception as e:
+                if is_death(e):
+                    raise WorkerDied(f"{what}: {labels[i]} died ({_reason(e)})", i, labels[i], _reason(e)) from e
+                raise
+    return results[0] if single else results
+
+
+class _RolloutsLost(Exception):
+    """Internal: rollout workers died during a weight sync (``dead``: index -> reason); ``stuck``: survivors left
+    waiting inside the broken group (index -> reason), to be replaced with them."""
+
+    def __init__(self, dead: dict[int, str], stuck: dict[int, str] | None = None):
+        super().__init__(f"rollout worker(s) {sorted(dead)} died")
+        self.dead, self.stuck = dead, stuck or {}
+
+
+# How long to look for a dead worker behind a call that failed with an ordinary exception (Ray reports a killed
+# actor within about a second; its peers in a collective may notice first).
+_DEATH_REPORT_S = 5.0
+
+
+def _first_death(refs: list, timeout_s: float) -> tuple[int, str] | None:
+    """(index, reason) of a ref among ``refs`` whose call ended with its worker's death within ``timeout_s``."""
+    import ray
+
+    ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    ready = set(ready)
+    for i, ref in enumerate(refs):
+        if ref in ready:
+            try:
+                ray.get(ref, timeout=1)
+            except Exception as e:  # noqa: BLE001 - only deaths matter here
+                if is_death(e):
+                    return i, _reason(e)
+    return None
+
+
+def _learner_died(rank: int, what: str, reason: str) -> ClusterError:
+    return ClusterError(
+        f"learner rank {rank} died during {what} ({reason}). The learner ranks train as one DeepSpeed group and "
+        f"cannot be replaced mid-run: `r2ec train --resume auto` continues from the last checkpoint")
+
+
+# After a rollout worker died in a weight sync and the learner ranks are done with the broadcast, how long the other
+# rollout workers get to finish receiving before they are taken for stuck in the broken group.
+_SYNC_GRACE_S = 20.0
 
 
 @dataclass
@@ -140,8 +237,9 @@ class _Sync:
 class System:
     """Rollout workers + learner ranks on placement groups. Use as a context manager."""
 
-    def __init__(self, cfg: Config, device: str, log: Callable[[str], Any] = print):
+    def __init__(self, cfg: Config, device: str, log: Callable[[str], Any] = print, load_universal: bool = False):
         self.cfg = cfg
+        self.load_universal = load_universal  # the learner ranks will load a universal (re-sharded) checkpoint
         self.device = device
         self.log = log
         self._owns_ray = False
@@ -149,6 +247,14 @@ class System:
         self.rollouts: list = []
         self.learners: list = []
         self._sync: _Sync | None = None
+        self._rollout_pgs: list = []  # one per rollout worker, kept for the run: a replacement lands on the same one
+        self._rollout_env: dict[str, str] = {}
+        self._incarnation: list[int] = []  # per rollout worker, +1 each time it is replaced
+        self._rollout_deaths = 0
+        self._events: list[dict] = []
+        self._weight_version: int | None = None  # version of the last completed sync; None: initial weights
+        self._sync_port_used = False
+        self._weight_metas: list | None = None  # learner rank 0's, fixed for the run
 
     # ------------------------------------------------------------------------------------------ start / stop
     def __enter__(self) -> System:
@@ -180,7 +286,6 @@ class System:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from learner.worker import LearnerWorker
-        from rollout.worker import RolloutWorker
 
         cfg, c = self.cfg, self.cfg.cluster
         self._owns_ray = connect(cfg, self.log)
@@ -213,51 +318,165 @@ class System:
                             scheduling_strategy=on(learner_pg, rank), runtime_env={"env_vars": learner_env},
                             name=f"learner-{rank}").remote(
                 cfg.model, cfg.learner, cfg.recpo, rank, lr.num_workers, master_addr, ds_port, self.device,
-                cfg.run.seed)
+                cfg.run.seed, load_universal=self.load_universal)
             for rank in range(lr.num_workers)
         ]
 
         r = c.rollout
-        Rollout_ = ray.remote(RolloutWorker)
-        rollout_env = {"TOKENIZERS_PARALLELISM": "false", **net_env,
-                       "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
-                       "VLLM_CPU_KVCACHE_SPACE": str(cfg.rollout.vllm.cpu_kvcache_space_gib)}
+        self._rollout_env = {"TOKENIZERS_PARALLELISM": "false", **net_env,
+                             "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+                             "VLLM_CPU_KVCACHE_SPACE": str(cfg.rollout.vllm.cpu_kvcache_space_gib)}
         for i in range(r.num_workers):
             # One group per worker: its tensor-parallel ranks must sit together, workers may spread out.
             pg = _placement_group([{"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker}] * r.tensor_parallel_size,
                                   "PACK", c.placement_timeout_s, f"rollout worker {i}")
             self._pgs.append(pg)
-            gpus = r.gpus_per_worker if r.tensor_parallel_size == 1 else 0  # with TP, vLLM's own workers take them
-            self.rollouts.append(Rollout_.options(
-                num_cpus=r.cpus_per_worker, num_gpus=gpus, scheduling_strategy=on(pg, 0),
-                runtime_env={"env_vars": rollout_env}, name=f"rollout-{i}").remote(
-                cfg.model, cfg.rollout, cfg.run.seed, self.device, i, r.tensor_parallel_size))
-        get([a.ready.remote() for a in self.rollouts], cfg.rollout.timeout_s, "starting the rollout workers")
+            self._rollout_pgs.append(pg)
+            self._incarnation.append(0)
+            self.rollouts.append(self._start_rollout(i))
+        get([a.ready.remote() for a in self.rollouts], cfg.rollout.timeout_s, "starting the rollout workers",
+            [f"rollout worker {i}" for i in range(r.num_workers)])
         get([a.ready.remote() for a in self.learners], cfg.learner.timeout_s, "starting the learner ranks")
         self.log(f"ray: {r.num_workers} rollout worker(s) ({cfg.rollout.engine}) and {lr.num_workers} learner "
                  f"rank(s) (ZeRO-{cfg.learner.zero_stage}) up in {time.perf_counter() - t0:.1f}s")
 
+    def _start_rollout(self, i: int):
+        """Create rollout worker ``i`` on its placement group (not waited for): at start-up, and to replace a dead
+        one with the same options."""
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from rollout.worker import RolloutWorker
+
+        cfg, r = self.cfg, self.cfg.cluster.rollout
+        gpus = r.gpus_per_worker if r.tensor_parallel_size == 1 else 0  # with TP, vLLM's own workers take them
+        return ray.remote(RolloutWorker).options(
+            num_cpus=r.cpus_per_worker, num_gpus=gpus,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=self._rollout_pgs[i],
+                                                                 placement_group_bundle_index=0),
+            runtime_env={"env_vars": self._rollout_env}, name=f"rollout-{i}").remote(
+            cfg.model, cfg.rollout, cfg.run.seed, self.device, i, r.tensor_parallel_size)
+
+    # ------------------------------------------------------------------------------------------ rollout faults
+    @property
+    def weight_version(self) -> int | None:
+        """Version of the weights every rollout worker holds (the last ``sync_weights``); None before any sync,
+        when they hold the initial weights. A replaced worker is brought back to it."""
+        return self._weight_version
+
+    def drain_events(self) -> list[dict]:
+        """Fault events since the last call (rollout workers replaced), oldest first; each is also logged."""
+        events, self._events = self._events, []
+        return events
+
+    def restart_rollout(self, i: int, call: str, reason: str) -> None:
+        """Replace rollout worker ``i`` (dead, or to be treated as dead) and bring every rollout worker back to the
+        current weights on a new sync group. Counts against ``cluster.rollout.max_restarts``."""
+        self._recover({i: reason}, call)
+
+    def _recover(self, dead: dict[int, str], call: str) -> None:
+        self._replace_rollouts(dead, call)
+        if self._weight_version is not None:  # before any sync, a new worker's initial weights are current
+            self._sync_weights(self._weight_version)
+
+    def _replace_rollouts(self, dead: dict[int, str], call: str, stuck: dict[int, str] | None = None) -> None:
+        """New actors for the ``dead`` workers (counted) and the ``stuck`` ones (killed by us, not counted), waited
+        ready; the sync group is dropped, so the next sync builds a new one for everyone."""
+        import ray
+
+        limit = self.cfg.cluster.rollout.max_restarts
+        events = []
+        for i, reason in dead.items():
+            self._rollout_deaths += 1
+            self.log(f"fault: rollout worker {i} died during {call} ({reason})")
+            if self._rollout_deaths > limit:
+                raise ClusterError(
+                    f"rollout worker {i} died during {call} ({reason}); that is rollout-worker death "
+                    f"{self._rollout_deaths} in this run, over cluster.rollout.max_restarts={limit}. Something keeps "
+                    f"killing the rollout workers (out of memory? a failing node?); after fixing it, "
+                    f"`r2ec train --resume auto` continues from the last checkpoint")
+            events.append({"event": "rollout_restart", "worker": i, "call": call, "cause": "died", "reason": reason,
+                           "time": time.time(), "deaths": self._rollout_deaths})
+        for i, reason in (stuck or {}).items():
+            self.log(f"fault: rollout worker {i} is replaced too: {reason}")
+            events.append({"event": "rollout_restart", "worker": i, "call": call, "cause": "stuck", "reason": reason,
+                           "time": time.time(), "deaths": self._rollout_deaths})
+        t0 = time.perf_counter()
+        which = sorted({*dead, *(stuck or {})})
+        for i in which:
+            try:
+                ray.kill(self.rollouts[i], no_restart=True)
+            except Exception:  # noqa: BLE001 - it is usually gone already
+                pass
+        for i in which:
+            self._await_name_free(f"rollout-{i}")
+            self.rollouts[i] = self._start_rollout(i)
+            self._incarnation[i] += 1
+        try:
+            get([self.rollouts[i].ready.remote() for i in which], self.cfg.rollout.timeout_s,
+                f"restarting rollout worker(s) {which}", [f"rollout worker {i}" for i in which])
+        except WorkerDied as e:
+            raise ClusterError(f"a replacement rollout worker died while starting ({e}); "
+                               f"`r2ec train --resume auto` continues from the last checkpoint") from e
+        self._sync = None  # every member, survivors included, joins a new group at the next sync
+        elapsed = time.perf_counter() - t0
+        for ev in events:
+            ev["restart_s"] = elapsed
+            self._events.append(ev)
+        self.log(f"fault: rollout worker(s) {which} restarted in {elapsed:.1f}s "
+                 f"({self._rollout_deaths}/{limit} deaths allowed so far)")
+
+    def _await_name_free(self, name: str, timeout_s: float = 60.0) -> None:
+        """Ray frees a killed actor's name a moment after the kill; the replacement reuses the name."""
+        import ray
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                ray.get_actor(name)
+            except ValueError:
+                return
+            if time.monotonic() > deadline:
+                raise ClusterError(f"the killed rollout actor {name!r} still holds its name after {timeout_s:g}s")
+            time.sleep(0.2)
+
+    def _rollout_get(self, refs: list, timeout_s: float, what: str) -> list:
+        """``get`` over one call per rollout worker (in worker order); a dead worker raises ``_RolloutsLost``."""
+        try:
+            return get(refs, timeout_s, what, [f"rollout worker {i}" for i in range(len(refs))])
+        except WorkerDied as e:
+            raise _RolloutsLost({e.index: e.reason}) from e
+
     # ------------------------------------------------------------------------------------------ rollout side
     def _spread(self, method: str, chunks: Sequence[tuple], what: str) -> list:
-        """Run ``method(*chunk)`` for every chunk on the least-busy rollout worker; results in chunk order."""
+        """Run ``method(*chunk)`` for every chunk on the least-busy rollout worker; results in chunk order.
+
+        A worker that dies is replaced (:meth:`_recover`) and its chunk goes back to the queue; chunks already done
+        by others are kept, so every chunk is computed and counted once."""
         import ray
 
         timeout = self.cfg.rollout.timeout_s
         results: list = [None] * len(chunks)
-        pending: dict = {}
+        pending: dict = {}  # ref -> (worker, chunk, the worker's incarnation when the chunk was sent)
         todo = list(range(len(chunks)))
         idle = list(range(len(self.rollouts)))
         while todo or pending:
             while todo and idle:
                 w, j = idle.pop(0), todo.pop(0)
-                pending[getattr(self.rollouts[w], method).remote(*chunks[j])] = (w, j)
+                pending[getattr(self.rollouts[w], method).remote(*chunks[j])] = (w, j, self._incarnation[w])
             done, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
             if not done:
-                stuck = sorted({w for w, _ in pending.values()})
+                stuck = sorted({w for w, _, _ in pending.values()})
                 raise ClusterError(f"rollout worker(s) {stuck} did not finish {what} within {timeout:g}s")
             ref = done[0]
-            w, j = pending.pop(ref)
-            results[j] = get(ref, timeout, f"rollout worker {w} ({what})")
+            w, j, incarnation = pending.pop(ref)
+            try:
+                results[j] = get(ref, timeout, f"rollout worker {w} ({what})", [f"rollout worker {w}"])
+            except WorkerDied as e:
+                todo.insert(0, j)  # its seed is fixed by the driver: the same result wherever it runs next
+                # A recovery in between (a sync finds dead workers itself) may have replaced this one already.
+                if incarnation == self._incarnation[w]:
+                    self._recover({w: e.reason}, what)
             idle.append(w)
         return results
 
@@ -283,39 +502,152 @@ class System:
         return torch.cat(self._spread("encode_items", chunks, "item encoding"))
 
     # ------------------------------------------------------------------------------------------ learner side
+    def _learner_get(self, refs: list, what: str) -> list:
+        """``get`` over one call per learner rank (in rank order), fail-fast; a dead rank ends the run with a
+        ClusterError that names it: the ranks are one DeepSpeed group, there is no replacing one mid-run."""
+        try:
+            return get(refs, self.cfg.learner.timeout_s, what, [f"learner rank {r}" for r in range(len(refs))])
+        except WorkerDied as e:
+            raise _learner_died(e.index, what, e.reason) from e
+        except ClusterError:
+            raise
+        except Exception as e:
+            # A rank's collective can fail ("connection closed by peer") before Ray reports the peer's death: name
+            # the dead rank, the cause, rather than the rank that noticed.
+            died = _first_death(refs, _DEATH_REPORT_S)
+            if died is not None:
+                raise _learner_died(died[0], what, died[1]) from e
+            raise
+
     def set_items(self, item_prompt_ids: list[list[int]], table: torch.Tensor) -> None:
         import ray
 
         ref = ray.put(table)
-        get([a.set_items.remote(item_prompt_ids, ref) for a in self.learners], self.cfg.learner.timeout_s,
-            "sending the item table to the learner ranks")
+        self._learner_get([a.set_items.remote(item_prompt_ids, ref) for a in self.learners],
+                          "sending the item table to the learner ranks")
 
     def train_step(self, shards: list[TrainShard]) -> list[StepResult]:
-        return get([a.train_step.remote(s) for a, s in zip(self.learners, shards, strict=True)],
-                   self.cfg.learner.timeout_s, "learner train_step")
+        return self._learner_get([a.train_step.remote(s) for a, s in zip(self.learners, shards, strict=True)],
+                                 "learner train_step")
+
+    def save_checkpoint(self, learner_dir: str) -> None:
+        """Every learner rank writes its DeepSpeed shards and RNG states under ``learner_dir`` (collective)."""
+        self._learner_get([a.save_checkpoint.remote(learner_dir) for a in self.learners], "learner save_checkpoint")
+
+    def load_checkpoint(self, learner_dir: str, universal_dir: str | None) -> list[dict]:
+        """Every learner rank loads ``learner_dir`` (or its universal conversion) (collective)."""
+        return self._learner_get([a.load_checkpoint.remote(learner_dir, universal_dir) for a in self.learners],
+                                 "learner load_checkpoint")
 
     def sync_weights(self, version: int) -> int:
-        """Broadcast learner rank 0's full weights to every rollout engine; verify the checksums agree."""
+        """Broadcast learner rank 0's full weights to every rollout engine; verify the checksums agree.
+
+        A rollout worker that dies during the sync is replaced and the sync redone for every worker on a new
+        group (bounded by ``cluster.rollout.max_restarts``); a learner rank that dies fails the run at once."""
+        return self._sync_weights(version)
+
+    def _sync_weights(self, version: int) -> int:
+        while True:
+            try:
+                sent = self._sync_once(version)
+            except _RolloutsLost as lost:
+                self._replace_rollouts(lost.dead, "weight sync", lost.stuck)
+                continue
+            self._weight_version = version
+            return sent
+
+    def _sync_once(self, version: int) -> int:
         timeout = self.cfg.learner.timeout_s
         bucket = self.cfg.learner.sync_bucket_mb * 2**20
+        # A rollout worker that died since its last call is found here, before learner rank 0 enters a rendezvous
+        # or a broadcast that would wait for it until the group's timeout. It also waits for calls still running
+        # on the workers (a recovery in the middle of a generate), so the sync starts on idle workers.
+        self._rollout_get([a.ready.remote() for a in self.rollouts], self.cfg.rollout.timeout_s,
+                          "weight sync: checking the rollout workers")
         if self._sync is None:
-            ranks = get([a.sync_ranks.remote() for a in self.rollouts], timeout, "asking rollout workers for ranks")
+            ranks = self._rollout_get([a.sync_ranks.remote() for a in self.rollouts], timeout,
+                                      "asking rollout workers for ranks")
+            if self._sync_port_used:
+                # A rebuilt group gets a port of its own: nothing of the old group's store can answer on it.
+                addr, port = self._learner_get([self.learners[0].sync_address.remote()],
+                                               "learner rank 0 sync_address")[0]
+            else:
+                addr, port = self._sync_addr
+                self._sync_port_used = True
             backend = "nccl" if self.device == "cuda" else "gloo"
-            info = SyncGroup(self._sync_addr[0], self._sync_addr[1], 1 + sum(ranks), backend, timeout)
-            metas = get(self.learners[0].weight_metas.remote(), timeout, "learner rank 0 weight_metas")
+            info = SyncGroup(addr, port, 1 + sum(ranks), backend, timeout)
+            if self._weight_metas is None:
+                self._weight_metas = self._learner_get([self.learners[0].weight_metas.remote()],
+                                                       "learner rank 0 weight_metas")[0]
             firsts = [1 + sum(ranks[:i]) for i in range(len(ranks))]
-            # Each join completes once learner rank 0 joins too, inside its first broadcast_weights call.
-            self._sync = _Sync(info, metas, [a.join_sync_group.remote(info, f)
-                                             for a, f in zip(self.rollouts, firsts, strict=True)])
+            # Each join completes once learner rank 0 joins too, inside its broadcast_weights call (given a new
+            # SyncGroup, rank 0 drops the old group and hosts this one).
+            self._sync = _Sync(info, self._weight_metas, [a.join_sync_group.remote(info, f)
+                                                          for a, f in zip(self.rollouts, firsts, strict=True)])
         s = self._sync
+        joins, s.joins = s.joins, []
         send = [a.broadcast_weights.remote(s.info if rank == 0 else None, bucket)
                 for rank, a in enumerate(self.learners)]
         recv = [a.receive_weights.remote(s.metas, bucket, version) for a in self.rollouts]
-        sent = get(send, timeout, "learner weight broadcast")[0]
-        got = get(recv, timeout, "rollout weight receive")
+        results = self._await_sync(send, joins, recv, timeout)
+        sent, got = results[send[0]], [results[r] for r in recv]
         if any(g != sent for g in got):
             raise ClusterError(f"weight sync checksum mismatch: learner sent {sent!r}, rollout workers got {got}")
-        if s.joins:
-            get(s.joins, timeout, "rollout workers joining the weight-sync group")
-            s.joins = []
         return sent
+
+    def _await_sync(self, send: list, joins: list, recv: list, timeout: float) -> dict:
+        """Wait for every call of one sync; results by ref. Fail-fast on a dead learner rank. A dead rollout worker
+        raises ``_RolloutsLost``, once the learner ranks are done with the broadcast and the survivors had a grace
+        period to finish: any still waiting then sits in a group that will not complete (gloo's broadcast leaves
+        the others waiting when one member is gone) and is replaced too, rather than left hanging."""
+        import ray
+
+        labels = {**{r: ("learner", i) for i, r in enumerate(send)}, **{r: ("join", i) for i, r in enumerate(joins)},
+                  **{r: ("receive", i) for i, r in enumerate(recv)}}
+        results: dict = {}
+        dead: dict[int, str] = {}
+        errors: list[BaseException] = []
+        finished_send = set()
+        send_done_at: float | None = None
+        # The group's own timeout bounds every collective inside; the slack lets a timed-out member report back.
+        deadline = time.monotonic() + timeout + _SYNC_GRACE_S
+        pending = list(labels)
+        while pending:
+            now = time.monotonic()
+            if (dead or errors) and send_done_at is not None and now >= send_done_at + _SYNC_GRACE_S:
+                break
+            wait = deadline - now
+            if (dead or errors) and send_done_at is not None:
+                wait = min(wait, send_done_at + _SYNC_GRACE_S - now)
+            done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, wait))
+            if not done:
+                if time.monotonic() >= deadline:
+                    waiting = sorted({f"{'learner rank' if k == 'learner' else 'rollout worker'} {i}"
+                                      for k, i in (labels[r] for r in pending)})
+                    raise ClusterError(f"weight sync did not finish within {timeout:g}s (still waiting for "
+                                       f"{', '.join(waiting)})")
+                continue
+            ref = done[0]
+            kind, i = labels[ref]
+            try:
+                results[ref] = ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))  # ready: at once
+            except Exception as e:  # noqa: BLE001 - sorted below: a death here is expected, the rest re-raised
+                if kind == "learner" and is_death(e):
+                    raise _learner_died(i, "the weight broadcast", _reason(e)) from e
+                if kind != "learner" and is_death(e):
+                    call = "join_sync_group" if kind == "join" else "receive_weights"
+                    dead.setdefault(i, f"{_reason(e)} (in {call})")
+                else:
+                    # Maybe a consequence (a broadcast to a member that just died fails): decided below.
+                    errors.append(e)
+            if kind == "learner":
+                finished_send.add(ref)
+                if len(finished_send) == len(send):
+                    send_done_at = time.monotonic()
+        if dead:
+            stuck = {i: f"left waiting in the weight-sync group after rollout worker(s) {sorted(dead)} died"
+                     for k, i in (labels[r] for r in pending) if k != "learner" and i not in dead}
+            raise _RolloutsLost(dead, stuck)
+        if errors:
+            raise errors[0]
+        return results

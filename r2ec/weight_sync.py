@@ -12,6 +12,10 @@ Integer addition is exact and order-free, so the value does not depend on thread
 does), and any changed bit changes it. The driver compares the checksums after a sync, so a torn or stale update is
 caught rather than trained on.
 
+A group is never repaired: when a rollout worker is replaced, the driver hands every member a new ``SyncGroup`` (a
+fresh port, so no old store or connection can be reached by mistake) and each member drops its old group with
+:func:`close_group` before joining the new one.
+
 Imports torch only.
 """
 
@@ -98,6 +102,20 @@ def open_group(info: SyncGroup, rank: int) -> dist.ProcessGroup:
         opts._timeout = timeout
         return dist.ProcessGroupNCCL(store, rank, info.world_size, opts)
     raise ValueError(f"weight-sync backend must be 'gloo' or 'nccl', got {info.backend!r}")
+
+
+def close_group(group: dist.ProcessGroup | None) -> None:
+    """Drop a broadcast group whose members may be gone (a rollout worker died and the group is being rebuilt).
+
+    ``abort`` tears the communicator down without waiting on any peer (NCCL's ``ncclCommAbort``; gloo closes its
+    connections); a plain destructor or ``shutdown`` may wait for members that will never answer. Best effort: a
+    group that is already broken may raise here, and it is being thrown away either way."""
+    if group is None:
+        return
+    try:
+        group.abort()
+    except Exception:  # noqa: BLE001 - the group is discarded whatever abort says
+        pass
 
 
 def plan_buckets(metas: Sequence[TensorMeta], bucket_bytes: int) -> list[list[int]]:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from r2ec.model import DualHeadModel
-from r2ec.weight_sync import SyncGroup, TensorMeta, open_group, receive
+from r2ec.weight_sync import SyncGroup, TensorMeta, close_group, open_group, receive
 from rollout.engine import Completion, Sampling
 
 
@@ -61,6 +61,10 @@ class HFEngine:
         return torch.cat(h_T), logps
 
     def join_sync_group(self, info: SyncGroup, first_rank: int) -> None:
+        # A second join means the driver rebuilt the group (a rollout worker was replaced): let go of the old one
+        # first, so its connections to a dead member are closed rather than left to time out.
+        close_group(self._group)
+        self._group = None
         self._group = open_group(info, first_rank)
 
     @torch.no_grad()

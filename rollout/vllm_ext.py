@@ -137,9 +137,12 @@ class R2ecWorkerExtension:
         """Join the learner's broadcast group as rank first_rank + tp_rank (blocks until every member joins)."""
         from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
-        from r2ec.weight_sync import SyncGroup, open_group
+        from r2ec.weight_sync import SyncGroup, close_group, open_group
 
         rank = first_rank + get_tensor_model_parallel_rank()
+        # A second join means the driver rebuilt the group (a rollout worker was replaced): drop the old one first.
+        close_group(getattr(self, "_r2ec_group", None))
+        self._r2ec_group = None
         self._r2ec_group = open_group(SyncGroup(**info), rank)
         return rank
 
