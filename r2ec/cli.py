@@ -1,4 +1,4 @@
-"""The ``r2ec`` command line: ``assets``, ``prepare``, ``eval``, ``train``.
+"""The ``r2ec`` command line: ``assets``, ``prepare``, ``eval``, ``train``, ``export``, ``recommend``.
 
 Every command that takes ``--config`` also takes any number of ``--set key.path=value`` overrides. Errors in the
 user's input (config, data files, missing assets) are printed as one line, ``r2ec: error: ...``, with exit code 2.
@@ -11,8 +11,8 @@ import json
 import sys
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="YAML config file (see configs/)")
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", required=required, help="YAML config file (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, e.g. --set recpo.group_size=8 (repeatable)")
 
@@ -28,14 +28,38 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--force", action="store_true", help="rebuild even if a cached copy exists")
 
-    p = sub.add_parser("eval", help="full-ranking evaluation of the zero-shot model or a baseline")
-    _add_config_args(p)
+    p = sub.add_parser("eval", help="full-ranking evaluation of the zero-shot model, a baseline, or an exported "
+                       "model (--checkpoint)")
+    _add_config_args(p, required=False)
     p.add_argument("--split", choices=["valid", "test"], default=None, help="default: eval.split")
     p.add_argument("--baseline", choices=["popularity"], default=None, help="evaluate a baseline, not the model")
+    p.add_argument("--checkpoint", default=None, metavar="DIR",
+                   help="evaluate the model exported to DIR by `r2ec export`, with its item table; without --config "
+                        "the run's config stored in DIR is used and results go to DIR/eval")
 
     p = sub.add_parser("train", help="distributed RecPO training on Ray (rollout workers + DeepSpeed learner)")
     _add_config_args(p)
     add_resume_arg(p)
+
+    p = sub.add_parser("export", help="export a training checkpoint as a Hugging Face model folder with its item "
+                       "table (loads with transformers and vLLM)")
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="a checkpoint folder (checkpoints/step-XXXXXXXX), or a run's output_dir or checkpoints/ "
+                        "folder (its newest complete checkpoint)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the folder to create")
+    p.add_argument("--keep-table", action="store_true",
+                   help="copy the checkpoint's item table instead of re-encoding it with the exported weights")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="for re-encoding the items")
+    p.add_argument("--force", action="store_true", help="replace DIR if it exists")
+
+    p = sub.add_parser("recommend", help="recommend items for one user history with an exported model (JSON)")
+    p.add_argument("--model", required=True, metavar="DIR", help="a folder written by `r2ec export`")
+    p.add_argument("--history", required=True, nargs="+", type=_history_item, metavar="ITEM[:RATING[:UNIX_TS]]",
+                   help="the user's items, oldest first; a missing timestamp means now")
+    p.add_argument("-k", type=_positive_int, default=10, help="how many items to recommend (default 10)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                   help="reasoning length limit (default: the run's eval.max_new_tokens)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     return parser
 
 
@@ -43,6 +67,27 @@ def add_resume_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", default="auto", metavar="auto|none|PATH",
                    help="auto (default): continue from the newest complete checkpoint of run.output_dir if there is "
                         "one; none: start fresh (refused if the folder holds checkpoints); PATH: that checkpoint")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _history_item(text: str):
+    import time
+
+    from r2ec.recommend import parse_history_item
+
+    try:
+        return parse_history_item(text, time.time())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _quiet_libraries() -> None:
@@ -80,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from r2ec.config import load_config
+    from r2ec.config import ConfigError, load_config
 
     if args.command == "assets":
         from r2ec.assets import prepare_all
@@ -92,6 +137,10 @@ def _run(args) -> int:
         from r2ec.train import _train_command
 
         return _train_command(args.config, args.overrides, args.resume)
+    if args.command in ("export", "recommend") or getattr(args, "checkpoint", None):
+        return _model_command(args)
+    if args.command == "eval" and args.config is None:
+        raise ConfigError("eval needs --config (or --checkpoint DIR to evaluate an exported model)")
     cfg = load_config(args.config, args.overrides)
     if args.command == "prepare":
         from r2ec.data.prepare import format_summary, prepare_from_config
@@ -107,6 +156,53 @@ def _run(args) -> int:
         print(f"wrote {cfg.run.output_dir}/eval_{result['split']}.json")
         return 0
     return 1
+
+
+def _model_command(args) -> int:
+    """``export``, ``recommend`` and ``eval --checkpoint``: unusable checkpoints or exported folders and unknown
+    history items are reported as one line too."""
+    from r2ec.checkpoint import CheckpointError
+    from r2ec.export import ExportError
+    from r2ec.recommend import UnknownItemsError
+
+    try:
+        if args.command == "export":
+            from r2ec.export import export_checkpoint
+
+            out = export_checkpoint(args.checkpoint, args.out, reencode_items=not args.keep_table,
+                                    device=args.device, overwrite=args.force)
+            print(f"wrote {out}")
+            return 0
+        if args.command == "recommend":
+            from r2ec.recommend import recommend_command
+
+            return recommend_command(args.model, args.history, args.k, args.max_new_tokens, args.device)
+        return _eval_export(args)
+    except (CheckpointError, ExportError, UnknownItemsError) as e:
+        print(f"r2ec: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _eval_export(args) -> int:
+    from pathlib import Path
+
+    from r2ec.config import ConfigError, load_config
+    from r2ec.evaluate import evaluate_export
+    from r2ec.export import EXPORT_CONFIG, export_run_config, read_export_meta
+
+    if args.baseline:
+        raise ConfigError("eval: --baseline and --checkpoint exclude each other")
+    read_export_meta(args.checkpoint)  # a clear error before anything else when DIR is not an export
+    if args.config is not None:
+        cfg = load_config(args.config, args.overrides)
+    else:
+        stored = export_run_config(args.checkpoint)
+        stored.setdefault("run", {})["output_dir"] = str(Path(args.checkpoint) / "eval")
+        cfg = load_config(Path(args.checkpoint) / EXPORT_CONFIG, args.overrides, data=stored)
+    result = evaluate_export(cfg, args.checkpoint, split=args.split)
+    print(json.dumps(result, indent=2))
+    print(f"wrote {cfg.run.output_dir}/eval_{result['split']}.json")
+    return 0
 
 
 if __name__ == "__main__":

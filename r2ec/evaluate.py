@@ -2,7 +2,9 @@
 
 Two scorers share one loop:
 - ``popularity``: items ranked by how often they are the target of a train sample.
-- the dual-head model: greedy reasoning with the HF engine, h_T at the answer marker, cos/tau against the item table.
+- the dual-head model: greedy reasoning with the HF engine, h_T at the answer marker, cos/tau against the item table:
+  the zero-shot model of ``cfg.model`` (its table encoded here), or an exported trained model (``evaluate_export``,
+  ``r2ec eval --checkpoint DIR``) with the item table exported with it.
 
 Ties are broken deterministically (``r2ec.algo.metrics.target_rank``): among equal scores the item with the smaller
 catalogue index (catalogue sorted by item_id) ranks first.
@@ -144,13 +146,53 @@ def evaluate(cfg, split: Literal["valid", "test"] | None = None, baseline: Liter
         def score_batch(rows, earlier, target):
             return mask_history(pop.expand(len(rows), -1), earlier, target), [None] * len(rows)
     else:
-        def score_batch(rows, earlier, target):
-            prompts = [user_prompt_ids(builder, model.tokenizer, r, titles) for r in rows]
-            chains, scores, _ = model.recommend(prompts, h_items, 1, earlier.to(h_items.device),
-                                                cfg.eval.max_new_tokens, target.to(h_items.device))
-            return scores.cpu(), [{"text": c.text, "appended_marker": c.appended_marker} for c in chains]
+        score_batch = _model_scorer(model, builder, h_items, titles, cfg.eval.max_new_tokens)
 
     return rank_split(prepared, split, n, batch_size, cfg.eval.ks, out_dir, method, score_batch)
+
+
+def _model_scorer(model, builder: PromptBuilder, h_items: torch.Tensor, titles: list[str], max_new_tokens: int):
+    """``score_batch`` of the dual-head model: greedy reasoning, then the rec_head over the full catalogue."""
+    def score_batch(rows, earlier, target):
+        prompts = [user_prompt_ids(builder, model.tokenizer, r, titles) for r in rows]
+        chains, scores, _ = model.recommend(prompts, h_items, 1, earlier.to(h_items.device), max_new_tokens,
+                                            target.to(h_items.device))
+        return scores.cpu(), [{"text": c.text, "appended_marker": c.appended_marker} for c in chains]
+
+    return score_batch
+
+
+def evaluate_export(cfg, model_dir: str | Path, split: Literal["valid", "test"] | None = None, log=print) -> dict:
+    """Evaluate an exported model (``r2ec export``) on a split of ``cfg.data``, ranking with the exported item
+    table. The data's catalogue must be the exported one (same item ids in the same order); the user prompts use
+    the export's prompt settings, the ones its item table was encoded with. ``cfg.model`` is not used."""
+    from r2ec.data.prepare import prepare_from_config
+    from r2ec.export import EXPORT_TABLE, ExportError, catalogue_differences, load_export
+
+    split = split or cfg.eval.split
+    torch.manual_seed(cfg.run.seed)
+    exported = load_export(model_dir, cfg.run.device)
+    prepared = prepare_from_config(cfg.data, log=log)
+    if prepared.item_ids() != exported.item_ids:
+        raise ExportError(f"the catalogue of the data ({cfg.data.source}) is not the one exported in "
+                          f"{Path(model_dir) / EXPORT_TABLE}: "
+                          f"{catalogue_differences(exported.item_ids, prepared.item_ids())}")
+    titles = list(prepared.items["title"])
+    changed = sum(a != b for a, b in zip(titles, exported.titles, strict=True))
+    if changed:
+        log(f"eval: warning: {changed} item titles differ from the exported catalogue (the item table was encoded "
+            "with the exported titles; user prompts use the data's)")
+    if cfg.data.prompt.model_dump(mode="json") != exported.meta["prompt"]:
+        log("eval: note: the config's data.prompt differs from the export's; using the export's prompt settings")
+    ds = prepared.splits[split]
+    n = len(ds) if cfg.eval.max_samples is None else min(cfg.eval.max_samples, len(ds))
+    if n == 0:
+        raise ValueError(f"the {split} split is empty; nothing to evaluate")
+    score_batch = _model_scorer(exported.model, exported.builder, exported.h_items, titles, cfg.eval.max_new_tokens)
+    source = exported.meta.get("source", {})
+    return rank_split(prepared, split, n, cfg.eval.batch_size, cfg.eval.ks, Path(cfg.run.output_dir), "r2ec-export",
+                      score_batch, {"model": str(model_dir), "step": source.get("step"),
+                                    "config_hash": source.get("config_hash")})
 
 
 ScoreBatch = Callable[[list[dict], torch.Tensor, torch.Tensor], tuple[torch.Tensor, list[dict | None]]]
