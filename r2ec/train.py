@@ -121,7 +121,11 @@ def train(cfg: Config, log=print, resume: str = "auto") -> dict:
         return rank_split(prepared, split, n, batch, cfg.eval.ks, out_dir, "r2ec", score_batch, {"step": step})
 
     log(f"train: {len(train_ds)} samples, {steps} steps of {cfg.learner.prompts_per_step} users x G={G}")
-    universal = resumed is not None and resumed.state["learner_world_size"] != cfg.cluster.learner.num_workers
+    universal = False
+    if resumed is not None:  # a ZeRO-1/2/3 checkpoint of another learner world size is re-sharded first
+        from learner.universal import needs_universal
+
+        universal = needs_universal(resumed.folder / "learner", cfg.cluster.learner.num_workers)
     with System(cfg, device, log, load_universal=universal) as system, \
             MetricsWriter(out_dir, resume_step=resumed.step if resumed else None) as metrics:
         if resumed is None:
@@ -163,7 +167,11 @@ def train(cfg: Config, log=print, resume: str = "auto") -> dict:
                 "tokens_per_s_rollout": gen_tokens / max(timings["time_rollout_s"], 1e-9),
                 "epoch": sampler.epoch,
             }
+            events = system.drain_events()  # rollout workers restarted during this step (already logged)
+            record["rollout_restarts"] = len(events)
             metrics.log(step, record)
+            for e in events:
+                metrics.log(step, {f"fault/{k}": v for k, v in e.items()})
             bar.set_postfix(reward=f"{record['reward_mean']:.4f}", loss=f"{record['loss_token']:+.4f}")
             new_best = False
             if (cfg.eval.valid_every and step % cfg.eval.valid_every == 0) or step == steps:
