@@ -3,7 +3,8 @@ driver, embedded Ray, rollout and learner workers) right after a checkpoint, the
 
 For each rollout engine (hf, vllm) and learner world size (1, 2), the resumed run must log the same per-step
 rewards and losses as an uninterrupted run to 1e-6, and every step exactly once. A checkpoint written by 2 learner
-ranks continues on 1 rank (DeepSpeed universal checkpoint) with the next step's loss within 1e-5. Resuming with
+ranks continues on 1 rank (DeepSpeed universal checkpoint) with the next step's rewards and token loss within 1e-5
+(the item loss's in-batch negatives are per rank, so it changes with the world size by construction). Resuming with
 another base model, catalogue or LoRA shape is refused with the difference named.
 """
 
@@ -102,9 +103,10 @@ def _wait_session_gone(sid: int, timeout_s: float = 60) -> None:
     raise AssertionError(f"processes of the killed run still alive after {timeout_s}s")
 
 
-def _assert_same_steps(got: dict[int, dict], ref: dict[int, dict], steps: range, tol: float) -> None:
+def _assert_same_steps(got: dict[int, dict], ref: dict[int, dict], steps: range, tol: float,
+                       keys: tuple[str, ...] = COMPARED) -> None:
     for step in steps:
-        for key in COMPARED:
+        for key in keys:
             a, b = got[step][key], ref[step][key]
             assert abs(a - b) <= tol, f"step {step} {key}: resumed {a!r}, uninterrupted {b!r}"
 
@@ -172,7 +174,11 @@ def test_two_ranks_checkpoint_continues_on_one_rank(tiny_model_dir, tmp_path, tm
     assert "universal" in (tmp_path / "resumed.log").read_text()
     got = _steps(out)
     assert sorted(got) == list(range(1, STEPS + 1))
-    _assert_same_steps(got, ref, range(2, 3), tol=1e-5)
+    # The rewards and the token loss of the next step agree. The item loss does not, by construction: its
+    # in-batch softmax runs over each rank's own targets (a documented deviation, learner/worker.py), so 1 rank
+    # with 4 users has other negatives than 2 ranks with 2 users each.
+    _assert_same_steps(got, ref, range(2, 3), tol=1e-5, keys=tuple(k for k in COMPARED if k != "loss_item"))
+    assert got[2]["loss_item"] != ref[2]["loss_item"]
 
 
 @pytest.mark.ray
