@@ -176,8 +176,10 @@ def test_two_ranks_checkpoint_continues_on_one_rank(tiny_model_dir, tmp_path, tm
     assert sorted(got) == list(range(1, STEPS + 1))
     # The rewards and the token loss of the next step agree. The item loss does not, by construction: its
     # in-batch softmax runs over each rank's own targets (a documented deviation, learner/worker.py), so 1 rank
-    # with 4 users has other negatives than 2 ranks with 2 users each.
-    _assert_same_steps(got, ref, range(2, 3), tol=1e-5, keys=tuple(k for k in COMPARED if k != "loss_item"))
+    # with 4 users has other negatives than 2 ranks with 2 users each. reward_std is a per-rank std averaged over
+    # ranks (tracking.reduce_rank_metrics), so it is a different statistic at another world size.
+    _assert_same_steps(got, ref, range(2, 3), tol=1e-5,
+                       keys=tuple(k for k in COMPARED if k not in ("loss_item", "reward_std")))
     assert got[2]["loss_item"] != ref[2]["loss_item"]
 
 
