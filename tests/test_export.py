@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 import torch
 import torch.multiprocessing as mp
+from test_learner import gather_ranks
 
 from r2ec.checkpoint import CheckpointError
 
@@ -133,19 +134,7 @@ def _run_ranks(world_size: int, cfg_dict: dict, payload: dict) -> dict:
              for r in range(world_size)]
     for p in procs:
         p.start()
-    try:
-        results = {}
-        for _ in procs:
-            rank, blob = queue.get(timeout=TIMEOUT_S)
-            if isinstance(blob, str):
-                pytest.fail(f"learner rank {rank} failed:\n{blob}")
-            results[rank] = pickle.loads(blob)
-        for p in procs:
-            p.join(timeout=60)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
+    results = gather_ranks(procs, queue, TIMEOUT_S)
     return results[0]
 
 

@@ -173,6 +173,25 @@ def _rank_main(scenario: str, rank: int, world_size: int, port: int, cfgs: tuple
         queue.put((rank, traceback.format_exc()))
 
 
+def gather_ranks(procs: list, queue, timeout_s: float) -> dict[int, Any]:
+    """Each spawned rank's pickled result by rank (started processes); a rank's traceback fails the test and
+    every process still alive is killed."""
+    try:
+        results: dict[int, Any] = {}
+        for _ in procs:
+            rank, blob = queue.get(timeout=timeout_s)
+            if isinstance(blob, str):
+                pytest.fail(f"learner rank {rank} failed:\n{blob}")
+            results[rank] = pickle.loads(blob)
+        for p in procs:
+            p.join(timeout=60)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    return results
+
+
 def _run_ranks(scenario: str, world_size: int, cfgs: tuple, payload: dict, receiver=None) -> list[dict]:
     """Run ``scenario`` on ``world_size`` spawned ranks; ``receiver()`` (the weight sync's other end) runs in a
     thread here meanwhile, so a failing rank is reported at once instead of after the sync's timeout. Returns each
@@ -189,19 +208,7 @@ def _run_ranks(scenario: str, world_size: int, cfgs: tuple, payload: dict, recei
         thread.start()
     for p in procs:
         p.start()
-    try:
-        results: dict[int, Any] = {}
-        for _ in procs:
-            rank, blob = queue.get(timeout=TIMEOUT_S)
-            if isinstance(blob, str):
-                pytest.fail(f"learner rank {rank} failed:\n{blob}")
-            results[rank] = pickle.loads(blob)
-        for p in procs:
-            p.join(timeout=60)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
+    results = gather_ranks(procs, queue, TIMEOUT_S)
     out = [results[r] for r in range(world_size)]
     if thread is not None:
         thread.join(timeout=60)

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_learner import TIMEOUT_S, USERS, _configs, _free_port, _make_step, _max_diff, _shard
+from test_learner import TIMEOUT_S, USERS, _configs, _free_port, _make_step, _max_diff, _shard, gather_ranks
 
 from r2ec.checkpoint import SAFE_GLOBALS, CheckpointError, check_pickles, pickle_files
 
@@ -102,19 +102,7 @@ def _run_ranks(scenario: str, world_size: int, cfgs: tuple, payload: dict) -> li
              for r in range(world_size)]
     for p in procs:
         p.start()
-    try:
-        results: dict[int, Any] = {}
-        for _ in procs:
-            rank, blob = queue.get(timeout=TIMEOUT_S)
-            if isinstance(blob, str):
-                pytest.fail(f"learner rank {rank} failed:\n{blob}")
-            results[rank] = pickle.loads(blob)
-        for p in procs:
-            p.join(timeout=60)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
+    results = gather_ranks(procs, queue, TIMEOUT_S)
     return [results[r] for r in range(world_size)]
 
 
