@@ -10,7 +10,7 @@ CONFIG ?= configs/quickstart.yaml
 export OMP_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv assets prepare train test lint rollout-cpu clean
+.PHONY: venv assets prepare train test bench study lint rollout-cpu clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,8 +44,35 @@ train: rollout-cpu prepare
 test: rollout-cpu assets
 	$(PY) -m pytest -q
 
+# Bench-only dependencies (TRL as the peer, matplotlib for the curves); nothing under r2ec/ imports them.
+$(VENV)/.bench: $(VENV)/.rollout-cpu
+	$(PIP) install -q "$(TORCH)" -e ".[bench]"
+	touch $@
+
+# The performance suite (docs/performance.md): each script prints a table and writes bench/results/<name>.json.
+# About 30 minutes on a 2-core CPU machine; run them one at a time, on an otherwise idle machine.
+bench: $(VENV)/.bench assets
+	$(PY) bench/rollout_throughput.py
+	$(PY) bench/rec_head_scoring.py
+	$(PY) bench/weight_sync.py
+	$(PY) bench/train_step.py
+	$(PY) bench/latency.py
+	$(PY) bench/trl_grpo.py
+
+# The quality study on MovieLens-100k (docs/results.md): every method, then the table and the curves.
+# About 2 hours on a 2-core CPU machine, most of it RecPO training and reasoning at test time.
+STUDY_CONFIG := configs/study-ml100k.yaml
+STUDY := outputs/study
+study: $(VENV)/.bench assets
+	$(VENV)/bin/r2ec eval --config $(STUDY_CONFIG) --baseline popularity --set run.output_dir=$(STUDY)/popularity
+	$(PY) -m study.sasrec --config $(STUDY_CONFIG) --out $(STUDY)/sasrec
+	$(VENV)/bin/r2ec eval --config $(STUDY_CONFIG) --set model.lora.enabled=false --set run.output_dir=$(STUDY)/zero-shot
+	$(PY) -m study.no_reasoning --config $(STUDY_CONFIG) --out $(STUDY)/no-reasoning
+	$(VENV)/bin/r2ec train --config $(STUDY_CONFIG)
+	$(PY) -m study.report
+
 lint: venv
-	$(VENV)/bin/ruff check r2ec rollout learner tests
+	$(VENV)/bin/ruff check r2ec rollout learner tests bench study
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -48,3 +48,9 @@ def test_worker_package_boundaries(modules, forbidden):
 
 def test_engines_load_their_libraries_lazily():
     assert not _top(_loaded_after_import(ROLLOUT + LEARNER)) & {"vllm", "deepspeed"}
+
+
+def test_bench_only_dependencies_stay_out_of_the_system():
+    # TRL (the peer in bench/trl_grpo.py) and matplotlib (study curves) are the `bench` extra: a user who installs
+    # the system without it must be able to import every module of it.
+    assert not _top(_loaded_after_import(CORE + ROLLOUT + LEARNER)) & {"trl", "matplotlib"}

@@ -1,0 +1,154 @@
+"""Where a RecPO step's time goes, and how it grows with group size, batch size and rollout workers.
+
+Runs the real system (local Ray on 127.0.0.1, vLLM CPU rollout workers, a DeepSpeed learner rank) on
+``configs/quickstart.yaml`` and times whole RecPO steps with the training loop's own ``rl_step``:
+
+- generate: the rollout workers' sampling (per worker, averaged over workers);
+- hidden: the 1-token prefill that captures h_T for every chain (per worker);
+- reward: the learner's rec_head scoring of the chains, fused rewards and group advantages;
+- train: the learner's token term + item term + optimiser step;
+- sync: broadcasting the updated weights to every rollout worker;
+- step: the whole step seen by the driver (includes Ray calls and the driver's own bookkeeping).
+
+Then the same for a few variants, each a fresh system: group size G, users per step B, rollout workers W.
+
+Caveats:
+- The item table is encoded once in this process with the HF model (cached on disk) and handed to the system,
+  instead of the 1,682-prompt vLLM encoding ``r2ec train`` does at start; that cost is start-up, not step time (see
+  README *Results*). The untrained LoRA adapter is zero, so the table equals the one training starts from.
+- Step 1 of a fresh system includes one-time costs (first DeepSpeed step, allocator warm-up); it is reported but
+  left out of the per-step medians when more than one step runs.
+- On a 2-core machine rollout workers and learner ranks share the same two cores, so two rollout workers do not
+  run in parallel with each other in any useful sense; the W=2 row measures the overhead, not a speed-up.
+
+    python bench/train_step.py            # ~10 min on 2 cores
+    python bench/train_step.py --quick    # smoke run: 1 variant, 1 step of 8-token chains
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import report  # noqa: E402
+
+PHASES = ("generate", "hidden", "reward", "train", "sync", "step")
+
+
+def run_variant(cfg, data, table: torch.Tensor, steps: int, log) -> list[dict]:
+    """``steps`` RecPO steps on a fresh system built from ``cfg``; one dict of phase seconds per step."""
+    from r2ec.data.sampler import EpochSampler
+    from r2ec.driver import System
+    from r2ec.train import batch_inputs, rl_step
+
+    prepared, builder, tokenizer, titles, item_prompts = data
+    train_ds = prepared.splits["train"]
+    sampler = EpochSampler(len(train_ds), cfg.run.seed)
+    updates = (torch.zeros(0, dtype=torch.long), torch.zeros(0, table.shape[1]))
+    W = cfg.cluster.rollout.num_workers
+    out = []
+    with System(cfg, "cpu", log) as system:
+        system.set_items(item_prompts, table)
+        for step in range(1, steps + 1):
+            rows = [train_ds[i] for i in sampler.next(cfg.learner.prompts_per_step)]
+            prompts, earlier, target = batch_inputs(rows, prepared, builder, tokenizer, titles)
+            t = time.perf_counter()
+            rollout, results, timings = rl_step(system, cfg, prompts, earlier, target, updates, version=step)
+            step_s = time.perf_counter() - t
+            updates = (torch.cat([r.table_updates_idx for r in results]), torch.cat([r.table_updates for r in results]))
+            out.append({
+                "generate": rollout.timings.get("generate", 0.0) / W,
+                "hidden": rollout.timings.get("hidden", 0.0) / W,
+                "reward": max(r.metrics["time_reward_s"] for r in results),
+                "train": max(r.metrics["time_train_s"] for r in results),
+                "sync": timings["time_sync_s"],
+                "step": step_s,
+                "tokens": rollout.timings.get("generated_tokens", 0.0),
+            })
+            log(f"  step {step}: " + " ".join(f"{k}={v:.2f}" for k, v in out[-1].items()))
+    return out
+
+
+def summarise(name: str, cfg, steps: list[dict]) -> dict:
+    """Medians over steps 2.. (step 1 alone when only one ran), plus step 1's total for the one-time costs."""
+    measured = steps[1:] or steps
+    row = {"variant": name, "G": cfg.recpo.group_size, "B": cfg.learner.prompts_per_step,
+           "W": cfg.cluster.rollout.num_workers, "chains": cfg.recpo.group_size * cfg.learner.prompts_per_step,
+           "steps": len(measured)}
+    for k in PHASES:
+        row[f"{k}_s"] = statistics.median(s[k] for s in measured)
+    row["first_step_s"] = steps[0]["step"]
+    row["chains_per_s"] = row["chains"] / row["step_s"]
+    row["tokens_per_s"] = statistics.median(s["tokens"] for s in measured) / row["step_s"]
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="configs/quickstart.yaml")
+    p.add_argument("--steps", type=int, default=3, help="steps per variant (the first is reported separately)")
+    p.add_argument("--variants", default="base,G8,B8,W2",
+                   help="comma list from base, G2, G8, B2, B8, W2 (each a fresh system)")
+    p.add_argument("--quick", action="store_true", help="smoke run: base only, 1 step, 8-token chains")
+    args = p.parse_args()
+
+    from transformers import AutoTokenizer
+
+    from r2ec.assets import cache_root, resolve
+    from r2ec.config import load_config
+    from r2ec.data.prepare import prepare_from_config
+    from r2ec.evaluate import item_prompt_ids, zero_shot_item_table
+    from r2ec.model import DualHeadModel
+    from r2ec.prompts import PromptBuilder
+
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    base = ["run.checkpoint_every=null", "run.output_dir=outputs/bench/train_step"]
+    if args.quick:
+        base += ["rollout.sampling.max_new_tokens=8"]
+        args.steps, args.variants = 1, "base"
+    variants = {"base": [], "G2": ["recpo.group_size=2"], "G8": ["recpo.group_size=8"],
+                "B2": ["learner.prompts_per_step=2"], "B8": ["learner.prompts_per_step=8"],
+                "W2": ["cluster.rollout.num_workers=2"]}
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in names if v not in variants]
+    if unknown:
+        p.error(f"unknown variants {unknown}; expected some of {sorted(variants)}")
+
+    cfg0 = load_config(args.config, base)
+    prepared = prepare_from_config(cfg0.data, log=print)
+    tokenizer = AutoTokenizer.from_pretrained(resolve(cfg0.model.name_or_path))
+    builder = PromptBuilder.from_config(cfg0.data.prompt, cfg0.model.answer_marker)
+    item_prompts = item_prompt_ids(builder, tokenizer, prepared.items)
+    plain = cfg0.model.model_copy(update={"lora": cfg0.model.lora.model_copy(update={"enabled": False})})
+    model = DualHeadModel.from_config(plain, "cpu")
+    table = zero_shot_item_table(model, plain, item_prompts, cfg0.eval.item_batch_size,
+                                 cache_root() / "item_tables").cpu()
+    del model
+    data = (prepared, builder, tokenizer, list(prepared.items["title"]), item_prompts)
+
+    rows, raw = [], {}
+    for name in names:
+        cfg = load_config(args.config, base + variants[name])
+        print(f"\n{name}: G={cfg.recpo.group_size} B={cfg.learner.prompts_per_step} "
+              f"W={cfg.cluster.rollout.num_workers}, {args.steps} step(s)")
+        raw[name] = run_variant(cfg, data, table, args.steps, print)
+        rows.append(summarise(name, cfg, raw[name]))
+    ref = rows[0]["step_s"]
+    for r in rows:
+        r["step_vs_first_variant"] = r["step_s"] / ref
+    report("train_step", rows,
+           ["variant", "G", "B", "W", "chains", "steps", *[f"{k}_s" for k in PHASES], "first_step_s",
+            "chains_per_s", "tokens_per_s", "step_vs_first_variant"],
+           settings={"config": args.config, "overrides": base, "steps": args.steps}, per_step=raw)
+
+
+if __name__ == "__main__":
+    main()
