@@ -31,7 +31,7 @@ Caveats: every process runs with ``--threads`` torch threads (default 1) and all
 Loopback gloo measures memory copies and the TCP stack, not a network. GB = 1e9 bytes; ``gb_s`` is the bytes one
 receiver gets per second (the sender pushes receivers x that). The load average before and after is recorded.
 
-``--quick`` is a smoke run of the same code (a tiny random model built on the fly, 1 receiver, one sync per case, no
+``--quick`` is a smoke run of the same code (a tiny random model built on the fly, one sync per case, no
 vLLM); its numbers mean nothing (``settings.quick`` is true in the JSON; pass ``--out-dir`` to keep it away from the
 real results).
 """
@@ -78,7 +78,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out-dir", default=None, help="where the JSON goes (default bench/results)")
     args = p.parse_args(argv)
     if args.quick:
-        args.receivers, args.repeat, args.vllm = [1], 1, False
+        args.repeat, args.vllm = 1, False
     return args
 
 

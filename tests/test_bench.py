@@ -1,0 +1,40 @@
+"""The benchmark scripts run end to end (their ``--quick`` smoke sizes) and write the JSON record they promise.
+
+Only the scripts that need no bench-only dependency and finish in well under a minute run here; every script's
+default run is ``make bench`` (docs/performance.md). Their numbers are never asserted on: timings belong in the
+benchmark output, not in tests.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, tmp_path: Path, *args: str) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--quick", "--out-dir", str(tmp_path), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    name = script.removesuffix(".py")
+    record = json.loads((tmp_path / f"{name}.json").read_text())
+    assert record["rows"] and record["machine"]["cores"] and record["command"].startswith("python bench/")
+    return record
+
+
+def test_rec_head_scoring_quick(tmp_path):
+    rows = _run("rec_head_scoring.py", tmp_path)["rows"]
+    assert {"items", "users", "total_s", "frac_of_matmul"} <= set(rows[0])
+    assert all(r["total_s"] > 0 and r["plain_matmul_gflops"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_weight_sync_quick(tmp_path):
+    rows = _run("weight_sync.py", tmp_path, "--no-vllm")["rows"]
+    assert {r["receivers"] for r in rows} == {1, 2}
+    assert all(r["gb"] > 0 and r["seconds"] > 0 for r in rows)
