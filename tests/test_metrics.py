@@ -213,3 +213,13 @@ def test_accumulator_errors():
         RankingAccumulator().compute()
     with pytest.raises(ValueError):
         RankingAccumulator((5,)).merge(RankingAccumulator((10,)))
+
+
+def test_topk_items_ties_across_the_boundary_and_inside_it():
+    # row 0: the boundary (k=3) cuts through four items scoring 1 -> the smallest indices win;
+    # row 1: no tie crosses the boundary (fast path), but two tied items inside the top 3 keep catalogue order.
+    scores = torch.tensor([[1.0, 5.0, 1.0, 1.0, 0.0, 1.0],
+                           [0.0, 2.0, 3.0, 2.0, 1.0, 0.5]])
+    assert topk_items(scores, 3).tolist() == [[1, 0, 2], [2, 1, 3]]
+    big = torch.randn(3, 5000)
+    assert torch.equal(topk_items(big, 50), torch.sort(big, dim=-1, descending=True, stable=True).indices[:, :50])

@@ -174,12 +174,16 @@ def topk_items(item_scores: torch.Tensor, k: int) -> torch.Tensor:
     if not 1 <= k <= num_items:
         raise ValueError(f"k must be in [1, {num_items}], got {k}")
     _check_no_nan(item_scores)
-    kth = torch.topk(item_scores, k, dim=-1).values[:, -1:]  # (N, 1) the k-th best score of each row
-    above = item_scores > kth  # (N, V) fewer than k per row
-    tied = item_scores == kth  # (N, V) at least one per row
-    need = k - above.sum(dim=-1, keepdim=True)  # (N, 1) tied items still needed, >= 1
-    chosen = above | (tied & (tied.cumsum(dim=-1) <= need))  # (N, V) exactly k per row
-    idx = chosen.nonzero()[:, 1].view(-1, k)  # (N, k) ascending catalogue index within each row
+    top = torch.topk(item_scores, k, dim=-1)
+    kth = top.values[:, -1:]  # (N, 1) the k-th best score of each row
+    if bool(((item_scores >= kth).sum(dim=-1) == k).all()):  # no tie crosses the boundary: topk's set is the set
+        idx = top.indices.sort(dim=-1).values  # (N, k) ascending catalogue index
+    else:
+        above = item_scores > kth  # (N, V) fewer than k per row
+        tied = item_scores == kth  # (N, V) at least one per row
+        need = k - above.sum(dim=-1, keepdim=True)  # (N, 1) tied items still needed, >= 1
+        chosen = above | (tied & (tied.cumsum(dim=-1) <= need))  # (N, V) exactly k per row
+        idx = chosen.nonzero()[:, 1].view(-1, k)  # (N, k) ascending catalogue index within each row
     order = torch.sort(item_scores.gather(-1, idx), dim=-1, descending=True, stable=True).indices
     return idx.gather(-1, order)
 
