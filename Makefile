@@ -50,7 +50,7 @@ $(VENV)/.bench: $(VENV)/.rollout-cpu
 	touch $@
 
 # The performance suite (docs/performance.md): each script prints a table and writes bench/results/<name>.json.
-# About 30 minutes on a 2-core CPU machine; run them one at a time, on an otherwise idle machine.
+# Each script is sized to finish within its share of 30 minutes on an idle 2-core CPU machine; keep it idle.
 bench: $(VENV)/.bench assets
 	$(PY) bench/rollout_throughput.py
 	$(PY) bench/rec_head_scoring.py
@@ -60,7 +60,7 @@ bench: $(VENV)/.bench assets
 	$(PY) bench/trl_grpo.py
 
 # The quality study on MovieLens-100k (docs/results.md): every method, then the table and the curves.
-# About 2 hours on a 2-core CPU machine, most of it RecPO training and reasoning at test time.
+# Hours on a 2-core CPU machine, most of it reasoning at test time (500 users per LLM method) and RecPO steps.
 STUDY_CONFIG := configs/study-ml100k.yaml
 STUDY := outputs/study
 study: $(VENV)/.bench assets
