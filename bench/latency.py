@@ -15,12 +15,14 @@ GPU is visible), the same users (the first ``--users`` test samples of MovieLens
     exactly where a title is complete), for at most the longest title's tokens + 1. The trie is built once, outside
     the timing. Every returned beam is a catalogue title, mapped back to its item(s). (b') the same search with
     ``--also-beams`` widths (default 1: trie-constrained greedy, a single title, a lower bound on (b)'s cost).
-(c) Optional (``--vllm``): (a) with the project's vLLM rollout engine (``RolloutWorker.greedy``: greedy reasoning,
-    then a 1-token prefill for h_T) and the same rec_head scoring. Engine start-up is excluded.
+(c) (a) with the project's vLLM rollout engine, CPU build (``RolloutWorker.greedy``: greedy reasoning, then a
+    1-token prefill for h_T that hits the prefix cache) and the same rec_head scoring in this process. Engine
+    start-up is excluded. Skipped with ``--no-vllm`` or ``--quick``, or when vLLM is not installed (the JSON says why).
 
-Both (a) and (b) run in the same process on the same loaded model, one after the other, each with one unmeasured
-warm-up query (a user not in the measured set). Reported per method: seconds/query (mean, median), new tokens
-decoded per query, and for (b) the beam-tokens per query (beams x decode steps), with the ratio (b)/(a).
+(a) and (b) run in the same process on the same loaded model, one after the other, each with one unmeasured
+warm-up query (a user not in the measured set). Reported per method: seconds/query (mean, median), CPU seconds per
+query (user + system of this process and its children, so (c) includes vLLM's engine process), new tokens decoded
+per query, and for (b) the beam-tokens per query (beams x decode steps), with the ratios to (a) in wall and CPU time.
 
 Caveats, stated plainly:
 - The two methods do different work by design: (a) decodes up to 64 reasoning tokens with one sequence, (b) decodes
@@ -35,8 +37,9 @@ Caveats, stated plainly:
   (a) masks it in the scores, at negligible cost.
 - One intra-op thread by default (``--threads``). On a small machine shared with other jobs, two OpenMP threads
   make every op wait until both threads are scheduled; we measured a 200-token forward 10-15x slower with 2 threads
-  than with 1 under such load. Pass ``--threads 2`` on an idle 2-core machine. CPU seconds per query (process
-  time) are reported next to wall seconds as the less load-sensitive number; the load average is recorded.
+  than with 1 under such load. Pass ``--threads 2`` on an idle 2-core machine. CPU seconds per query are reported
+  next to wall seconds as the less load-sensitive number (under load, wall time hurts (a)'s many small
+  single-sequence ops more than (b)'s batched beams); the load average is recorded. vLLM (c) picks its own threads.
 - Batch 1 only; treat differences under ~10% as noise.
 """
 
@@ -165,15 +168,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--topk", type=int, default=10, help="items recommended per query")
     p.add_argument("--max-new-tokens", type=int, default=None, help="R2ec chain budget; default eval.max_new_tokens")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (see the caveats)")
-    p.add_argument("--vllm", action="store_true", help="also time (c): R2ec with the vLLM rollout engine")
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 measured user, 4 beams, 16 chain tokens")
+    p.add_argument("--no-vllm", action="store_true", help="skip (c), R2ec with the vLLM rollout engine")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 1 measured user, 4 beams, 16 chain tokens, no (b') and no (c)")
     p.add_argument("--out-dir", default=None, help="where the JSON goes (default bench/results)")
     args = p.parse_args(argv)
     if args.quick:
-        args.users, args.beams, args.max_new_tokens = 1, 4, 16
+        args.users, args.beams, args.max_new_tokens, args.no_vllm = 1, 4, 16, True
 
     import torch
 
+    from bench.trl_grpo import tree_cpu_seconds
     from r2ec.assets import cache_root
     from r2ec.config import load_config
     from r2ec.data.prepare import prepare_from_config
@@ -246,10 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         query(0)  # warm-up, unmeasured
         secs, outs = [], []
         for i in range(1, len(rows)):
-            t, c = time.perf_counter(), time.process_time()
+            t, c = time.perf_counter(), tree_cpu_seconds()
             out = query(i)
             secs.append(time.perf_counter() - t)
-            out["cpu_s"] = time.process_time() - c
+            out["cpu_s"] = tree_cpu_seconds() - c
             outs.append(out)
         return secs, outs
 
@@ -264,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: {invalid} beam-search queries returned a sequence that is not a catalogue title")
 
     vllm_note = None
-    if args.vllm:
+    if not args.no_vllm:
         try:
             from r2ec.algo.metrics import topk_items
             from rollout.worker import RolloutWorker
@@ -296,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         **{f"beam{b}": f"(b') title search, {b} beam(s), trie-constrained (HF)" for b in also},
     }
     base = summarize(res["r2ec"][0])["mean_s"]
+    base_cpu = statistics.fmean(o["cpu_s"] for o in res["r2ec"][1])
     table_rows = []
     for key, (secs, outs) in res.items():
         s = summarize(secs)
@@ -306,10 +312,11 @@ def main(argv: list[str] | None = None) -> int:
             "beam_tokens_per_query": (statistics.fmean(o["beam_tokens"] for o in outs) if key.startswith("beam")
                                       else statistics.fmean(o["new_tokens"] for o in outs)),
             "ratio_vs_a": s["mean_s"] / base,
+            "cpu_ratio_vs_a": statistics.fmean(o["cpu_s"] for o in outs) / base_cpu,
         })
     report(NAME, table_rows,
            ["method", "queries", "mean_s", "median_s", "cpu_s_mean", "new_tokens_per_query", "beam_tokens_per_query",
-            "ratio_vs_a"],
+            "ratio_vs_a", "cpu_ratio_vs_a"],
            out_dir=Path(args.out_dir) if args.out_dir else None,
            settings={"config": args.config, "model": cfg.model.name_or_path, "dtype": cfg.model.dtype,
                      "device": str(model.device), "users": args.users, "split": "test (first samples)",
@@ -319,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                      "warmup_queries": 1, "threads": args.threads},
            ratio_beam_over_r2ec_mean=summarize(res["beam"][0])["mean_s"] / base,
            ratio_beam_over_r2ec_median=summarize(res["beam"][0])["median_s"] / summarize(res["r2ec"][0])["median_s"],
+           ratio_beam_over_r2ec_cpu=statistics.fmean(o["cpu_s"] for o in res["beam"][1]) / base_cpu,
            item_table_seconds_excluded=round(t_table, 2), beam_invalid_queries=invalid, vllm=vllm_note,
            per_query={k: {"seconds": v[0], "new_tokens": [o["new_tokens"] for o in v[1]],
                           "top": [o["top"] for o in v[1]]} for k, v in res.items()},

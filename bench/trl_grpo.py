@@ -3,8 +3,9 @@
 What it measures: wall seconds per optimiser step, trajectories per second (prompts_per_step x G / step seconds)
 and CPU seconds per step (user + system, summed over every process of the system: TRL's one process; our driver,
 Ray's daemons, the rollout actor with vLLM's processes and the learner actor) over ``--steps`` measured steps after
-``--warmup`` unmeasured ones, for both systems in the same script run, on the
-same model, data, users and sampling settings, taken from ``configs/quickstart.yaml``:
+``--warmup`` unmeasured ones, for both systems in the same script run; ``speedup_vs_trl`` is TRL's seconds per step
+over the row's (``cpu_speedup_vs_trl`` the same in CPU seconds). Same model, data, users and sampling settings,
+taken from ``configs/quickstart.yaml``:
 SmolLM2-135M-Instruct + LoRA (r=4, alpha=128, the quickstart's target modules, via peft), float32 on the CPU,
 MovieLens-100k train samples rendered with the quickstart's user prompts, prompts_per_step=4 users x G=4 chains,
 temperature 1.5, top-k 200, at most 64 new tokens, lr 1e-5, grad clip 1.0, 4 chains per forward/backward. Both
@@ -31,7 +32,9 @@ What differs, plainly:
 - Not the same work per step. Ours also computes RecPO's item term (a forward/backward of the step's target item
   prompts) and broadcasts the merged weights to a separate rollout engine each step; TRL has no item term (its
   reward uses the fixed table) and generates with the training model in-process. TRL's reward pass (one no-grad
-  forward over prompt + completion) is the counterpart of our rollout's h_T pass.
+  forward over prompt + completion, nothing reused from generation) is the counterpart of our rollout's h_T pass
+  (with vLLM, a 1-token prefill served from the prefix cache; with the HF engine, one forward that also gives the
+  behaviour log-probs).
 - TRL stops a completion only at EOS or the length limit (``generate`` gets no stop string), ours also at
   ``<answer>``; the untrained model rarely writes it within 64 tokens, so chain lengths are similar; the mean
   lengths are reported.
@@ -215,7 +218,8 @@ def run_trl(cfg, rows: list[dict], prompt_ids: list[list[int]], earlier: list[li
     history = [h for h in trainer.state.log_history if "loss" in h]
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     result = {
-        "step_seconds": timer.seconds, "step_cpu_seconds": timer.cpu_seconds, "setup_s": setup_s, "prompt_ids_match": prompt_ids_match,
+        "step_seconds": timer.seconds, "step_cpu_seconds": timer.cpu_seconds, "setup_s": setup_s,
+        "prompt_ids_match": prompt_ids_match,
         "chain_len_mean": statistics.fmean(stats["chain_len"]) if stats["chain_len"] else None,
         "reward_mean": statistics.fmean(stats["reward"]) if stats["reward"] else None,
         "reward_fn_s_mean": statistics.fmean(stats["reward_s"]) if stats["reward_s"] else None,
@@ -353,27 +357,29 @@ def main(argv: list[str] | None = None) -> int:
               "vllm": "r2ec RecPO step (vLLM rollout worker + DeepSpeed learner)",
               "hf": "r2ec RecPO step (HF rollout worker + DeepSpeed learner)"}
     ref = measured_steps(out["trl"]["step_seconds"], args.warmup)["mean_s"] if "trl" in out else None
+    ref_cpu = statistics.fmean(out["trl"]["step_cpu_seconds"][args.warmup:]) if "trl" in out else None
     rows = []
-    for key, res in sorted(out.items(), key=lambda kv: kv[0] != "trl"):  # chain_len: sampled tokens per chain (ours: without an appended marker)
+    # chain_len: sampled tokens per chain (ours: without an appended marker); TRL's row first
+    for key, res in sorted(out.items(), key=lambda kv: kv[0] != "trl"):
         m = measured_steps(res["step_seconds"], args.warmup)
+        cpu = statistics.fmean(res["step_cpu_seconds"][args.warmup:])
         if key == "trl":
             chain_len = res["chain_len_mean"]
         else:
             chain_len = statistics.fmean(d["sampled_tokens_mean"] for d in res["detail"])
         rows.append({"system": labels[key], "measured_steps": m["steps"], "sec_per_step": m["mean_s"],
                      "median_s": m["median_s"],
-                     "cpu_s_per_step": statistics.fmean(res["step_cpu_seconds"][args.warmup:]),
+                     "cpu_s_per_step": cpu,
                      "traj_per_s": U * G / m["mean_s"], "sampled_tok_per_chain": chain_len,
                      "setup_s_excluded": res["setup_s"],
-                     "trl_over_this": (ref / m["mean_s"]) if ref is not None else None})
+                     "speedup_vs_trl": (ref / m["mean_s"]) if ref is not None else None,
+                     "cpu_speedup_vs_trl": (ref_cpu / cpu) if ref_cpu is not None else None})
     ratios = {f"trl_sec_per_step_over_{k}": ref / measured_steps(out[k]["step_seconds"], args.warmup)["mean_s"]
               for k in out if k != "trl" and ref is not None}
-    if "trl" in out:
-        trl_cpu = statistics.fmean(out["trl"]["step_cpu_seconds"][args.warmup:])
-        ratios.update({f"trl_cpu_per_step_over_{k}": trl_cpu / statistics.fmean(out[k]["step_cpu_seconds"][args.warmup:])
-                       for k in out if k != "trl"})
-    report(NAME, rows, ["system", "measured_steps", "sec_per_step", "median_s", "cpu_s_per_step", "traj_per_s", "sampled_tok_per_chain",
-                        "setup_s_excluded", "trl_over_this"],
+    ratios.update({f"trl_cpu_per_step_over_{k}": ref_cpu / statistics.fmean(out[k]["step_cpu_seconds"][args.warmup:])
+                   for k in out if k != "trl" and ref_cpu is not None})
+    report(NAME, rows, ["system", "measured_steps", "sec_per_step", "median_s", "cpu_s_per_step", "traj_per_s",
+                        "sampled_tok_per_chain", "setup_s_excluded", "speedup_vs_trl", "cpu_speedup_vs_trl"],
            out_dir=Path(args.out_dir) if args.out_dir else None,
            settings={"config": args.config, "model": cfg.model.name_or_path, "dtype": cfg.model.dtype,
                      "lora": cfg.model.lora.model_dump(), "prompts_per_step": U, "group_size": G,
@@ -383,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
                      "measured_steps": args.steps, "engines": engines, "threads": args.threads,
                      "zero_stage": cfg.learner.zero_stage, "quick": args.quick,
                      "reward": f"fused beta={cfg.recpo.beta} k_r={cfg.recpo.k_r}", "train_rows": rows_per_step},
-           **ratios, failed=failed or None, per_side=out, load_average_before=load_before, load_average_after=load_average(),
+           **ratios, failed=failed or None, per_side=out, load_average_before=load_before,
+           load_average_after=load_average(),
            wall_seconds=round(time.perf_counter() - t_start, 1))
     return 1 if failed else 0
 
