@@ -77,8 +77,6 @@ def main() -> None:
         if ref is not None and key != REFERENCE:
             diff = ndcg_at_k(ref, 10).double() - ndcg10  # paired: the same test samples
             row["recpo_minus_this_ndcg@10_ci"] = bootstrap(diff, args.reps, 1)
-        info = json.loads((root / key / "eval_test.json").read_text())
-        row["train_minutes"] = info.get("train_minutes")
         rows.append(row)
 
     cols = [f"{m}@{k}" for k in KS for m in ("hit", "ndcg")]
