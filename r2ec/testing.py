@@ -67,3 +67,21 @@ def build_tiny_model(out_dir: str | Path, hidden_size: int = 64, num_layers: int
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def write_tiny_dataset(root: str | Path, users: int = 10, items_per_user: int = 5) -> Path:
+    """A 30-item catalogue (``items.csv``) and interactions (``inter.csv``) in the ``files`` data format: every user
+    watches i00 first (the most popular train target), then ``items_per_user`` others, one minute apart."""
+    root = Path(root)
+    items = ["item_id,title,description,categories"]
+    items += [f"i{k:02d},Title {k},A short description of item {k},Comedy|Drama" for k in range(30)]
+    (root / "items.csv").write_text("\n".join(items) + "\n")
+    rows = ["user_id,item_id,timestamp,rating"]
+    t = 1_000_000
+    for u in range(users):
+        seq = [0] + [(u * 3 + j) % 29 + 1 for j in range(items_per_user)]
+        for k, it in enumerate(seq):
+            t += 60
+            rows.append(f"u{u},i{it:02d},{t + k},{4 if k % 2 else 3}")
+    (root / "inter.csv").write_text("\n".join(rows) + "\n")
+    return root

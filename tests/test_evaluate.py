@@ -7,29 +7,15 @@ import pytest
 from r2ec.cli import main
 from r2ec.config import load_config
 from r2ec.evaluate import evaluate
+from r2ec.testing import write_tiny_dataset
 
 KEYS = {"hit@5", "ndcg@5", "hit@10", "ndcg@10", "hit@20", "ndcg@20", "num_samples"}
-
-
-def _write_dataset(root):
-    items = ["item_id,title,description,categories"]
-    items += [f"i{k:02d},Title {k},A short description of item {k},Comedy|Drama" for k in range(30)]
-    (root / "items.csv").write_text("\n".join(items) + "\n")
-    rows = ["user_id,item_id,timestamp,rating"]
-    t = 1_000_000
-    # 10 users; everybody watches i00 first, then a few others: i00 is the most popular train target.
-    for u in range(10):
-        seq = [0] + [(u * 3 + j) % 29 + 1 for j in range(5)]
-        for k, it in enumerate(seq):
-            t += 60
-            rows.append(f"u{u},i{it:02d},{t + k},{4 if k % 2 else 3}")
-    (root / "inter.csv").write_text("\n".join(rows) + "\n")
 
 
 @pytest.fixture
 def data_config(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("R2EC_CACHE", str(tmp_path / "cache"))
-    _write_dataset(tmp_path)
+    write_tiny_dataset(tmp_path)
     cfg = {
         "model": {"name_or_path": str(tiny_model_dir)},
         "data": {"source": "files", "files": {"interactions": str(tmp_path / "inter.csv"),

@@ -32,6 +32,7 @@ import torch.multiprocessing as mp
 from test_learner import gather_ranks
 
 from r2ec.checkpoint import CheckpointError
+from r2ec.testing import write_tiny_dataset
 
 TIMEOUT_S = 420  # the first DeepSpeed init on a machine compiles a shm op (~1 min on 2 cores)
 USERS = 4
@@ -41,20 +42,6 @@ STEP = 3
 
 
 # ---------------------------------------------------------------------------------------------- data and config
-def _write_dataset(root: Path) -> None:
-    items = ["item_id,title,description,categories"]
-    items += [f"i{k:02d},Title {k},A short description of item {k},Comedy|Drama" for k in range(30)]
-    (root / "items.csv").write_text("\n".join(items) + "\n")
-    rows = ["user_id,item_id,timestamp,rating"]
-    t = 1_000_000
-    for u in range(10):
-        seq = [0] + [(u * 3 + j) % 29 + 1 for j in range(5)]
-        for k, it in enumerate(seq):
-            t += 60
-            rows.append(f"u{u},i{it:02d},{t + k},{4 if k % 2 else 3}")
-    (root / "inter.csv").write_text("\n".join(rows) + "\n")
-
-
 def _config(model_dir: Path, root: Path, zero_stage: int, world_size: int, lora: bool = True,
             dtype: str = "float32") -> dict:
     return {
@@ -175,7 +162,7 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     with pytest.MonkeyPatch.context() as mp_:
         mp_.setenv("R2EC_CACHE", str(root / "cache"))  # prepared data of this module's dataset only
-        _write_dataset(root)
+        write_tiny_dataset(root)
         yield root
 
 
@@ -327,7 +314,7 @@ def test_cli_eval_checkpoint_writes_metrics(z2_export, workspace, capsys):
     # --config with data whose catalogue differs: refused, saying what differs
     other = workspace / "other"
     other.mkdir(exist_ok=True)
-    _write_dataset(other)
+    write_tiny_dataset(other)
     with open(other / "items.csv", "a") as f:
         f.write("i99,Title 99,An item the export has never seen,Comedy\n")
     cfg = json.loads((z2_export / "r2ec_config.json").read_text())

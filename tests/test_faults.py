@@ -16,27 +16,15 @@ import pytest
 
 from r2ec.config import load_config
 from r2ec.driver import ClusterError
+from r2ec.testing import write_tiny_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _write_dataset(root: Path) -> None:
-    items = ["item_id,title,description,categories"]
-    items += [f"i{k:02d},Title {k},A short description of item {k},Comedy|Drama" for k in range(30)]
-    (root / "items.csv").write_text("\n".join(items) + "\n")
-    rows = ["user_id,item_id,timestamp,rating"]
-    t = 1_000_000
-    for u in range(12):
-        for k, it in enumerate([0] + [(u * 3 + j) % 29 + 1 for j in range(6)]):
-            t += 60
-            rows.append(f"u{u},i{it:02d},{t},{4 if k % 2 else 3}")
-    (root / "inter.csv").write_text("\n".join(rows) + "\n")
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    _write_dataset(root)
+    write_tiny_dataset(root, users=12, items_per_user=6)
     return root
 
 
