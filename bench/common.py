@@ -118,3 +118,17 @@ def timeit(fn: Callable[[], object], repeat: int = 3, warmup: int = 1) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]
+
+
+def run_with_quick_model(args, run: Callable[[object], None], default_model: str) -> None:
+    """``run(args)``; a ``--quick`` run of the default model swaps in a tiny random model built for the run (so the
+    smoke run needs no asset) and sets ``args.tiny_model``."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="r2ec-bench-") as tmp:
+        if args.quick and args.model == default_model:
+            from r2ec.testing import build_tiny_model
+
+            args.model = str(build_tiny_model(Path(tmp) / "tiny-model"))
+            args.tiny_model = True
+        run(args)

@@ -53,7 +53,6 @@ import importlib.util
 import os
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -61,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import report  # noqa: E402
+from bench.common import report, run_with_quick_model  # noqa: E402
 
 NAME = "rollout_throughput"
 COLUMNS = ["engine", "batch", "prompt_tokens", "gen_tokens", "stopped_early", "gen_s", "tok_s", "all_tok_s",
@@ -197,14 +196,7 @@ def measure_engine(engine_name: str, args: argparse.Namespace, prompt_sets: list
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parse(argv)
-    with tempfile.TemporaryDirectory(prefix="r2ec-bench-") as tmp:
-        if args.quick and args.model == DEFAULT_MODEL:
-            from r2ec.testing import build_tiny_model
-
-            args.model = str(build_tiny_model(Path(tmp) / "tiny-model"))
-            args.tiny_model = True
-        run(args)
+    run_with_quick_model(_parse(argv), run, DEFAULT_MODEL)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -44,7 +44,6 @@ import os
 import queue
 import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -52,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import report, timeit  # noqa: E402
+from bench.common import report, run_with_quick_model, timeit  # noqa: E402
 
 NAME = "weight_sync"
 DEFAULT_MODEL = "asset://smollm2-135m-instruct"
@@ -269,14 +268,7 @@ def open_with(receivers: Receivers, which: list[int], timeout: float):
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parse(argv)
-    with tempfile.TemporaryDirectory(prefix="r2ec-bench-") as tmp:
-        if args.quick and args.model == DEFAULT_MODEL:
-            from r2ec.testing import build_tiny_model
-
-            args.model = str(build_tiny_model(Path(tmp) / "tiny-model"))
-            args.tiny_model = True
-        run(args)
+    run_with_quick_model(_parse(argv), run, DEFAULT_MODEL)
 
 
 def run(args: argparse.Namespace) -> None:
