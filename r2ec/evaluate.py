@@ -30,6 +30,7 @@ from typing import Literal
 import torch
 
 from r2ec.algo.metrics import RankingAccumulator, mask_history, target_rank, topk_items
+from r2ec.algo.recpo import unit_rows
 from r2ec.prompts import PromptBuilder, render_item, render_user
 
 TOP_N_LOGGED = 10
@@ -152,11 +153,14 @@ def evaluate(cfg, split: Literal["valid", "test"] | None = None, baseline: Liter
 
 
 def _model_scorer(model, builder: PromptBuilder, h_items: torch.Tensor, titles: list[str], max_new_tokens: int):
-    """``score_batch`` of the dual-head model: greedy reasoning, then the rec_head over the full catalogue."""
+    """``score_batch`` of the dual-head model: greedy reasoning, then the rec_head over the full catalogue (the
+    table normalised once here, not per batch)."""
+    h_items = unit_rows(h_items)
+
     def score_batch(rows, earlier, target):
         prompts = [user_prompt_ids(builder, model.tokenizer, r, titles) for r in rows]
         chains, scores, _ = model.recommend(prompts, h_items, 1, earlier.to(h_items.device), max_new_tokens,
-                                            target.to(h_items.device))
+                                            target.to(h_items.device), items_unit=True)
         return scores.cpu(), [{"text": c.text, "appended_marker": c.appended_marker} for c in chains]
 
     return score_batch

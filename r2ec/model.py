@@ -220,10 +220,11 @@ class DualHeadModel:
 
     # ------------------------------------------------------------------------------------------ rec_head
     def item_scores(self, h_user: torch.Tensor, h_items: torch.Tensor, history_idx: torch.Tensor | None = None,
-                    target_idx: torch.Tensor | None = None) -> torch.Tensor:
+                    target_idx: torch.Tensor | None = None, items_unit: bool = False) -> torch.Tensor:
         """rec_head: cos(h_user, H_V) / tau over the full catalogue, (B, V) float32, with the history (B, H),
-        padded with -1, masked to -inf (the target itself is never masked)."""
-        scores = cosine_scores(h_user, h_items, self.tau)
+        padded with -1, masked to -inf (the target itself is never masked). ``items_unit``: H_V already holds unit
+        rows (``r2ec.algo.recpo.unit_rows``), as a fixed inference table should."""
+        scores = cosine_scores(h_user, h_items, self.tau, items_unit)
         if history_idx is not None:
             scores = mask_history(scores, history_idx.to(scores.device), target_idx)
         return scores
@@ -260,12 +261,14 @@ class DualHeadModel:
     @torch.no_grad()
     def recommend(self, prompt_ids: Sequence[Sequence[int]], h_items: torch.Tensor, k: int,
                   history_idx: torch.Tensor | None = None, max_new_tokens: int = 640,
-                  target_idx: torch.Tensor | None = None) -> tuple[list[Chain], torch.Tensor, torch.Tensor]:
+                  target_idx: torch.Tensor | None = None, items_unit: bool = False
+                  ) -> tuple[list[Chain], torch.Tensor, torch.Tensor]:
         """End to end: greedy reasoning, h_T, full-catalogue scores with the history masked, top-k.
-        ``target_idx`` (evaluation only) keeps a repeat of the target unmasked.
+        ``target_idx`` (evaluation only) keeps a repeat of the target unmasked; ``items_unit`` as in
+        ``item_scores``.
 
         Returns (chains, item_scores (B, V), top-k item indices (B, k))."""
         chains = self.generate(prompt_ids, max_new_tokens=max_new_tokens)
         h_user = self.user_hidden(prompt_ids, [c.token_ids for c in chains])
-        scores = self.item_scores(h_user, h_items, history_idx, target_idx)
+        scores = self.item_scores(h_user, h_items, history_idx, target_idx, items_unit)
         return chains, scores, topk_items(scores, min(k, scores.shape[1]))

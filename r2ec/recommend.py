@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from r2ec.algo.recpo import unit_rows
 from r2ec.evaluate import history_tensor
 from r2ec.model import DualHeadModel
 from r2ec.prompts import PromptBuilder, render_user
@@ -35,7 +36,8 @@ class Recommender:
                  titles: Sequence[str], h_items: torch.Tensor):
         if not (len(item_ids) == len(titles) == h_items.shape[0]):
             raise ValueError("item_ids, titles and the item table must describe the same catalogue")
-        self.model, self.builder, self.h_items = model, builder, h_items
+        # Unit rows once: the table is fixed, and cos/tau needs only them (r2ec.algo.recpo.unit_rows).
+        self.model, self.builder, self.h_items_unit = model, builder, unit_rows(h_items)
         self.item_ids, self.titles = list(item_ids), list(titles)
         self._index = {item_id: i for i, item_id in enumerate(self.item_ids)}
         self.max_new_tokens = 640  # the default of ``recommend``; an export sets its run's eval.max_new_tokens
@@ -66,8 +68,8 @@ class Recommender:
         messages = self.builder.user_messages([self.titles[i] for i in idx], [h[1] for h in history],
                                               [h[2] for h in history], now)
         prompt = render_user(self.model.tokenizer, messages)
-        chains, scores, top = self.model.recommend([prompt], self.h_items, k, history_tensor([idx]).to(
-            self.h_items.device), max_new_tokens=max_new_tokens or self.max_new_tokens)
+        chains, scores, top = self.model.recommend([prompt], self.h_items_unit, k, history_tensor([idx]).to(
+            self.h_items_unit.device), max_new_tokens=max_new_tokens or self.max_new_tokens, items_unit=True)
         top = top[0].tolist()
         return Recommendation(chains[0].text, [self.item_ids[i] for i in top], [self.titles[i] for i in top],
                               [float(scores[0, i]) for i in top])

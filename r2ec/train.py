@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from r2ec.algo.metrics import mask_history
-from r2ec.algo.recpo import cosine_scores
+from r2ec.algo.recpo import cosine_scores, unit_rows
 from r2ec.config import Config
 from r2ec.evaluate import history_tensor, item_prompt_ids, rank_split, user_prompt_ids
 from r2ec.protocol import Rollout, TrainShard
@@ -110,11 +110,12 @@ def train(cfg: Config, log=print, resume: str = "auto") -> dict:
     def evaluate_split(system: System, table: torch.Tensor, split: str, n: int | None, step: int) -> dict:
         ds = prepared.splits[split]
         n = len(ds) if n is None else min(n, len(ds))
+        table = unit_rows(table)  # once per evaluation, not per batch
 
         def score_batch(rows, earlier, target):
             prompts = [user_prompt_ids(builder, tokenizer, r, titles) for r in rows]
             chains, h_T = system.greedy(prompts, cfg.eval.max_new_tokens)
-            return (mask_history(cosine_scores(h_T, table, cfg.model.tau), earlier, target),
+            return (mask_history(cosine_scores(h_T, table, cfg.model.tau, items_unit=True), earlier, target),
                     [{"text": c.text, "appended_marker": c.appended_marker} for c in chains])
 
         batch = cfg.eval.batch_size * cfg.cluster.rollout.num_workers

@@ -18,6 +18,7 @@ from r2ec.algo.recpo import (
     relabel_mask,
     rloo_advantages,
     token_loss,
+    unit_rows,
 )
 
 NEG_INF = float("-inf")
@@ -44,6 +45,17 @@ def test_cosine_scores_upcasts_and_zero_vector_is_finite():
     assert got.dtype == torch.float32 and got.shape == (3, 5)
     zero = cosine_scores(torch.zeros(1, 4), torch.randn(2, 4), tau=0.02)
     assert torch.isfinite(zero).all()
+
+
+def test_cosine_scores_on_a_table_normalised_once_equals_normalising_per_call():
+    g = torch.Generator().manual_seed(0)
+    h_user, h_items = torch.randn(4, 8, generator=g), torch.randn(30, 8, generator=g) * 5
+    v = unit_rows(h_items)
+    assert torch.allclose(v.norm(dim=-1), torch.ones(30))
+    torch.testing.assert_close(cosine_scores(h_user, v, 0.02, items_unit=True), cosine_scores(h_user, h_items, 0.02))
+    # items_unit trusts the caller: a table that is not unit rows is scored as it is (scaled by its norms)
+    torch.testing.assert_close(cosine_scores(h_user, 2 * v, 0.02, items_unit=True),
+                               2 * cosine_scores(h_user, h_items, 0.02))
 
 
 # ---------------------------------------------------------------- fused_reward

@@ -59,20 +59,31 @@ def _resolve_normaliser(default_count: torch.Tensor, normaliser: Normaliser) -> 
     return normaliser
 
 
-def cosine_scores(h_user: torch.Tensor, h_items: torch.Tensor, tau: float) -> torch.Tensor:
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows L2-normalised (eps 1e-8), in at least float32: (N, d) -> (N, d).
+
+    Normalise a fixed item table once with this and pass ``items_unit=True`` to ``cosine_scores``: at inference
+    the table does not change between calls, and re-normalising it costs a full pass over V x d floats plus a
+    V x d temporary per call, more than the matmul itself for one user (docs/performance.md, section 2)."""
+    return torch.nn.functional.normalize(_upcast(x), dim=-1, eps=1e-8)
+
+
+def cosine_scores(h_user: torch.Tensor, h_items: torch.Tensor, tau: float, items_unit: bool = False) -> torch.Tensor:
     """cos(h_user, h_items) / tau, L2-normalising both sides (eps 1e-8), in at least float32.
 
     Args:
         h_user: (N, d) float, final hidden states of the chains (or user encodings).
-        h_items: (M, d) float, item encodings.
+        h_items: (M, d) float, item encodings; with ``items_unit`` already unit rows (``unit_rows``).
         tau: temperature (> 0).
+        items_unit: skip normalising ``h_items`` (the caller did it once).
 
     Returns:
         (N, M) float32 (float64 if the inputs are float64).
     """
-    u = torch.nn.functional.normalize(_upcast(h_user), dim=-1, eps=1e-8)
-    v = torch.nn.functional.normalize(_upcast(h_items), dim=-1, eps=1e-8)
-    return u @ v.T / tau
+    # 1/tau scales the N user rows rather than the (N, M) result: one pass over N x d instead of N x M.
+    u = unit_rows(h_user) / tau
+    v = _upcast(h_items) if items_unit else unit_rows(h_items)
+    return u @ v.T
 
 
 @dataclass
@@ -314,4 +325,5 @@ __all__ = [
     "relabel_mask",
     "rloo_advantages",
     "token_loss",
+    "unit_rows",
 ]
