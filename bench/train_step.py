@@ -19,9 +19,10 @@ Caveats:
 - Step 1 of a fresh system includes one-time costs (first DeepSpeed step, allocator warm-up); it is reported but
   left out of the per-step medians when more than one step runs.
 - On a 2-core machine rollout workers and learner ranks share the same two cores, so two rollout workers do not
-  run in parallel with each other in any useful sense; the W=2 row measures the overhead, not a speed-up.
+  run in parallel with each other in any useful sense; the W=2 row (each worker reserving half a logical CPU, so
+  the cluster needs the same 2 as the base layout) measures the overhead, not a speed-up.
 
-    python bench/train_step.py            # ~10 min on 2 cores
+    python bench/train_step.py            # ~12 min on 2 idle cores
     python bench/train_step.py --quick    # smoke run: 1 variant, 1 step of 8-token chains
 """
 
@@ -116,7 +117,9 @@ def main() -> None:
         args.steps, args.variants = 1, "base"
     variants = {"base": [], "G2": ["recpo.group_size=2"], "G8": ["recpo.group_size=8"],
                 "B2": ["learner.prompts_per_step=2"], "B8": ["learner.prompts_per_step=8"],
-                "W2": ["cluster.rollout.num_workers=2"]}
+                # Two rollout workers on half a logical CPU each: the same 1 + 1 CPUs as the base layout, which is
+                # all a 2-core machine has (a third whole CPU fails the driver's resource check).
+                "W2": ["cluster.rollout.num_workers=2", "cluster.rollout.cpus_per_worker=0.5"]}
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in names if v not in variants]
     if unknown:
