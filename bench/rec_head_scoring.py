@@ -4,9 +4,9 @@ What it measures: the cost of turning user states h_T (B, d) into a top-k recomm
 (V, d), exactly as ``Recommender.recommend`` and evaluation do after reasoning: the table is normalised once
 (``r2ec.algo.recpo.unit_rows``, timed on its own as ``table_unit_s``, not part of a call), then per call
 ``DualHeadModel.item_scores(..., items_unit=True)`` (that is ``r2ec.algo.recpo.cosine_scores`` followed by
-``r2ec.algo.metrics.mask_history``), then ``r2ec.algo.metrics.topk_items``. Catalogues of 10k, 100k and 1M items, d = the model's hidden size (read from the
-model's config; no weights are loaded), user batches of 1 and 64, k = 20, a 20-item history per user masked as in
-evaluation.
+``r2ec.algo.metrics.mask_history``), then ``r2ec.algo.metrics.topk_items``. Catalogues of 10k, 100k and 1M
+items, d = the model's hidden size (read from the model's config; no weights are loaded), user batches of 1 and 64,
+k = 20, a 20-item history per user masked as in evaluation.
 
 How: random float32 tensors (the cost does not depend on the values). The pipeline is run stage by stage, each
 stage timed on its own, ``--repeat`` times after one unmeasured warm-up (none for shapes of more than
@@ -31,8 +31,9 @@ guarantee; not what the project calls).
 Caveats: CPU, float32, the torch thread count of the process (``OMP_NUM_THREADS`` or ``--threads``); with B = 1 the
 matmul is a matrix-vector product bounded by memory bandwidth, so its GFLOP/s are far below the B = 64 ones. Peak
 memory at 1M items is ~2x the catalogue (the table and its unit rows, 2.3 GB each at d = 576) plus a few (B, V)
-score tensors. Timings are medians of a few runs; on a shared machine they are noisy: the load average before and after is recorded with the results. On a GPU
-the same code runs on ``--device cuda`` (timings synchronised), which was not measured here.
+score tensors. Timings are medians of a few runs; on a shared machine they are noisy: the load average before and
+after is recorded with the results. On a GPU the same code runs on ``--device cuda`` (timings synchronised), which
+was not measured here.
 
 ``--quick`` is a smoke run (catalogues of 10k and 50k, batches 1 and 8, one timed run); ``settings.quick`` is true in
 the JSON (pass ``--out-dir`` to keep it away from the real results).
@@ -54,8 +55,9 @@ import torch  # noqa: E402
 from bench.common import report  # noqa: E402
 
 NAME = "rec_head_scoring"
-COLUMNS = ["items", "users", "table_unit_s", "normalise_s", "matmul_s", "mask_s", "topk_s", "total_s", "matmul_share",
-           "topk_share", "scoring_gflops", "plain_matmul_s", "plain_matmul_gflops", "frac_of_matmul", "torch_topk_s"]
+COLUMNS = ["items", "users", "table_unit_s", "normalise_s", "matmul_s", "mask_s", "topk_s", "total_s",
+           "matmul_share", "topk_share", "scoring_gflops", "plain_matmul_s", "plain_matmul_gflops", "frac_of_matmul",
+           "torch_topk_s"]
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -172,7 +174,8 @@ def measure(h_items: torch.Tensor, users: int, args: argparse.Namespace, device:
     med = sorted(runs, key=lambda r: r["total"])[len(runs) // 2]
     flops = 2.0 * users * d * num_items
     plain_s = _median(plain)
-    return {"items": num_items, "users": users, "table_unit_s": t_table, "normalise_s": med["normalise"], "matmul_s": med["matmul"],
+    return {"items": num_items, "users": users, "table_unit_s": t_table, "normalise_s": med["normalise"],
+            "matmul_s": med["matmul"],
             "mask_s": med["mask"], "topk_s": med["topk"], "total_s": med["total"],
             "matmul_share": med["matmul"] / med["total"], "topk_share": med["topk"] / med["total"],
             "scoring_gflops": flops / med["total"] / 1e9, "plain_matmul_s": plain_s,
