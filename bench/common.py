@@ -120,6 +120,28 @@ def timeit(fn: Callable[[], object], repeat: int = 3, warmup: int = 1) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def load_average() -> list[float] | None:
+    """The 1/5/15-minute load averages: how busy the machine was around a measurement (None where the OS has none)."""
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
+
+
+class RunClock:
+    """Wall seconds and load averages of one script run, recorded with its results (started at construction)."""
+
+    def __init__(self) -> None:
+        self.start, self.load_before = time.perf_counter(), load_average()
+
+    def seconds(self) -> float:
+        return round(time.perf_counter() - self.start, 1)
+
+    def fields(self) -> dict:
+        """``load_avg_before``, ``load_avg_after`` and ``wall_s``, for a script's ``settings``."""
+        return {"load_avg_before": self.load_before, "load_avg_after": load_average(), "wall_s": self.seconds()}
+
+
 def run_with_quick_model(args, run: Callable[[object], None], default_model: str) -> None:
     """``run(args)``; a ``--quick`` run of the default model swaps in a tiny random model built for the run (so the
     smoke run needs no asset) and sets ``args.tiny_model``."""

@@ -55,7 +55,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (python bench/latency.py): make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import report  # noqa: E402
+from bench.common import RunClock, load_average, report  # noqa: E402
 
 NAME = "latency"
 
@@ -135,14 +135,6 @@ def summarize(seconds: Sequence[float]) -> dict[str, float]:
     return {"mean_s": statistics.fmean(seconds), "median_s": statistics.median(seconds)}
 
 
-def load_average() -> list[float] | None:
-    """The 1/5/15-minute load averages, to judge how busy the machine was during a measurement."""
-    try:
-        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-    except OSError:
-        return None
-
-
 def generative_text(builder, r2ec_text: str) -> str:
     """The generative recommender's prompt: R2ec's history lines, asking for the next title instead of reasoning."""
     from r2ec.prompts import USER_INSTRUCTION, closing_marker
@@ -187,8 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     from r2ec.prompts import PromptBuilder, render_user
 
     torch.set_num_threads(args.threads)
-    load_before = load_average()
-    t_start = time.perf_counter()
+    clock = RunClock()
     cfg = load_config(args.config, ["model.lora.enabled=false"])
     max_new = args.max_new_tokens or cfg.eval.max_new_tokens
     torch.manual_seed(cfg.run.seed)
@@ -330,8 +321,7 @@ def main(argv: list[str] | None = None) -> int:
            item_table_seconds_excluded=round(t_table, 2), beam_invalid_queries=invalid, vllm=vllm_note,
            per_query={k: {"seconds": v[0], "new_tokens": [o["new_tokens"] for o in v[1]],
                           "top": [o["top"] for o in v[1]]} for k, v in res.items()},
-           load_average_before=load_before, load_average_after=load_average(),
-           wall_seconds=round(time.perf_counter() - t_start, 1))
+           load_average_before=clock.load_before, load_average_after=load_average(), wall_seconds=clock.seconds())
     return 0
 
 

@@ -42,7 +42,6 @@ the JSON (pass ``--out-dir`` to keep it away from the real results).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -52,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import report  # noqa: E402
+from bench.common import RunClock, report  # noqa: E402
 
 NAME = "rec_head_scoring"
 COLUMNS = ["items", "users", "table_unit_s", "normalise_s", "matmul_s", "mask_s", "topk_s", "total_s",
@@ -188,8 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    start = time.perf_counter()
-    load_before = os.getloadavg()
+    clock = RunClock()
     d = hidden_size(args.model)
     check_equivalence(d, args.tau, args.k, device)
     rows = []
@@ -204,8 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         del h_items
     settings = {"model": args.model, "hidden_size": d, "k": args.k, "history": args.history, "tau": args.tau,
                 "repeat": args.repeat, "warmup_limit": args.warmup_limit, "device": args.device, "dtype": "float32",
-                "quick": args.quick, "torch_threads": torch.get_num_threads(), "load_avg_before": load_before,
-                "load_avg_after": os.getloadavg(), "wall_s": round(time.perf_counter() - start, 1)}
+                "quick": args.quick, "torch_threads": torch.get_num_threads(), **clock.fields()}
     notes = ("the run with the median total, with its stages; total = normalise + matmul + mask + topk "
              "(DualHeadModel.item_scores(items_unit=True) + topk_items); table_unit_s = normalising the table once "
              "(one run, not per call); frac_of_matmul = plain matmul time / total time for the same "

@@ -60,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import report, run_with_quick_model  # noqa: E402
+from bench.common import RunClock, report, run_with_quick_model  # noqa: E402
 
 NAME = "rollout_throughput"
 COLUMNS = ["engine", "batch", "prompt_tokens", "gen_tokens", "stopped_early", "gen_s", "tok_s", "all_tok_s",
@@ -208,8 +208,7 @@ def run(args: argparse.Namespace) -> None:
 
     from r2ec.assets import resolve
 
-    start = time.perf_counter()
-    load_before = os.getloadavg()
+    clock = RunClock()
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     skipped = {}
     if "vllm" in engines and importlib.util.find_spec("vllm") is None:  # imported only when its engine starts
@@ -243,8 +242,7 @@ def run(args: argparse.Namespace) -> None:
                 "hf_batch_size": args.hf_batch_size or "measured batch", "repeat": args.repeat, "quick": args.quick,
                 "engines": infos, "skipped": skipped, "torch_threads": torch.get_num_threads(),
                 "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
-                "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
-                "wall_s": round(time.perf_counter() - start, 1)}
+                **clock.fields()}
     notes = ("batch = prompts per call, one completion each; tok_s = generated tokens (up to the first EOS) / "
              "sample() seconds; hidden = the h_T call RolloutWorker.generate makes after sampling")
     report(NAME, rows, COLUMNS, out_dir=Path(args.out_dir) if args.out_dir else None,

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import statistics
 import sys
 import time
@@ -40,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import report  # noqa: E402
+from bench.common import RunClock, report  # noqa: E402
 
 PHASES = ("generate", "hidden", "reward", "train", "sync", "step")
 
@@ -139,7 +138,7 @@ def main() -> None:
     data = (prepared, builder, tokenizer, list(prepared.items["title"]), item_prompts)
 
     rows, raw = [], {}
-    start, load_before = time.perf_counter(), os.getloadavg()
+    clock = RunClock()
     for name in names:
         cfg = load_config(args.config, base + variants[name])
         print(f"\n{name}: G={cfg.recpo.group_size} B={cfg.learner.prompts_per_step} "
@@ -152,8 +151,7 @@ def main() -> None:
     report("train_step", rows,
            ["variant", "G", "B", "W", "chains", "steps", *[f"{k}_s" for k in PHASES], "first_step_s",
             "chains_per_s", "tokens_per_s", "step_vs_first_variant"],
-           settings={"config": args.config, "overrides": base, "steps": args.steps, "load_avg_before": load_before,
-                     "load_avg_after": os.getloadavg(), "wall_s": round(time.perf_counter() - start, 1)},
+           settings={"config": args.config, "overrides": base, "steps": args.steps, **clock.fields()},
            per_step=raw)
 
 

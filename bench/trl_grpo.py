@@ -70,7 +70,7 @@ from transformers import TrainerCallback
 if __package__ in (None, ""):  # run as a script (python bench/trl_grpo.py): make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import report  # noqa: E402
+from bench.common import RunClock, load_average, report  # noqa: E402
 
 NAME = "trl_grpo"
 
@@ -126,13 +126,6 @@ def step_rows(num_samples: int, seed: int, per_step: int, steps: int) -> list[li
 
     sampler = EpochSampler(num_samples, seed)
     return [sampler.next(per_step) for _ in range(steps)]
-
-
-def load_average() -> list[float] | None:
-    try:
-        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-    except OSError:
-        return None
 
 
 # ---------------------------------------------------------------------------------------------- TRL side
@@ -309,8 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     from r2ec.model import DualHeadModel
     from r2ec.prompts import PromptBuilder, render_user
 
-    load_before = load_average()
-    t_start = time.perf_counter()
+    clock = RunClock()
     tmp = tempfile.mkdtemp(prefix="r2ec-bench-trl-")
     cfg = load_config(args.config, overrides + [f"run.output_dir={tmp}/ours"])
     prepared = prepare_from_config(cfg.data)
@@ -389,9 +381,8 @@ def main(argv: list[str] | None = None) -> int:
                      "measured_steps": args.steps, "engines": engines, "threads": args.threads,
                      "zero_stage": cfg.learner.zero_stage, "quick": args.quick,
                      "reward": f"fused beta={cfg.recpo.beta} k_r={cfg.recpo.k_r}", "train_rows": rows_per_step},
-           **ratios, failed=failed or None, per_side=out, load_average_before=load_before,
-           load_average_after=load_average(),
-           wall_seconds=round(time.perf_counter() - t_start, 1))
+           **ratios, failed=failed or None, per_side=out, load_average_before=clock.load_before,
+           load_average_after=load_average(), wall_seconds=clock.seconds())
     return 1 if failed else 0
 
 

@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import report, run_with_quick_model, timeit  # noqa: E402
+from bench.common import RunClock, report, run_with_quick_model, timeit  # noqa: E402
 
 NAME = "weight_sync"
 DEFAULT_MODEL = "asset://smollm2-135m-instruct"
@@ -277,8 +277,7 @@ def run(args: argparse.Namespace) -> None:
     from r2ec.config import LoraConfig, ModelConfig
     from r2ec.weight_sync import close_group
 
-    start = time.perf_counter()
-    load_before = os.getloadavg()
+    clock = RunClock()
     base_cfg = ModelConfig(name_or_path=args.model, dtype=args.dtype)
     lora_cfg = base_cfg.model_copy(update={"lora": LoraConfig(enabled=True)})
     n_hf = max(args.receivers)
@@ -321,8 +320,7 @@ def run(args: argparse.Namespace) -> None:
     settings = {"model": model, "dtype": args.dtype, "bucket_mb": args.bucket_mb, "repeat": args.repeat,
                 "warmup_syncs": 0 if args.quick else 1, "threads_per_process": args.threads, "backend": "gloo",
                 "address": "127.0.0.1", "lora": LoraConfig(enabled=True).model_dump(), "quick": args.quick,
-                "hf_receiver_load_s": load_s, "vllm": vllm_note, "load_avg_before": load_before,
-                "load_avg_after": os.getloadavg(), "wall_s": round(time.perf_counter() - start, 1)}
+                "hf_receiver_load_s": load_s, "vllm": vllm_note, **clock.fields()}
     notes = ("seconds: start of send -> last receiver done loading in place (median); gb_s per receiver; "
              "copy: Tensor.copy_ of the same bytes in one process; sync_over_copy = seconds / copy_s")
     report(NAME, rows, COLUMNS, out_dir=Path(args.out_dir) if args.out_dir else None,
