@@ -128,6 +128,21 @@ def load_average() -> list[float] | None:
         return None
 
 
+def tree_cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds used so far by a process and all its live descendants (all threads)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0.0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total
+
+
 class RunClock:
     """Wall seconds and load averages of one script run, recorded with its results (started at construction)."""
 

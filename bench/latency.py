@@ -55,7 +55,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (python bench/latency.py): make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RunClock, load_average, report  # noqa: E402
+from bench.common import RunClock, load_average, report, tree_cpu_seconds  # noqa: E402
 
 NAME = "latency"
 
@@ -170,7 +170,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from bench.trl_grpo import tree_cpu_seconds
     from r2ec.assets import cache_root
     from r2ec.config import load_config
     from r2ec.data.prepare import prepare_from_config

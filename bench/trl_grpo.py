@@ -70,27 +70,12 @@ from transformers import TrainerCallback
 if __package__ in (None, ""):  # run as a script (python bench/trl_grpo.py): make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RunClock, load_average, report  # noqa: E402
+from bench.common import RunClock, load_average, report, tree_cpu_seconds  # noqa: E402
 
 NAME = "trl_grpo"
 
 
 # ---------------------------------------------------------------------------------------------- pure helpers
-def tree_cpu_seconds(pid: int | None = None) -> float:
-    """User + system CPU seconds used so far by a process and all its live descendants (all threads)."""
-    import psutil
-
-    root = psutil.Process(pid)
-    total = 0.0
-    for proc in [root, *root.children(recursive=True)]:
-        try:
-            t = proc.cpu_times()
-            total += t.user + t.system
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return total
-
-
 class StepTimer(TrainerCallback):
     """Wall seconds and CPU seconds of every optimiser step, from ``on_step_begin`` to ``on_step_end``."""
 

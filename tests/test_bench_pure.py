@@ -10,8 +10,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.common import tree_cpu_seconds  # noqa: E402
 from bench.latency import TitleTrie, generative_text, prefix_fn, summarize  # noqa: E402
-from bench.trl_grpo import StepTimer, measured_steps, step_rows, tree_cpu_seconds  # noqa: E402
+from bench.trl_grpo import StepTimer, measured_steps, step_rows  # noqa: E402
 
 EOS = 0
 # item 0: [5, 6, 7]; item 1: [5, 6] (a prefix of item 0); item 2: [5, 8]; item 3: [9]; item 4: [5, 6] (duplicate title)
