@@ -154,6 +154,7 @@ def test_rollout_restarts_are_events_and_bounded(tiny_model_dir, data_dir, tmp_p
         system.sync_weights(version=7)
         chains = system.generate(prompts, group_size=2, seed=11)
         ray.kill(ray.get_actor("rollout-0"), no_restart=True)
+        _await_dead("rollout-0")  # ray.kill is asynchronous: the next call must be the one that meets the death
         after = system.encode_items(items)  # its one chunk goes to worker 0: replaced, re-synced, re-issued
         assert (after - before).abs().max() < 1e-5  # version 7 is the learner's untrained weights
         assert system.weight_version == 7
@@ -191,6 +192,7 @@ def test_rollout_restarts_are_events_and_bounded(tiny_model_dir, data_dir, tmp_p
         assert (system.encode_items(items) - before).abs().max() < 1e-5
 
         ray.kill(ray.get_actor("rollout-0"), no_restart=True)
+        _await_dead("rollout-0")
         with pytest.raises(ClusterError, match=r"rollout worker 0 died during item encoding .*max_restarts=2"):
             system.encode_items(items)
 
