@@ -137,14 +137,12 @@ def summarize(seconds: Sequence[float]) -> dict[str, float]:
 
 def generative_text(builder, r2ec_text: str) -> str:
     """The generative recommender's prompt: R2ec's history lines, asking for the next title instead of reasoning."""
-    from r2ec.prompts import USER_INSTRUCTION, closing_marker
-
-    head = USER_INSTRUCTION.format(item_singular=builder.item_singular, category=builder.category,
-                                   open=builder.marker, close=closing_marker(builder.marker))
+    head = builder.user_head()
     if not r2ec_text.startswith(head):
         raise ValueError("the user prompt does not start with R2ec's instruction")
     history = r2ec_text[len(head):]
-    return (f"Below is my historical {builder.category} purchases and ratings (out of 5):{history}\n\n"
+    scale = f"(out of {builder.rating_max:g})"
+    return (f"Below is my historical {builder.category} purchases and ratings {scale}:{history}\n\n"
             f"Name the next {builder.item_singular} I might purchase. Answer with its exact title only.")
 
 

@@ -58,6 +58,20 @@ class PromptConfig(_Section):
     item_singular: str = Field(description="one item in words, e.g. 'video game'")
     history_items: int = Field(20, ge=1, description="how many of the latest history items the user prompt shows")
     description_words: int = Field(100, ge=0, description="item prompts keep the first N description words")
+    rating_scale: tuple[float, float] = Field(
+        (1, 5),
+        description="the ratings' scale [min, max]: the user prompt says '(out of max)', and `r2ec prepare` "
+        "rejects ratings (and catalogue average ratings) outside it",
+    )
+
+    @field_validator("rating_scale")
+    @classmethod
+    def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        low, high = v
+        # Chained comparisons are False for NaN, so this also rejects NaN and infinite ends.
+        if not -float("inf") < low < high < float("inf"):
+            raise ValueError("rating_scale must be [min, max] with finite min < max")  # the caller adds the value
+        return v
 
 
 class AmazonConfig(_Section):
@@ -169,7 +183,8 @@ class RecPOConfig(_Section):
     eps_high: float = Field(0.28, ge=0)
     relabel_topk: int = Field(1, ge=1, description="item term on the top-k chains per group (paper 1, code 2)")
     kl_coef: float = Field(0.0, ge=0, description="KL to a reference model; 0 = off (paper)")
-    refresh_every: int = Field(50, ge=1, description="steps between full item-table re-encodings")
+    refresh_every: int = Field(50, ge=1, description="steps between full item-table re-encodings (every validation "
+                               "re-encodes it too)")
 
     @model_validator(mode="after")
     def _topk(self) -> RecPOConfig:
@@ -184,12 +199,23 @@ class RecPOConfig(_Section):
 class EvalConfig(_Section):
     split: Literal["valid", "test"] = "test"
     ks: list[int] = Field(default_factory=lambda: [5, 10, 20])
-    max_samples: int | None = Field(None, ge=1, description="evaluate the first N samples of the split")
+    max_samples: int | None = Field(
+        None, ge=1, description="evaluate a user-stratified subset of N samples of the split (round-robin over the "
+        "split's users in a seeded order, each user's samples in a seeded order); None = the whole split")
     batch_size: int = Field(8, ge=1, description="users per greedy-generation batch")
     max_new_tokens: int = Field(640, ge=1)
     item_batch_size: int = Field(32, ge=1, description="item prompts per encoding batch")
-    valid_every: int | None = Field(None, ge=1, description="training: validate every N steps (and at the end)")
-    valid_max_samples: int | None = Field(256, ge=1, description="training: validate on the first N valid samples")
+    valid_every: int | None = Field(
+        None, ge=1, description="training: validate every N steps (and at the end); each validation first re-encodes "
+        "the item table with the current weights, which also counts as a refresh (recpo.refresh_every)")
+    valid_max_samples: int | None = Field(
+        256, ge=1, description="training: validate on a user-stratified subset of N valid samples (chosen like "
+        "max_samples); None = the whole valid split")
+    subset_seed: int = Field(
+        0, description="seed of the stratified subsets; separate from run.seed so that runs trained with different "
+        "seeds are evaluated, and can be compared, on the same samples")
+    ci_resamples: int = Field(1000, ge=100, description="user-bootstrap resamples behind every <metric>_ci95")
+    ci_seed: int = Field(0, description="seed of the user-bootstrap draws")
 
     @field_validator("ks")
     @classmethod

@@ -5,8 +5,9 @@ User prompt (the official code's ``prompters/prompts.py``): an instruction to an
 
     3d 4.5h ago: [Some Title] (4.0)
 
-where the time is relative to the target's timestamp. The assistant turn is opened (generation prompt) and the model
-writes its reasoning until it emits the answer marker.
+where the time is relative to the target's timestamp. The instruction states the ratings' scale: "(out of 5)", the
+official wording, for the default ``rating_scale`` [1, 5], "(out of <max>)" for another. The assistant turn is opened
+(generation prompt) and the model writes its reasoning until it emits the answer marker.
 
 Item prompt: an instruction to summarise the item, then ``Title``, ``User Rating``, ``Number of Buyers`` and the
 first ``description_words`` words of the description; the assistant turn is pre-filled with the answer marker and
@@ -17,6 +18,8 @@ Deviations from the official code:
   without a rating is shown without the ``(rating)`` suffix.
 - A ``Categories:`` line is added to the item prompt when the catalogue has categories (MovieLens genres). The
   Amazon adapter leaves categories empty, so Amazon item prompts are exactly the official ones.
+- The "(out of N)" follows ``data.prompt.rating_scale`` (the official prompt always says 5), and `r2ec prepare`
+  rejects ratings outside that scale, so the prompt never states a scale the data does not have.
 - Time deltas are computed from the timestamps' difference directly, not through local-time ``datetime`` objects,
   so the text does not depend on the machine's time zone.
 - The chat template may add its own default system prompt (SmolLM2's does); we pass no system message, as the
@@ -32,7 +35,7 @@ from datetime import timedelta
 USER_INSTRUCTION = (
     "Analyze in depth and finally recommend next {item_singular} I might purchase inside {open} and {close}.\n"
     "For example, {open}a product{close}.\n\n"
-    "Below is my historical {category} purchases and ratings (out of 5):"
+    "Below is my historical {category} purchases and ratings (out of {rating_max}):"
 )
 ITEM_INSTRUCTION = "Summarize key attributes of the following {item_singular} inside {open} and {close}."
 
@@ -71,18 +74,25 @@ class PromptBuilder:
     history_items: int = 20
     description_words: int = 100
     marker: str = "<answer>"
+    rating_max: float = 5  # the top of data.prompt.rating_scale; last, so positional callers keep working
 
     @classmethod
     def from_config(cls, prompt_cfg, marker: str) -> PromptBuilder:
         return cls(prompt_cfg.category, prompt_cfg.item_singular, prompt_cfg.history_items,
-                   prompt_cfg.description_words, marker)
+                   prompt_cfg.description_words, marker, prompt_cfg.rating_scale[1])
+
+    def user_head(self) -> str:
+        """The instruction that starts every user prompt (everything before the first history line)."""
+        # :g so that the default 5 (a float after config validation) reads "5", as in the official prompt.
+        return USER_INSTRUCTION.format(item_singular=self.item_singular, category=self.category,
+                                       open=self.marker, close=closing_marker(self.marker),
+                                       rating_max=f"{self.rating_max:g}")
 
     def user_text(self, titles: Sequence[str], ratings: Sequence[float | None], timestamps: Sequence[float],
                   target_timestamp: float) -> str:
         if not (len(titles) == len(ratings) == len(timestamps)):
             raise ValueError("titles, ratings and timestamps of a history must have the same length")
-        head = USER_INSTRUCTION.format(item_singular=self.item_singular, category=self.category,
-                                       open=self.marker, close=closing_marker(self.marker))
+        head = self.user_head()
         start = max(0, len(titles) - self.history_items)
         lines = [
             f"{format_timedelta(target_timestamp - t)}: [{title}]{_rating_str(r)}"

@@ -30,6 +30,13 @@ def test_defaults_are_the_papers():
     assert cfg.learner.lr == 1e-5 and cfg.learner.prompts_per_step == 12 and cfg.data.max_history == 20
 
 
+def test_rating_scale_default_and_override():
+    assert tuple(load_config(data=MINIMAL).data.prompt.rating_scale) == (1, 5)
+    cfg = load_config(data=MINIMAL, overrides=["data.prompt.rating_scale=[0.5, 10]"])
+    assert cfg.data.prompt.rating_scale == (0.5, 10.0)
+    assert cfg.hash() != load_config(data=MINIMAL).hash()
+
+
 def test_dotted_overrides_have_yaml_types():
     cfg = load_config(data=MINIMAL, overrides=["recpo.group_size=8", "eval.ks=[1, 50]", "run.output_dir=x/y",
                                               "model.lora.enabled=true", "eval.max_samples=null"])
@@ -55,6 +62,11 @@ def test_overrides_from_file(tmp_path):
         ("data.prompt.history_items=30", "cannot exceed max_history"),
         ("eval.ks=[0]", "ks must be a non-empty list of positive cut-offs"),
         ("model.tau=0", "model.tau: Input should be greater than 0"),
+        ("data.prompt.rating_scale=[5, 1]", "data.prompt.rating_scale: Value error, rating_scale must be [min, max] "
+         "with finite min < max (got [5, 1])"),
+        ("data.prompt.rating_scale=[1, 1]", "rating_scale must be [min, max] with finite min < max (got [1, 1])"),
+        ("data.prompt.rating_scale=[1, .inf]", "rating_scale must be [min, max] with finite min < max"),
+        ("data.prompt.rating_scale=[1, 5, 10]", "data.prompt.rating_scale"),
     ],
 )
 def test_invalid_values_name_the_field_and_reason(override, expected):

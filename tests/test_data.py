@@ -6,20 +6,23 @@ import csv
 import gzip
 import json
 import math
+import random
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import r2ec.data.prepare as prepare_module
 from r2ec.config import DataConfig, FilesConfig
 from r2ec.data import DataError, format_summary, prepare_data
 from r2ec.data.io import iter_rows
 from r2ec.data.movielens import load_movielens
-from r2ec.data.samples import build_samples, split_sizes
+from r2ec.data.samples import SAMPLE_COLUMNS, build_samples, split_sizes
 from r2ec.data.schema import Interaction, Item, SourceTables, load_files, read_catalogue, read_interactions
 
 PROMPT = {"category": "movies", "item_singular": "movie", "history_items": 2}
+SCALE = (1.0, 5.0)  # the default data.prompt.rating_scale
 
 INTERACTIONS = [
     {"user_id": "007", "item_id": "a", "timestamp": 10, "rating": 4.5},
@@ -82,12 +85,12 @@ def write_text(path: Path, text: str | bytes) -> Path:
     return path
 
 
-def data_cfg(interactions: Path, items: Path, max_history: int = 5) -> DataConfig:
+def data_cfg(interactions: Path, items: Path, max_history: int = 5, **prompt: object) -> DataConfig:
     return DataConfig(
         source="files",
         files=FilesConfig(interactions=str(interactions), items=str(items)),
         max_history=max_history,
-        prompt={**PROMPT, "history_items": min(2, max_history)},
+        prompt={**PROMPT, "history_items": min(2, max_history), **prompt},
     )
 
 
@@ -145,6 +148,41 @@ def test_timestamps_iso_and_milliseconds(tmp_path: Path) -> None:
     )
     rows = read_interactions(str(path), unit="ms")
     assert [x.timestamp for x in rows] == [1672628645.0, 1672628645.0, 1672628645.5]
+
+
+def test_milliseconds_read_as_seconds_are_refused(tmp_path: Path) -> None:
+    inter = write_text(tmp_path / "inter.csv", "user_id,item_id,timestamp\nu,a,1696118400\nu,b,1696118400000\n")
+    items = write_text(tmp_path / "items.csv", "item_id,title\na,A\nb,B\n")
+    msg = _error(prepare_data, data_cfg(inter, items), tmp_path / "cache")
+    assert msg.startswith(f"{inter}, line 3: timestamp 1696118400000 read as seconds is in the year 55717; ")
+    assert msg.endswith("expected a date between 1970 and 2100 (milliseconds? set data.files.timestamp_unit: ms)")
+    # With the unit set as the hint says, the second row is 2023-10-01 and the first (seconds) is January 1970.
+    rows = read_interactions(str(inter), unit="ms")
+    assert rows[1].timestamp == 1696118400.0 and rows[0].timestamp == 1696118.4
+
+
+@pytest.mark.parametrize(
+    ("value", "unit", "expected"),
+    [
+        ("-1", "s", "timestamp -1 read as seconds is in the year 1969; expected a date between 1970 and 2100"),
+        ("4102444800", "s", "timestamp 4102444800 read as seconds is in the year 2100"),
+        ("1696118400000000", "ms", "timestamp 1696118400000000 read as milliseconds is in the year 55717"),
+        ("1969-12-31T23:59:59Z", "s", "timestamp '1969-12-31T23:59:59Z' is in the year 1969; expected a date"),
+        ("2100-01-01", "ms", "timestamp '2100-01-01' is in the year 2100; expected a date between 1970 and 2100"),
+    ],
+)
+def test_implausible_timestamps(tmp_path: Path, value: str, unit: str, expected: str) -> None:
+    path = write_text(tmp_path / "i.csv", f"user_id,item_id,timestamp\nu,a,{value}\n")
+    msg = _error(read_interactions, str(path), unit)
+    assert f"i.csv, line 2: {expected}" in msg
+    assert "set data.files" not in msg  # no unit would make these plausible, so no unit hint
+
+
+def test_timestamp_range_bounds(tmp_path: Path) -> None:
+    path = write_text(
+        tmp_path / "i.csv", "user_id,item_id,timestamp\nu,a,0\nu,b,4102444799.5\nu,c,2099-12-31T23:59:59Z\n"
+    )
+    assert [x.timestamp for x in read_interactions(str(path))] == [0.0, 4102444799.5, 4102444799.0]
 
 
 def test_extra_columns_ignored_and_quoted_csv(tmp_path: Path) -> None:
@@ -252,7 +290,7 @@ def test_catalogue_errors(tmp_path: Path) -> None:
     items = write_text(tmp_path / "items.csv", "item_id,title\n1,One\n42,Answer\n3,Three\n42,Again\n")
     inter = write_text(tmp_path / "inter.csv", "user_id,item_id,timestamp\nu,1,1\nu,3,2\n")
     msg = _error(
-        build_samples, load_files(FilesConfig(interactions=str(inter), items=str(items))), 20, 0.8, 0.1
+        build_samples, load_files(FilesConfig(interactions=str(inter), items=str(items))), 20, 0.8, 0.1, SCALE
     )
     assert "items.csv, line 5:" in msg and "duplicate item_id '42' (first seen on line 3)" in msg
     no_title = write_text(tmp_path / "t.csv", "item_id,title\n1,One\n2,\n")
@@ -267,14 +305,47 @@ def test_unknown_item_ids(tmp_path: Path) -> None:
         tmp_path / "inter.csv", "user_id,item_id,timestamp\nu,1,1\nu,2,2\nu,zzz,3\nv,9,4\nv,1,5\n"
     )
     msg = _error(
-        build_samples, load_files(FilesConfig(interactions=str(inter), items=str(items))), 20, 0.8, 0.1
+        build_samples, load_files(FilesConfig(interactions=str(inter), items=str(items))), 20, 0.8, 0.1, SCALE
     )
     assert "inter.csv, line 4:" in msg
     assert "unknown item_id 'zzz'" in msg and "2 interaction row(s) in total" in msg
 
 
+def test_ratings_outside_the_scale_are_refused(tmp_path: Path) -> None:
+    inter = write_text(
+        tmp_path / "inter.csv", "user_id,item_id,timestamp,rating\nu,a,1,5\nu,b,2,7\nv,a,3,\nv,b,4,8.5\n"
+    )
+    items = write_text(tmp_path / "items.jsonl", '{"item_id": "a", "title": "A"}\n{"item_id": "b", "title": "B"}\n')
+    msg = _error(prepare_data, data_cfg(inter, items), tmp_path / "cache")
+    assert msg == (
+        f"{inter}, line 3: rating 7 is outside data.prompt.rating_scale [1, 5] (2 row(s) in total); "
+        "set data.prompt.rating_scale to the file's scale"
+    )
+    # The file's own scale is accepted; the cache key holds the scale, so going back to [1, 5] validates again
+    # instead of reusing the data prepared under [0.5, 10].
+    wide = data_cfg(inter, items, rating_scale=[0.5, 10])
+    assert prepare_data(wide, tmp_path / "cache", log=lambda _: None).summary["samples"]["test"] == 1
+    assert "rating 7 is outside" in _error(prepare_data, data_cfg(inter, items), tmp_path / "cache")
+    # a rating below the minimum
+    assert "line 2: rating 0 is outside data.prompt.rating_scale [0.5, 10]" in _error(
+        build_samples, tables([("u", "a", 1, 0.0), ("u", "b", 2, 3.0)]), 20, 0.8, 0.1, (0.5, 10.0)
+    )
+
+
+def test_average_ratings_outside_the_scale_are_refused(tmp_path: Path) -> None:
+    inter = write_text(tmp_path / "inter.csv", "user_id,item_id,timestamp,rating\nu,a,1,5\nu,b,2,1\n")
+    items = write_table(
+        tmp_path / "items.jsonl",
+        [{"item_id": "a", "title": "A", "average_rating": 4.2}, {"item_id": "b", "title": "B", "average_rating": 9}],
+    )
+    msg = _error(prepare_data, data_cfg(inter, items), tmp_path / "cache")
+    assert msg.startswith(f"{items}, line 2: average_rating 9 is outside data.prompt.rating_scale [1, 5] ")
+    assert msg.endswith("set data.prompt.rating_scale to the file's scale")
+    assert prepare_data(data_cfg(inter, items, rating_scale=[0, 10]), tmp_path / "cache", log=lambda _: None)
+
+
 def test_no_samples_is_an_error() -> None:
-    msg = _error(build_samples, tables([("u", "a", 1), ("v", "a", 2)]), 20, 0.8, 0.1)
+    msg = _error(build_samples, tables([("u", "a", 1), ("v", "a", 2)]), 20, 0.8, 0.1, SCALE)
     assert "no samples" in msg
 
 
@@ -293,7 +364,7 @@ def test_hand_made_samples() -> None:
         ],
         items=["f", "e", "d", "c", "b", "a", "z"],
     )
-    built = build_samples(t, max_history=2, train_frac=0.6, valid_frac=0.2)
+    built = build_samples(t, max_history=2, train_frac=0.6, valid_frac=0.2, rating_scale=SCALE)
     assert built.items["item_id"] == ["a", "b", "c", "d", "e", "f", "z"]  # sorted by item_id -> item_idx
     rows = [
         dict(zip(split, vals, strict=True))
@@ -301,27 +372,30 @@ def test_hand_made_samples() -> None:
         for split in [built.splits[name]]
         for vals in zip(*split.values(), strict=True)
     ]
-    # global order by (target timestamp, user, target item): (10,u1,b) (20,u1,c) (20,u2,a) (25,u2,f) (30,u1,d)
+    assert all(list(split) == list(SAMPLE_COLUMNS) for split in built.splits.values())  # the row is not a column
+    # global order by (target timestamp, target row): (10,row 3,u1,a) (20,row 4,u1,c) (20,row 7,u2,a)
+    # (25,row 8,u2,f) (30,row 5,u1,d)
     assert [(r["user_id"], r["target_item_idx"], r["target_timestamp"]) for r in rows] == [
-        ("u1", 1, 10.0),
+        ("u1", 0, 10.0),
         ("u1", 2, 20.0),
         ("u2", 0, 20.0),
         ("u2", 5, 25.0),
         ("u1", 3, 30.0),
     ]
     assert [r["sample_id"] for r in rows] == [0, 1, 2, 3, 4]
-    # u1's sequence is a, b (tie at t=10 broken by item_id), c, d; max_history=2 cuts the oldest.
+    # u1's sequence is b, a (the tie at t=10 keeps the file's row order, although a < b), c, d; max_history=2
+    # cuts the oldest.
     last = rows[4]
     assert last["position"] == 3
-    assert last["history_item_idx"] == [1, 2]
-    assert last["history_ratings"] == [5.0, None]
+    assert last["history_item_idx"] == [0, 2]
+    assert last["history_ratings"] == [4.0, None]
     assert last["history_timestamps"] == [10.0, 20.0]
     assert last["target_rating"] == 2.0
-    assert rows[0]["history_item_idx"] == [0] and rows[0]["position"] == 1
+    assert rows[0]["history_item_idx"] == [1] and rows[0]["position"] == 1
     assert rows[2]["history_item_idx"] == [4]
     assert {k: len(v["sample_id"]) for k, v in built.splits.items()} == {"train": 3, "valid": 1, "test": 1}
     seqs = dict(zip(built.user_sequences["user_id"], built.user_sequences["item_idx"], strict=True))
-    assert seqs == {"u1": [0, 1, 2, 3], "u2": [4, 0, 5], "u3": [0]}
+    assert seqs == {"u1": [1, 0, 2, 3], "u2": [4, 0, 5], "u3": [0]}
     stats = built.stats
     assert (stats["users"], stats["items"], stats["items_without_interactions"], stats["interactions"]) == (
         3,
@@ -334,6 +408,103 @@ def test_hand_made_samples() -> None:
         "what": "users",
         "reason": "users with a single interaction give no sample (nothing precedes the target)",
     } in stats["dropped"]
+
+
+def _sequences(built) -> dict[str, list[str]]:  # noqa: ANN001
+    """user_id -> item ids in sequence order."""
+    ids = built.items["item_id"]
+    seqs = built.user_sequences
+    return {u: [ids[i] for i in idx] for u, idx in zip(seqs["user_id"], seqs["item_idx"], strict=True)}
+
+
+def _ordered_targets(built) -> list[tuple[str, str]]:  # noqa: ANN001
+    """(user_id, target item_id) of every sample, train + valid + test in sample order."""
+    ids = built.items["item_id"]
+    return [
+        (u, ids[t])
+        for name in ("train", "valid", "test")
+        for u, t in zip(built.splits[name]["user_id"], built.splits[name]["target_item_idx"], strict=True)
+    ]
+
+
+def test_ties_keep_input_row_order_within_a_user() -> None:
+    # z, a, m share t=5; an item-id tie-break would give a, m, z.
+    rows = [("u", "z", 5), ("u", "a", 5), ("u", "m", 5), ("u", "b", 6)]
+    assert _sequences(build_samples(tables(rows), 20, 0.8, 0.1, SCALE)) == {"u": ["z", "a", "m", "b"]}
+    flipped = [rows[2], rows[1], rows[0], rows[3]]
+    assert _sequences(build_samples(tables(flipped), 20, 0.8, 0.1, SCALE)) == {"u": ["m", "a", "z", "b"]}
+    # The row number decides, not the list order: an adapter may hand over rows reordered (Amazon's window sorts
+    # them by time), so rows listed as 4, 2, 3 must come out as 2, 3, 4.
+    t = tables(rows)
+    t.interactions = [t.interactions[2], t.interactions[0], t.interactions[1], t.interactions[3]]
+    assert [x.row for x in t.interactions] == [4, 2, 3, 5]
+    assert _sequences(build_samples(t, 20, 0.8, 0.1, SCALE)) == {"u": ["z", "a", "m", "b"]}
+
+
+def test_ties_keep_input_row_order_across_users() -> None:
+    rows = [
+        ("zed", "x", 1),  # row 2
+        ("amy", "y", 1),  # row 3
+        ("zed", "q", 5),  # row 4: a target at t=5 before amy's (user_id order would put amy first)
+        ("amy", "b", 5),  # row 5
+        ("amy", "a", 7),  # row 6: a target at t=7 before zed's (grouping by user would put zed first)
+        ("zed", "c", 7),  # row 7
+    ]
+    built = build_samples(tables(rows), 20, 0.5, 0.25, SCALE)
+    assert _ordered_targets(built) == [("zed", "q"), ("amy", "b"), ("amy", "a"), ("zed", "c")]
+    assert built.splits["test"]["user_id"] == ["zed"]  # the split follows that order: 2 / 1 / 1
+
+
+def _next_id_hits(pairs: list[tuple[int, int]]) -> float:
+    """Hit@1 of the catalogue-order heuristic "the next item is the id right after the last one"."""
+    return sum(nxt == last + 1 for last, nxt in pairs) / len(pairs)
+
+
+def _built_pairs(built) -> list[tuple[int, int]]:  # noqa: ANN001
+    """(last history item_idx, target item_idx) of every sample."""
+    return [
+        (history[-1], target)
+        for split in built.splits.values()
+        for history, target in zip(split["history_item_idx"], split["target_item_idx"], strict=True)
+    ]
+
+
+def test_catalogue_order_heuristic_gains_nothing_from_ties(tmp_path: Path) -> None:
+    # Ten users each rate a block of 6 consecutive catalogue ids in one sitting (one timestamp per user), the
+    # file's rows shuffled: the situation of MovieLens, where a same-timestamp group is often a run of ids.
+    block, n_users = 6, 10
+    rows = [
+        {"user_id": f"u{u}", "item_id": f"i{u * block + k:03d}", "timestamp": 1_000_000 + 60 * u, "rating": 4}
+        for u in range(n_users)
+        for k in range(block)
+    ]
+    random.Random(0).shuffle(rows)
+    items = write_table(tmp_path / "items.csv", [{"item_id": f"i{k:03d}", "title": f"T{k}"} for k in range(60)])
+    tied = load_files(FilesConfig(interactions=str(write_table(tmp_path / "tied.csv", rows)), items=str(items)))
+    # The same rows, in the same file order, with distinct timestamps increasing in row order: no ties at all.
+    distinct_rows = [{**r, "timestamp": 1_000_000 + n} for n, r in enumerate(rows)]
+    distinct = load_files(
+        FilesConfig(interactions=str(write_table(tmp_path / "distinct.csv", distinct_rows)), items=str(items))
+    )
+    built_tied = build_samples(tied, 20, 0.8, 0.1, SCALE)
+    built_distinct = build_samples(distinct, 20, 0.8, 0.1, SCALE)
+    score = _next_id_hits(_built_pairs(built_tied))
+    assert len(_built_pairs(built_tied)) == n_users * (block - 1)
+    # Ties give nothing: the heuristic scores exactly what it scores when no two timestamps are equal.
+    assert score == _next_id_hits(_built_pairs(built_distinct))
+    assert _sequences(built_tied) == _sequences(built_distinct)
+    # Under an item-id tie-break (computed here, independently of the code under test) every block would come out
+    # in ascending id order and the heuristic would be right every time: the test can tell the two rules apart.
+    by_user: dict[str, list[tuple[int, str]]] = {}
+    for r in rows:
+        by_user.setdefault(r["user_id"], []).append((r["timestamp"], r["item_id"]))
+    idx = {item_id: i for i, item_id in enumerate(built_tied.items["item_id"])}
+    id_pairs = []
+    for events in by_user.values():
+        seq = [idx[item_id] for _, item_id in sorted(events)]
+        id_pairs += list(zip(seq, seq[1:], strict=False))
+    assert _next_id_hits(id_pairs) == 1.0
+    assert score < 0.4
 
 
 @pytest.mark.parametrize(
@@ -350,7 +521,7 @@ def test_split_sizes_exact_decimal() -> None:
 
 @pytest.mark.parametrize(("n", "expected"), [(10, (8, 1, 1)), (7, (5, 0, 2))])
 def test_split_of_built_samples(n: int, expected: tuple[int, int, int]) -> None:
-    built = build_samples(tables([("u", f"i{k:02d}", k) for k in range(n + 1)]), 3, 0.8, 0.1)
+    built = build_samples(tables([("u", f"i{k:02d}", k) for k in range(n + 1)]), 3, 0.8, 0.1, SCALE)
     sizes = tuple(len(built.splits[s]["sample_id"]) for s in ("train", "valid", "test"))
     assert sizes == expected
     ids = [i for s in ("train", "valid", "test") for i in built.splits[s]["sample_id"]]
@@ -369,7 +540,7 @@ def test_duplicate_rows_dropped_and_counted() -> None:
         ("u", "c", 3),
         ("v", "a", 1),
     ]
-    built = build_samples(tables(rows), 20, 0.8, 0.1)
+    built = build_samples(tables(rows), 20, 0.8, 0.1, SCALE)
     dropped = {d["reason"]: d["count"] for d in built.stats["dropped"]}
     dup = dropped["exact duplicate interaction rows (same user, item, timestamp and rating)"]
     assert dup == 3
@@ -414,7 +585,7 @@ def test_movielens_adapter(tmp_path: Path) -> None:
     assert items["4"].title == '"Great Day in Harlem, A" (1994)'
     assert t.interactions[0][:4] == ("196", "1", 881250949.0, 3.0)
     assert t.dropped == []
-    built = build_samples(t, 20, 0.8, 0.1)
+    built = build_samples(t, 20, 0.8, 0.1, SCALE)
     assert built.items["item_id"] == ["1", "2", "267", "4"]
     assert sum(len(s["sample_id"]) for s in built.splits.values()) == 3
 
@@ -427,6 +598,13 @@ def test_movielens_errors(tmp_path: Path) -> None:
     )
     msg = _error(load_movielens, folder)
     assert "ml-100k.inter, line 2:" in msg and "unparsable timestamp 'soon'" in msg
+    # MovieLens timestamps are always seconds: no setting to change, the hint says so.
+    (folder / "ml-100k.inter").write_text(
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\t1\t3\t881250949000\n", encoding="utf-8"
+    )
+    msg = _error(load_movielens, folder)
+    assert "ml-100k.inter, line 2: timestamp 881250949000 read as seconds is in the year 29895" in msg
+    assert "this source's timestamps are always seconds" in msg and "set data." not in msg
 
 
 # ------------------------------------------------------------------------------------------ prepare + cache
@@ -466,6 +644,12 @@ def test_prepare_data_cache_hit(tmp_path: Path) -> None:
     logs.clear()
     prepare_data(other_prompt, tmp_path / "cache", log=logs.append)
     assert any("cache hit" in m for m in logs)
+    # a new format version of the code is a miss (old caches are rebuilt, not reused)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prepare_module, "FORMAT_VERSION", prepare_module.FORMAT_VERSION + 1)
+        logs.clear()
+        prepare_data(cfg, tmp_path / "cache", log=logs.append)
+        assert not any("cache hit" in m for m in logs)
     # a changed input file is a miss
     write_text(items, items.read_text() + '{"item_id": "new", "title": "New"}\n')
     logs.clear()
@@ -498,6 +682,8 @@ def test_prepared_data_api(tmp_path: Path) -> None:
     assert p.splits["valid"].features["history_ratings"].feature.dtype == "float64"
     text = format_summary(s)
     assert "users            3" in text and "train 24 | valid 3 | test 3" in text
+    assert "order            each user's interactions by (timestamp, input row)" in text
+    assert s["order_rule"].endswith("ties keep the input file's row order, never item ids")
     assert "users with a single interaction" in text
 
 

@@ -272,6 +272,34 @@ def test_amazon_bad_inputs(tmp_path: Path) -> None:
         load_amazon(amazon_cfg(r4, meta), tmp_path / "dl", log=lambda _: None)
 
 
+def test_amazon_implausible_timestamps_and_ratings(tmp_path: Path) -> None:
+    _, meta = write_amazon(tmp_path / "raw")
+    # A timestamp in microseconds is read as milliseconds (Amazon's fixed unit) and lands in the year 55717.
+    r1, _ = write_amazon(tmp_path / "us", reviews=[*REVIEWS[:2], ("u9", "A", 5.0, ms("2023-10-01") * 1000)])
+    with pytest.raises(DataError) as info:
+        load_amazon(amazon_cfg(r1, meta), tmp_path / "dl", log=lambda _: None)
+    assert str(info.value).startswith(
+        f"{r1}, line 4: timestamp 1696118400000000 read as milliseconds is in the year 55717; expected a date "
+        "between 1970 and 2100"
+    )
+    # Ratings and average ratings are checked against data.prompt.rating_scale once the filters have run.
+    r2, _ = write_amazon(tmp_path / "r7", reviews=[*REVIEWS[:2], ("u9", "A", 7.0, ms("2023-09-01"))])
+    cfg = DataConfig(source="amazon2023", amazon=amazon_cfg(r2, meta).model_dump(), prompt=PROMPT)
+    with pytest.raises(DataError) as info:
+        prepare_data(cfg, tmp_path / "cache", log=lambda _: None)
+    assert str(info.value) == (
+        f"{r2}, line 4: rating 7 is outside data.prompt.rating_scale [1, 5] (1 row(s) in total); "
+        "set data.prompt.rating_scale to the file's scale"
+    )
+    r3, m3 = write_amazon(tmp_path / "m7", meta=[{**META[0], "average_rating": 7.5}, *META[1:]])
+    cfg = DataConfig(source="amazon2023", amazon=amazon_cfg(r3, m3).model_dump(), prompt=PROMPT)
+    with pytest.raises(DataError, match=r"meta_Cat\.jsonl\.gz, line 1: average_rating 7\.5 is outside "):
+        prepare_data(cfg, tmp_path / "cache", log=lambda _: None)
+    # the same file on its own scale is accepted
+    wide = cfg.model_copy(update={"prompt": cfg.prompt.model_copy(update={"rating_scale": (0.0, 10.0)})})
+    assert prepare_data(wide, tmp_path / "cache", log=lambda _: None).summary["items"] == 4
+
+
 def test_fetch_input_downloads_once(tmp_path: Path) -> None:
     served = tmp_path / "srv"
     served.mkdir()
@@ -307,7 +335,7 @@ def test_fetch_input_downloads_once(tmp_path: Path) -> None:
 def test_build_on_amazon_tables(tmp_path: Path) -> None:
     reviews, meta = write_amazon(tmp_path / "raw")
     t = load_amazon(amazon_cfg(reviews, meta), tmp_path / "dl", log=lambda _: None)
-    built = build_samples(t, 20, 0.8, 0.1)
+    built = build_samples(t, 20, 0.8, 0.1, (1.0, 5.0))
     assert built.items["item_id"] == ["A", "B", "C", "J"]
     seqs = dict(zip(built.user_sequences["user_id"], built.user_sequences["item_idx"], strict=True))
     assert seqs == {"u1": [0, 1, 2], "u2": [0, 1], "u3": [3, 0]}

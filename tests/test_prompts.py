@@ -24,6 +24,22 @@ def test_user_text_exact():
     )
 
 
+def test_rating_scale_in_the_user_prompt():
+    from r2ec.config import PromptConfig
+
+    def head(cfg: PromptConfig) -> str:
+        return PromptBuilder.from_config(cfg, "<answer>").user_text(["A"], [4.0], [0], 60).split("\n")[3]
+
+    default = PromptConfig(category="movies", item_singular="movie")
+    assert head(default) == "Below is my historical movies purchases and ratings (out of 5):"
+    assert PromptBuilder("movies", "movie").user_head() == PromptBuilder.from_config(default, "<answer>").user_head()
+    # from YAML the scale arrives as a list of numbers; the max is printed with :g (10, not 10.0)
+    wide = PromptConfig.model_validate({"category": "movies", "item_singular": "movie", "rating_scale": [0.5, 10]})
+    assert head(wide) == "Below is my historical movies purchases and ratings (out of 10):"
+    half = PromptConfig(category="movies", item_singular="movie", rating_scale=(0.5, 4.5))
+    assert head(half).endswith("(out of 4.5):")
+
+
 def test_item_text_leaves_out_missing_fields_and_truncates_description():
     b = PromptBuilder("video games", "video game", description_words=3)
     full = b.item_text({"title": "T", "average_rating": 4.5, "rating_number": 12, "categories": [],

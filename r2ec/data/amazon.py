@@ -21,7 +21,10 @@ Filters, each counted in :attr:`SourceTables.dropped`:
   add anything), and the summary says that ``min_items`` was not reached.
 * items left without any review after the window and k-core (the catalogue is the items of the kept reviews).
 
-Timestamps are converted from milliseconds to seconds.
+Timestamps are converted from milliseconds to seconds and must then fall in 1970..2100, else :class:`DataError`
+naming the line (a file in seconds read as milliseconds lands in January 1970 and is not caught). Ratings and
+``average_rating`` are checked against ``data.prompt.rating_scale`` when the samples are built
+(:mod:`r2ec.data.samples`); the real files' are 1-5.
 
 Deviations from the official code (YRYangang/RRec, preprocess.py):
 

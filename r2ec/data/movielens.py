@@ -9,8 +9,9 @@ characters)::
 
 Mapping: ``title = "{movie_title} ({release_year})"`` (just the title when the year is empty), ``categories``
 = the genre words of ``class`` (space separated), no description / average_rating / rating_number (None: the
-item prompt leaves absent fields out), timestamps in seconds. Nothing is filtered here; every catalogue item
-is kept.
+item prompt leaves absent fields out), timestamps in seconds (a value outside 1970..2100 is a :class:`DataError`
+naming the line; the real file's are 1997-98). Ratings are 1-5 and checked against ``data.prompt.rating_scale``
+when the samples are built. Nothing is filtered here; every catalogue item is kept.
 """
 
 from __future__ import annotations

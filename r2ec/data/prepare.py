@@ -6,7 +6,8 @@ everything under ``cache_root / f"{source}-{key}"`` with ``datasets.DatasetDict.
 ``summary.json``.
 
 The cache key hashes the data-relevant part of the config (everything but ``prompt`` and ``cache_dir``, which
-do not change the prepared data), a format version of this code, and each local input file's absolute path,
+do not change the prepared data, except ``prompt.rating_scale``: the ratings are validated against it, so a
+changed scale must validate again), a format version of this code, and each local input file's absolute path,
 size and modification time; a URL input is keyed by the URL itself (so a cache hit needs no download). The
 folder is written under a temporary name and renamed into place, so a crashed or concurrent run never leaves a
 half-written cache that a later run would trust.
@@ -35,7 +36,9 @@ from r2ec.data.schema import SourceTables, load_files
 
 Log = Callable[[str], Any]
 # Bump when the prepared data would change for the same inputs and config, to invalidate old caches.
-FORMAT_VERSION = 1
+# 2: ties ordered by input row, no longer by item id / user id (r2ec.data.samples); ratings checked against
+# data.prompt.rating_scale; timestamps checked to lie in 1970..2100.
+FORMAT_VERSION = 2
 SUMMARY_FILE = "summary.json"
 
 _INT = datasets.Value("int64")
@@ -125,7 +128,7 @@ def prepare_data(
     else:
         log(f"data: preparing {cfg.source} -> {folder}")
         tables = load_source(cfg, inputs, cache_root, log)
-        built = build_samples(tables, cfg.max_history, cfg.train_frac, cfg.valid_frac)
+        built = build_samples(tables, cfg.max_history, cfg.train_frac, cfg.valid_frac, cfg.prompt.rating_scale)
         save_prepared(to_prepared(built, make_summary(tables, built)), folder)
     # Always the saved copy: memory-mapped, and identical whether this call built it or found it.
     prepared = load_prepared(folder)
@@ -170,6 +173,8 @@ def cache_key(cfg: DataConfig, inputs: list[str]) -> str:
     blob = {
         "version": FORMAT_VERSION,
         "config": cfg.model_dump(mode="json", exclude={"prompt", "cache_dir"}),
+        # The only prompt setting that changes what prepare accepts (it rejects ratings outside the scale).
+        "rating_scale": list(cfg.prompt.rating_scale),
         "inputs": [_input_identity(spec) for spec in inputs],
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
@@ -206,6 +211,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         + " | ".join(f"{name} {samples[name]:,}" for name in SPLITS)
         + f" (total {sum(samples.values()):,})",
     ]
+    if "order_rule" in summary:  # absent only in hand-made summaries
+        lines.append(f"order            {summary['order_rule']}")
     if "window" in summary:
         w = summary["window"]
         lines.append(f"window           {w['start']} .. {w['end']} (k-core {w['k_core']}): {w['note']}")

@@ -6,7 +6,10 @@ None). Catalogue items: ``item_id`` (str, unique), ``title`` (non-empty str), ``
 
 Ids are always strings: CSV text is kept verbatim (``"007"`` stays ``"007"``) and JSON / Parquet numbers are
 converted with ``str()``. Timestamps are numbers in the configured unit (seconds or milliseconds) or ISO-8601
-date-times (``2023-01-02T03:04:05Z``; a date-time without a zone is taken as UTC). A ``description`` given as
+date-times (``2023-01-02T03:04:05Z``; a date-time without a zone is taken as UTC). After conversion to seconds a
+timestamp must lie in [1970-01-01, 2100-01-01): milliseconds read as seconds land tens of thousands of years
+ahead, and the error says what the value became and which setting to change. (Seconds read as milliseconds land
+in January 1970, inside the range: that mistake is not caught here.) A ``description`` given as
 a list of strings is joined with spaces; ``categories`` given as one string is split on ``|``.
 
 Every row keeps its 1-based row number (``row``) so that checks made later (duplicate item ids, unknown item
@@ -27,6 +30,12 @@ from r2ec.data.errors import DataError
 INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
 ITEM_COLUMNS = ("item_id", "title")
 _MS_PER_S = 1000.0
+# Plausible timestamps, in seconds: [1970-01-01, 2100-01-01) UTC. Real interaction logs lie well inside, and a
+# unit mistake (ms read as s) lands far outside it.
+TS_MIN = 0.0
+TS_END = datetime(2100, 1, 1, tzinfo=UTC).timestamp()
+_SECONDS_PER_YEAR = 365.2425 * 86400
+_UNIT_NAMES = {"s": "seconds", "ms": "milliseconds"}
 
 
 class Interaction(NamedTuple):
@@ -84,27 +93,68 @@ def parse_id(value: Any, name: str) -> str:
     return value if isinstance(value, str) else str(value)
 
 
-def parse_timestamp(value: Any, unit: str = "s") -> float:
-    """Seconds since the epoch from a number in ``unit`` ("s" or "ms") or an ISO-8601 date-time."""
+def parse_timestamp(value: Any, unit: str = "s", unit_setting: str | None = None) -> float:
+    """Seconds since the epoch from a number in ``unit`` ("s" or "ms") or an ISO-8601 date-time.
+
+    The result must lie in [1970, 2100) (:data:`TS_MIN`, :data:`TS_END`), else ValueError. ``unit_setting`` is
+    the config key that sets the unit (``data.files.timestamp_unit``), named in the hint when the value would be
+    plausible in the other unit; None for a source whose unit is fixed.
+    """
     if value is None or (isinstance(value, str) and not value.strip()):
         raise ValueError("missing timestamp")
     if isinstance(value, datetime | date):
-        return _datetime_seconds(value)
+        return _check_date(_datetime_seconds(value), value)
     number = _number_or_none(value)
     if number is None:
         if isinstance(value, str):
             try:
-                return _datetime_seconds(datetime.fromisoformat(value.strip()))
+                parsed = datetime.fromisoformat(value.strip())
             except ValueError:
                 pass
-        unit_name = "seconds" if unit == "s" else "milliseconds"
+            else:
+                return _check_date(_datetime_seconds(parsed), value)
         raise ValueError(
-            f"unparsable timestamp {value!r} (expected a number of {unit_name} or an ISO-8601 date-time "
+            f"unparsable timestamp {value!r} (expected a number of {_UNIT_NAMES[unit]} or an ISO-8601 date-time "
             "such as 2023-01-02T03:04:05Z)"
         )
     if not math.isfinite(number):
         raise ValueError(f"timestamp {value!r} is not a finite number")
-    return number / _MS_PER_S if unit == "ms" else number
+    seconds = number / _MS_PER_S if unit == "ms" else number
+    if TS_MIN <= seconds < TS_END:
+        return seconds
+    other = "s" if unit == "ms" else "ms"
+    as_other = number / _MS_PER_S if other == "ms" else number
+    if not TS_MIN <= as_other < TS_END:
+        hint = ""
+    elif unit_setting is not None:
+        hint = f" ({_UNIT_NAMES[other]}? set {unit_setting}: {other})"
+    else:
+        # The unit of this source is fixed (MovieLens: s, Amazon: ms): the file, not a setting, is wrong.
+        hint = (
+            f" (plausible as {_UNIT_NAMES[other]}, but this source's timestamps are always {_UNIT_NAMES[unit]}: "
+            "is it the right file?)"
+        )
+    shown = value.strip() if isinstance(value, str) else str(value)  # the number as written, unquoted
+    raise ValueError(
+        f"timestamp {shown} read as {_UNIT_NAMES[unit]} is in the year {_year(seconds)}; expected a date "
+        f"between 1970 and 2100{hint}"
+    )
+
+
+def _check_date(seconds: float, value: Any) -> float:
+    """The range check for date-times (no unit involved, so no unit hint)."""
+    if TS_MIN <= seconds < TS_END:
+        return seconds
+    shown = repr(value) if isinstance(value, str) else value.isoformat()
+    raise ValueError(f"timestamp {shown} is in the year {_year(seconds)}; expected a date between 1970 and 2100")
+
+
+def _year(seconds: float) -> int:
+    try:
+        return datetime.fromtimestamp(seconds, UTC).year
+    except (OverflowError, OSError, ValueError):
+        # Beyond datetime's years 1..9999: the mean Gregorian year is exact enough to show the mistake.
+        return math.floor(1970 + seconds / _SECONDS_PER_YEAR)
 
 
 def parse_rating(value: Any, name: str = "rating") -> float | None:
@@ -187,14 +237,21 @@ def _datetime_seconds(value: date | datetime) -> float:
 
 # ---------------------------------------------------------------------------------------------- row parsers
 def interaction_from_row(
-    path: str, number: int, row: dict[str, Any], unit: str = "s", item_key: str = "item_id"
+    path: str,
+    number: int,
+    row: dict[str, Any],
+    unit: str = "s",
+    item_key: str = "item_id",
+    unit_setting: str | None = None,
 ) -> Interaction:
-    """An :class:`Interaction` from a raw row; a bad field raises :class:`DataError` naming file and row."""
+    """An :class:`Interaction` from a raw row; a bad field raises :class:`DataError` naming file and row.
+
+    ``unit_setting``: see :func:`parse_timestamp`."""
     try:
         return Interaction(
             user_id=parse_id(row.get("user_id"), "user_id"),
             item_id=parse_id(row.get(item_key), item_key),
-            timestamp=parse_timestamp(row.get("timestamp"), unit),
+            timestamp=parse_timestamp(row.get("timestamp"), unit, unit_setting),
             rating=parse_rating(row.get("rating")),
             row=number,
         )
@@ -218,8 +275,11 @@ def item_from_row(path: str, number: int, row: dict[str, Any]) -> Item:
         raise DataError(path, str(e), io.location(path, number)) from None
 
 
-def read_interactions(path: str, unit: str = "s") -> list[Interaction]:
-    return [interaction_from_row(path, n, row, unit) for n, row in io.iter_rows(path, INTERACTION_COLUMNS)]
+def read_interactions(path: str, unit: str = "s", unit_setting: str | None = None) -> list[Interaction]:
+    return [
+        interaction_from_row(path, n, row, unit, unit_setting=unit_setting)
+        for n, row in io.iter_rows(path, INTERACTION_COLUMNS)
+    ]
 
 
 def read_catalogue(path: str) -> list[Item]:
@@ -230,7 +290,7 @@ def load_files(cfg: FilesConfig) -> SourceTables:
     """The ``files`` source: user-supplied interaction and catalogue files, used as they are (no filters)."""
     return SourceTables(
         source="files",
-        interactions=read_interactions(cfg.interactions, cfg.timestamp_unit),
+        interactions=read_interactions(cfg.interactions, cfg.timestamp_unit, "data.files.timestamp_unit"),
         items=read_catalogue(cfg.items),
         interactions_file=cfg.interactions,
         items_file=cfg.items,
