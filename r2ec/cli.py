@@ -1,4 +1,4 @@
-"""The ``r2ec`` command line: ``assets``, ``prepare``, ``eval``, ``train``, ``export``, ``recommend``.
+"""The ``r2ec`` command line: ``assets``, ``prepare``, ``eval``, ``compare``, ``train``, ``export``, ``recommend``.
 
 Every command that takes ``--config`` also takes any number of ``--set key.path=value`` overrides. Errors in the
 user's input (config, data files, missing assets) are printed as one line, ``r2ec: error: ...``, with exit code 2.
@@ -36,6 +36,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, metavar="DIR",
                    help="evaluate the model exported to DIR by `r2ec export`, with its item table; without --config "
                         "the run's config stored in DIR is used and results go to DIR/eval")
+
+    p = sub.add_parser("compare", help="evaluations of the same samples side by side: metrics with user-bootstrap "
+                       "intervals, and each method minus the first with a paired interval")
+    p.add_argument("evals", nargs="+", metavar="RUN",
+                   help="a run folder (its eval_<split>.json) or an eval_<split>.json path; the first is the reference")
+    p.add_argument("--split", choices=["valid", "test"], default="test", help="for run folders (default test)")
+    p.add_argument("--metrics", default=None, metavar="M,M",
+                   help="e.g. ndcg@10,hit@10 (default: every hit@K / ndcg@K all of them report)")
+    p.add_argument("--resamples", type=_positive_int, default=1000, help="user-bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap draws (default 0, as eval.ci_seed)")
+    p.add_argument("--labels", default=None, metavar="A,B", help="names in the table (default: the run folders')")
+    p.add_argument("--json", dest="json_out", default=None, metavar="PATH", help="also write the table as JSON")
 
     p = sub.add_parser("train", help="distributed RecPO training on Ray (rollout workers + DeepSpeed learner)")
     _add_config_args(p)
@@ -107,6 +119,7 @@ def run_guarded(command) -> int:
     """Run a command; errors in the user's input or cluster become one line on stderr and exit code 2."""
     from r2ec.assets import AssetError
     from r2ec.checkpoint import CheckpointError
+    from r2ec.compare import CompareError
     from r2ec.config import ConfigError
     from r2ec.data.errors import DataError
     from r2ec.driver import ClusterError
@@ -114,7 +127,7 @@ def run_guarded(command) -> int:
     _quiet_libraries()
     try:
         return command()
-    except (ConfigError, DataError, AssetError, ClusterError, CheckpointError) as e:
+    except (ConfigError, DataError, AssetError, ClusterError, CheckpointError, CompareError) as e:
         print(f"r2ec: error: {e}", file=sys.stderr)
         return 2
 
@@ -133,6 +146,11 @@ def _run(args) -> int:
         for name, path in prepare_all().items():
             print(f"{name}: {path}")
         return 0
+    if args.command == "compare":
+        from r2ec.compare import compare_command
+
+        return compare_command(args.evals, args.split, args.json_out, args.metrics, args.resamples, args.seed,
+                               args.labels)
     if args.command == "train":
         from r2ec.train import _train_command
 

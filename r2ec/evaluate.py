@@ -9,9 +9,13 @@ Two scorers share one loop:
 Ties are broken deterministically (``r2ec.algo.metrics.target_rank``): among equal scores the item with the smaller
 catalogue index (catalogue sorted by item_id) ranks first.
 
-Outputs, under ``run.output_dir``: ``eval_<split>.json`` (``hit@K``/``ndcg@K`` for each K, ``num_samples``, plus
-``method``, ``split`` and timing) and ``eval_<split>_samples.jsonl`` (per sample: reasoning text, top-10 item ids
-and titles, target rank).
+Which samples: the whole split, or with ``eval.max_samples`` a user-stratified subset (``r2ec.data.sampler.
+stratified_subset``, seeded by ``eval.subset_seed``), the same for every method given the same seed and N.
+
+Outputs, under ``run.output_dir``: ``eval_<split>.json`` (``hit@K``/``ndcg@K`` for each K with ``<metric>_ci95``, a
+95% interval that resamples users (``r2ec.algo.bootstrap``), ``num_samples``, ``num_users``, ``samples_sha256`` (what
+``r2ec compare`` checks first), the subset rule, ``method``, ``split`` and timing) and ``eval_<split>_samples.jsonl``
+(per sample: ``sample_id``, ``user_id``, reasoning text, top-10 item ids and titles, target rank).
 
 Deviations: the official code masks the history window only; we mask every earlier item of the user (a repeat of
 the target itself is never masked, so it stays rankable).
@@ -24,13 +28,23 @@ import json
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from r2ec.algo.metrics import RankingAccumulator, mask_history, target_rank, topk_items
+from r2ec.algo.bootstrap import user_bootstrap_ci, user_codes
+from r2ec.algo.metrics import (
+    RankingAccumulator,
+    mask_history,
+    metric_names,
+    per_sample_metrics,
+    target_rank,
+    topk_items,
+)
 from r2ec.algo.recpo import unit_rows
+from r2ec.data.sampler import stratified_subset
 from r2ec.prompts import PromptBuilder, render_item, render_user
 
 TOP_N_LOGGED = 10
@@ -120,10 +134,7 @@ def evaluate(cfg, split: Literal["valid", "test"] | None = None, baseline: Liter
 
     split = split or cfg.eval.split
     prepared = prepare_from_config(cfg.data, log=log)
-    ds = prepared.splits[split]
-    n = len(ds) if cfg.eval.max_samples is None else min(cfg.eval.max_samples, len(ds))
-    if n == 0:
-        raise ValueError(f"the {split} split is empty; nothing to evaluate")
+    subset = EvalSubset.of(prepared, split, cfg.eval.max_samples, cfg.eval)
     titles = list(prepared.items["title"])
     out_dir = Path(cfg.run.output_dir)
 
@@ -144,12 +155,19 @@ def evaluate(cfg, split: Literal["valid", "test"] | None = None, baseline: Liter
         raise ValueError(f"unknown baseline {baseline!r}; expected 'popularity' or none")
 
     if pop is not None:
-        def score_batch(rows, earlier, target):
-            return mask_history(pop.expand(len(rows), -1), earlier, target), [None] * len(rows)
+        score_batch = fixed_scorer(pop)
     else:
         score_batch = _model_scorer(model, builder, h_items, titles, cfg.eval.max_new_tokens)
 
-    return rank_split(prepared, split, n, batch_size, cfg.eval.ks, out_dir, method, score_batch)
+    return rank_split(prepared, subset, batch_size, cfg.eval.ks, out_dir, method, score_batch)
+
+
+def fixed_scorer(item_scores: torch.Tensor):
+    """``score_batch`` of a baseline that gives every user the same scores (V,) (popularity), history masked."""
+    def score_batch(rows, earlier, target):
+        return mask_history(item_scores.expand(len(rows), -1), earlier, target), [None] * len(rows)
+
+    return score_batch
 
 
 def _model_scorer(model, builder: PromptBuilder, h_items: torch.Tensor, titles: list[str], max_new_tokens: int):
@@ -188,13 +206,10 @@ def evaluate_export(cfg, model_dir: str | Path, split: Literal["valid", "test"] 
             "with the exported titles; user prompts use the data's)")
     if cfg.data.prompt.model_dump(mode="json") != exported.meta["prompt"]:
         log("eval: note: the config's data.prompt differs from the export's; using the export's prompt settings")
-    ds = prepared.splits[split]
-    n = len(ds) if cfg.eval.max_samples is None else min(cfg.eval.max_samples, len(ds))
-    if n == 0:
-        raise ValueError(f"the {split} split is empty; nothing to evaluate")
+    subset = EvalSubset.of(prepared, split, cfg.eval.max_samples, cfg.eval)
     score_batch = _model_scorer(exported.model, exported.builder, exported.h_items, titles, cfg.eval.max_new_tokens)
     source = exported.meta.get("source", {})
-    return rank_split(prepared, split, n, cfg.eval.batch_size, cfg.eval.ks, Path(cfg.run.output_dir), "r2ec-export",
+    return rank_split(prepared, subset, cfg.eval.batch_size, cfg.eval.ks, Path(cfg.run.output_dir), "r2ec-export",
                       score_batch, {"model": str(model_dir), "step": source.get("step"),
                                     "config_hash": source.get("config_hash")})
 
@@ -202,29 +217,80 @@ def evaluate_export(cfg, model_dir: str | Path, split: Literal["valid", "test"] 
 ScoreBatch = Callable[[list[dict], torch.Tensor, torch.Tensor], tuple[torch.Tensor, list[dict | None]]]
 
 
-def rank_split(prepared, split: str, n: int, batch_size: int, ks: list[int], out_dir: Path, method: str,
+@dataclass(frozen=True)
+class EvalSubset:
+    """Which samples of a split an evaluation ranks, and how their intervals are drawn."""
+
+    split: str  # 'valid' | 'test'
+    indices: list[int]  # rows of the split, ascending
+    max_samples: int | None  # the N asked for (None = the whole split)
+    seed: int  # eval.subset_seed
+    ci_resamples: int
+    ci_seed: int
+
+    @classmethod
+    def of(cls, prepared, split: str, max_samples: int | None, eval_cfg) -> EvalSubset:
+        """The user-stratified subset of ``max_samples`` samples (the whole split for None)."""
+        users = prepared.splits[split]["user_id"]
+        if not users:
+            raise ValueError(f"the {split} split is empty; nothing to evaluate")
+        indices = stratified_subset(users, max_samples, eval_cfg.subset_seed)
+        return cls(split, indices, max_samples, eval_cfg.subset_seed, eval_cfg.ci_resamples, eval_cfg.ci_seed)
+
+    def describe(self) -> dict:
+        rule = "whole split" if self.max_samples is None else "user-stratified"
+        return {"rule": rule, "max_samples": self.max_samples,
+                "subset_seed": self.seed, "ci": {"unit": "user", "level": 0.95, "resamples": self.ci_resamples,
+                                                 "seed": self.ci_seed}}
+
+
+def samples_sha256(sample_ids: list[int], user_ids: list[str], target_item_ids: list[str]) -> str:
+    """A fingerprint of exactly which samples were evaluated (order-free): two evaluations with the same one ranked
+    the same (sample, user, target) triples."""
+    triples = sorted(zip(sample_ids, user_ids, target_item_ids, strict=True))
+    return hashlib.sha256(json.dumps(triples).encode()).hexdigest()
+
+
+def user_intervals(ranks: torch.Tensor, user_ids: list[str], ks: list[int], resamples: int, seed: int) -> dict:
+    """``num_users`` and a user-bootstrap ``<metric>_ci95`` for every hit@K / ndcg@K of the samples' ``ranks``."""
+    out: dict = {}
+    names = metric_names(ks)
+    values = per_sample_metrics(ranks, names)  # (N, M)
+    user, users = user_codes(user_ids)
+    ci = user_bootstrap_ci(values, user, len(users), resamples, seed)
+    out["num_users"] = len(users)
+    for name, (lo, hi) in zip(names, ci.tolist(), strict=True):
+        out[f"{name}_ci95"] = [lo, hi]
+    return out
+
+
+def rank_split(prepared, subset: EvalSubset, batch_size: int, ks: list[int], out_dir: Path, method: str,
                score_batch: ScoreBatch, extra: dict | None = None) -> dict:
     """The evaluation loop shared by every scorer: ``score_batch(rows, earlier (B, H), target (B,))`` returns
     full-catalogue scores (B, V) with the history already masked, and per-row reasoning (or None). Writes
     ``eval_<split>.json`` and ``eval_<split>_samples.jsonl`` under ``out_dir``; returns the metrics dict."""
     from tqdm import tqdm
 
+    split, indices = subset.split, subset.indices
     ds = prepared.splits[split]
     titles = list(prepared.items["title"])
     item_ids = prepared.item_ids()
     out_dir.mkdir(parents=True, exist_ok=True)
-    acc = RankingAccumulator(ks)
+    acc, ranks = RankingAccumulator(ks), []
+    seen: dict[str, list] = {"sample_id": [], "user_id": [], "target_item_id": []}
     samples_path = out_dir / f"eval_{split}_samples.jsonl"
     start = time.perf_counter()
+    n = len(indices)
     with open(samples_path.with_suffix(".tmp"), "w") as fout, tqdm(total=n, desc=f"eval {split}", unit="user") as bar:
         for lo in range(0, n, batch_size):
-            rows = [ds[i] for i in range(lo, min(n, lo + batch_size))]
+            rows = [ds[i] for i in indices[lo: lo + batch_size]]
             earlier = history_tensor([prepared.earlier_items_of(r["user_id"], r["position"]) for r in rows])
             target = torch.as_tensor([r["target_item_idx"] for r in rows], dtype=torch.long)
             scores, reasoning = score_batch(rows, earlier, target)
             top = topk_items(scores, min(TOP_N_LOGGED, len(item_ids)))
             rank = target_rank(scores, target)
             acc.add(rank)
+            ranks += rank.tolist()
             for r, rk, tp, rs in zip(rows, rank.tolist(), top.tolist(), reasoning, strict=True):
                 rec = {"sample_id": r["sample_id"], "user_id": r["user_id"],
                        "target_item_id": item_ids[r["target_item_idx"]], "target_title": titles[r["target_item_idx"]],
@@ -233,11 +299,15 @@ def rank_split(prepared, split: str, n: int, batch_size: int, ks: list[int], out
                 if rs is not None:
                     rec["reasoning"] = rs["text"]
                     rec["appended_marker"] = rs["appended_marker"]
+                for key in seen:
+                    seen[key].append(rec[key])
                 fout.write(json.dumps(rec) + "\n")
             bar.update(len(rows))
     os.replace(samples_path.with_suffix(".tmp"), samples_path)
-    metrics = acc.compute()
+    metrics = {**acc.compute(), **user_intervals(torch.as_tensor(ranks), seen["user_id"], ks, subset.ci_resamples,
+                                                 subset.ci_seed)}
     result = {**metrics, "method": method, "split": split, "num_items": len(item_ids),
-              "seconds": round(time.perf_counter() - start, 2), **(extra or {})}
+              "samples_sha256": samples_sha256(seen["sample_id"], seen["user_id"], seen["target_item_id"]),
+              "subset": subset.describe(), "seconds": round(time.perf_counter() - start, 2), **(extra or {})}
     _write_json_atomic(out_dir / f"eval_{split}.json", result)
     return result

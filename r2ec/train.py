@@ -7,11 +7,15 @@ The loop (one optimiser step):
    advantages, and take the RecPO step (token term + item term, Eq. of DESIGN §2);
 4. learner rank 0 broadcasts the new weights to every rollout engine (checksums verified);
 5. item rows re-encoded with gradient are written back to every copy of the table; the full table is re-encoded
-   every ``recpo.refresh_every`` steps, and before the final test evaluation.
-Validation (Hit/NDCG@K, full ranking, greedy reasoning) runs every ``eval.valid_every`` steps and at the end.
+   every ``recpo.refresh_every`` steps and before every validation.
+Validation (Hit/NDCG@K, full ranking, greedy reasoning) runs every ``eval.valid_every`` steps and at the end, always
+against an item table encoded with the weights it validates (as the official code, which re-encodes at every
+evaluation): a table that only had the trained targets written back would score a stale catalogue against fresh
+targets. The metrics record it as ``valid/item_table_version``. The final test uses the last validation's table when
+that was encoded with the final weights (it always is: the last step validates), else encodes one.
 
-Deviation from the official code: validation uses the first ``eval.valid_max_samples`` valid samples (the
-official code evaluates the whole split); set it to null for the whole split.
+Deviation from the official code: validation uses a user-stratified subset of ``eval.valid_max_samples`` valid
+samples (the official code evaluates the whole split); set it to null for the whole split.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 from r2ec.algo.metrics import mask_history
 from r2ec.algo.recpo import cosine_scores, unit_rows
 from r2ec.config import Config
-from r2ec.evaluate import history_tensor, item_prompt_ids, rank_split, user_prompt_ids
+from r2ec.evaluate import EvalSubset, history_tensor, item_prompt_ids, rank_split, user_prompt_ids
 from r2ec.protocol import Rollout, TrainShard
 from r2ec.run_state import compat_of, rollout_seed
 
@@ -107,10 +111,11 @@ def train(cfg: Config, log=print, resume: str = "auto") -> dict:
     compat = compat_of(cfg, prepared.item_ids(), None)
     (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
 
-    def evaluate_split(system: System, table: torch.Tensor, split: str, n: int | None, step: int) -> dict:
-        ds = prepared.splits[split]
-        n = len(ds) if n is None else min(n, len(ds))
-        table = unit_rows(table)  # once per evaluation, not per batch
+    subsets = {"valid": EvalSubset.of(prepared, "valid", cfg.eval.valid_max_samples, cfg.eval),
+               "test": EvalSubset.of(prepared, "test", cfg.eval.max_samples, cfg.eval)}
+
+    def evaluate_split(system: System, run: RunState, split: str) -> dict:
+        table = unit_rows(run.table)  # once per evaluation, not per batch
 
         def score_batch(rows, earlier, target):
             prompts = [user_prompt_ids(builder, tokenizer, r, titles) for r in rows]
@@ -119,7 +124,14 @@ def train(cfg: Config, log=print, resume: str = "auto") -> dict:
                     [{"text": c.text, "appended_marker": c.appended_marker} for c in chains])
 
         batch = cfg.eval.batch_size * cfg.cluster.rollout.num_workers
-        return rank_split(prepared, split, n, batch, cfg.eval.ks, out_dir, "r2ec", score_batch, {"step": step})
+        return rank_split(prepared, subsets[split], batch, cfg.eval.ks, out_dir, "r2ec", score_batch,
+                          {"step": run.step, "item_table_version": run.table_version})
+
+    def refresh_table(system: System, run: RunState) -> None:
+        """Re-encode the whole catalogue with the current weights; the rows pending for the learners are in it."""
+        run.table = system.encode_items(item_prompts)
+        system.set_items(item_prompts, run.table)
+        run.updates, run.table_version = (run.updates[0][:0], run.updates[1][:0]), run.step
 
     log(f"train: {len(train_ds)} samples, {steps} steps of {cfg.learner.prompts_per_step} users x G={G}")
     universal = False
@@ -149,10 +161,9 @@ def train(cfg: Config, log=print, resume: str = "auto") -> dict:
                            torch.cat([r.table_updates for r in results]))
             run.table[run.updates[0]] = run.updates[1]
 
-            if step % cfg.recpo.refresh_every == 0 and step < steps:
-                run.table = system.encode_items(item_prompts)
-                system.set_items(item_prompts, run.table)
-                run.updates, run.table_version = (run.updates[0][:0], run.updates[1][:0]), step
+            validate = bool(cfg.eval.valid_every and step % cfg.eval.valid_every == 0) or step == steps
+            if validate or step % cfg.recpo.refresh_every == 0:
+                refresh_table(system, run)
 
             step_s = time.perf_counter() - t_step
             gen_tokens = rollout.timings.get("generated_tokens", 0.0)
@@ -175,9 +186,10 @@ def train(cfg: Config, log=print, resume: str = "auto") -> dict:
                 metrics.log(step, {f"fault/{k}": v for k, v in e.items()})
             bar.set_postfix(reward=f"{record['reward_mean']:.4f}", loss=f"{record['loss_token']:+.4f}")
             new_best = False
-            if (cfg.eval.valid_every and step % cfg.eval.valid_every == 0) or step == steps:
-                valid = evaluate_split(system, run.table, "valid", cfg.eval.valid_max_samples, step)
-                metrics.log(step, {f"valid/{k}": v for k, v in valid.items() if isinstance(v, float)})
+            if validate:
+                valid = evaluate_split(system, run, "valid")
+                metrics.log(step, {f"valid/{k}": v for k, v in valid.items() if isinstance(v, float)}
+                            | {"valid/item_table_version": run.table_version})
                 log(f"step {step}: valid " + " ".join(f"{k}={v:.4f}" for k, v in valid.items()
                                                       if k.startswith(("hit", "ndcg"))))
                 new_best = run.best is None or valid[_best_key(cfg)] > run.best["value"]
@@ -189,8 +201,9 @@ def train(cfg: Config, log=print, resume: str = "auto") -> dict:
         bar.close()
 
         # The final model's own item table, as inference would precompute it.
-        table = system.encode_items(item_prompts)
-        test = evaluate_split(system, table, "test", cfg.eval.max_samples, steps)
+        if run.table_version != steps:
+            refresh_table(system, run)
+        test = evaluate_split(system, run, "test")
         metrics.log(steps, {f"test/{k}": v for k, v in test.items() if isinstance(v, float)})
     log("test " + " ".join(f"{k}={v:.4f}" for k, v in test.items() if k.startswith(("hit", "ndcg"))))
     return {"valid": valid, "test": test, "steps": steps, "resumed_from": resumed.step if resumed else None}

@@ -23,10 +23,10 @@ The model is ``cfg.model`` (quickstart: SmolLM2-135M-Instruct, float32, LoRA r=4
   (the step-0 and periodic validations count towards it; the final validation and the test come on top).
 * Validation. Every ``--valid-every`` steps (and at step 0 and at the end) the whole item table is re-encoded
   (no grad; at step 0 the LoRA adapters are zero, so the base model's cached zero-shot table is used) and NDCG@10 is
-  computed on the first ``--valid-samples`` valid samples, with the project's metrics and history masking. The
+  computed on a user-stratified subset of ``--valid-samples`` valid samples, with the project's metrics and history masking. The
   adapters of the best validation (and its table) are kept; a tie goes to the later weights, because on 64 samples
   ties (often at 0) say nothing. One item-table refresh encodes 1,682 prompts of ~72 tokens, i.e. several minutes on
-  two CPU cores. So keep ``--valid-every`` large; a run has at least the final refresh, which the test needs. The final test ranks the first ``--max-samples`` test
+  two CPU cores. So keep ``--valid-every`` large; a run has at least the final refresh, which the test needs. The final test ranks the user-stratified subset of ``--max-samples`` test
   samples with ``r2ec.evaluate.rank_split`` and writes ``eval_test.json`` in the key format of ``r2ec eval``.
   ``eval_valid.json`` (the best weights on the validation slice) and ``train_log.jsonl`` are written too. The log
   has one line per step (loss, seconds) and one per validation (valid Hit@10 / NDCG@10, item-table seconds).
@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from r2ec.algo.recpo import item_loss
-from r2ec.evaluate import item_prompt_ids, rank_split, user_prompt_ids, zero_shot_item_table
+from r2ec.evaluate import EvalSubset, item_prompt_ids, rank_split, user_prompt_ids, zero_shot_item_table
 from study.sasrec import split_metrics, split_rows
 
 
@@ -102,9 +102,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=8, help="train samples (users) per step")
     p.add_argument("--lr", type=float, default=None, help="default: learner.lr of the config")
     p.add_argument("--valid-every", type=int, default=50, help="steps between validations (each re-encodes all items)")
-    p.add_argument("--valid-samples", type=int, default=64)
+    p.add_argument("--valid-samples", type=int, default=64, help="a user-stratified subset of N valid samples")
     p.add_argument("--no-initial-valid", action="store_true", help="skip the step-0 validation")
-    p.add_argument("--max-samples", type=int, default=500, help="test on the first N test samples")
+    p.add_argument("--max-samples", type=int, default=None,
+                   help="test on the user-stratified subset of N test samples (default: eval.max_samples)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: OMP_NUM_THREADS); 1 is several times faster on a busy machine")
     args = p.parse_args(argv)
@@ -135,7 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=cfg.learner.weight_decay)
     tau, ks = cfg.model.tau, cfg.eval.ks
     train = prepared.splits["train"]
-    valid_rows = split_rows(prepared, "valid", args.valid_samples)
+    valid_subset = EvalSubset.of(prepared, "valid", args.valid_samples, cfg.eval)
+    valid_rows = split_rows(prepared, "valid", valid_subset.indices)
     gen = torch.Generator().manual_seed(seed)
     print(f"no-reasoning: lr {lr}, batch {args.batch_size}, {sum(p.numel() for p in params.values())} trainable "
           f"parameters, {len(train)} train samples, {len(valid_rows)} valid samples, tau {tau}", flush=True)
@@ -212,16 +214,17 @@ def main(argv: list[str] | None = None) -> dict:
              "train_loss_first": losses[0] if losses else None,
              "train_loss_last10": sum(losses[-10:]) / len(losses[-10:]) if losses else None}
     score = nr.scorer(best["table"], cfg.eval.batch_size)
-    results = {"valid": rank_split(prepared, "valid", len(valid_rows), cfg.eval.batch_size, ks, out,
-                                   "r2ec-no-reasoning", score, extra)}
+    results = {"valid": rank_split(prepared, valid_subset, cfg.eval.batch_size, ks, out, "r2ec-no-reasoning", score,
+                                   extra)}
     if abs(results["valid"]["ndcg@10"] - best["ndcg@10"]) > 1e-6:
         print(f"warning: valid NDCG@10 of the restored best weights {results['valid']['ndcg@10']:.6f} differs from "
               f"the one seen in training {best['ndcg@10']:.6f}")
-    n_test = min(args.max_samples, len(prepared.splits["test"]))
-    results["test"] = rank_split(prepared, "test", n_test, cfg.eval.batch_size, ks, out, "r2ec-no-reasoning", score,
+    test_subset = EvalSubset.of(prepared, "test", args.max_samples or cfg.eval.max_samples, cfg.eval)
+    results["test"] = rank_split(prepared, test_subset, cfg.eval.batch_size, ks, out, "r2ec-no-reasoning", score,
                                  extra)
     for name, r in results.items():
-        print(f"{name:>6}: " + "  ".join(f"{k} {r[k]:.4f}" for k in r if "@" in k) + f"  (n={r['num_samples']})")
+        print(f"{name:>6}: " + "  ".join(f"{k} {r[k]:.4f}" for k in r if "@" in k and not k.endswith("_ci95"))
+              + f"  (n={r['num_samples']}, users {r['num_users']})")
     return results
 
 

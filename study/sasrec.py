@@ -7,8 +7,8 @@ Usage::
     python -m study.sasrec --config configs/quickstart.yaml --out outputs/study/sasrec [--max-minutes 10] [--seed 42]
 
 Writes under ``--out``: ``eval_valid.json`` / ``eval_test.json`` (full splits, the key format of ``r2ec eval``, with
-their ``*_samples.jsonl``), ``first<N>/eval_test.json`` (the first ``--max-samples`` test samples, the slice the LLM
-methods are evaluated on), ``train_log.jsonl`` (per epoch: loss, valid Hit@10 / NDCG@10, seconds) and ``model.pt``
+their ``*_samples.jsonl``), ``subset<N>/eval_test.json`` (the user-stratified subset of ``--max-samples`` test samples,
+default ``eval.max_samples`` of the config: the subset the LLM methods are evaluated on), ``train_log.jsonl`` (per epoch: loss, valid Hit@10 / NDCG@10, seconds) and ``model.pt``
 (the best epoch's weights).
 
 What is faithful to the paper (and its official TensorFlow code, kang205/SASRec):
@@ -67,7 +67,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from r2ec.algo.metrics import RankingAccumulator, mask_history, target_rank
-from r2ec.evaluate import history_tensor, rank_split
+from r2ec.evaluate import EvalSubset, history_tensor, rank_split
 
 
 # ------------------------------------------------------------------------------------------------------ model
@@ -262,10 +262,11 @@ def split_metrics(prepared, rows: list[dict], score_batch, ks, batch_size: int =
     return acc.compute()
 
 
-def split_rows(prepared, split: str, n: int | None = None) -> list[dict]:
-    """The first ``n`` samples of a split as dicts, read once (``datasets`` row access is slow in a loop)."""
+def split_rows(prepared, split: str, indices: list[int] | None = None) -> list[dict]:
+    """The samples of a split at ``indices`` (all for None) as dicts, read once (``datasets`` row access is slow in a
+    loop)."""
     ds = prepared.splits[split]
-    return ds.select(range(min(n, len(ds)) if n is not None else len(ds))).to_list()
+    return ds.select(range(len(ds)) if indices is None else indices).to_list()
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -290,7 +291,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-minutes", type=float, default=10.0, help="wall-time cap of the training loop")
     p.add_argument("--max-epochs", type=int, default=200)
     p.add_argument("--patience", type=int, default=5, help="epochs without a better valid NDCG@10 before stopping")
-    p.add_argument("--max-samples", type=int, default=500, help="also report the first N test samples")
+    p.add_argument("--max-samples", type=int, default=None,
+                   help="also report the user-stratified subset of N test samples (default: eval.max_samples)")
     p.add_argument("--max-len", type=int, default=None, help="default: data.max_history")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--blocks", type=int, default=2)
@@ -358,16 +360,19 @@ def main(argv: list[str] | None = None) -> dict:
     score = sasrec_scorer(model, max_len)
     results = {}
     for split in ("valid", "test"):
-        n = len(prepared.splits[split])
-        results[split] = rank_split(prepared, split, n, 512, ks, out, "sasrec", score, extra)
-    n_first = min(args.max_samples, len(prepared.splits["test"]))
-    results[f"test_first{n_first}"] = rank_split(prepared, "test", n_first, 512, ks, out / f"first{n_first}", "sasrec",
-                                                 score, extra)
+        results[split] = rank_split(prepared, EvalSubset.of(prepared, split, None, cfg.eval), 512, ks, out, "sasrec",
+                                    score, extra)
+    n_sub = args.max_samples or cfg.eval.max_samples
+    if n_sub is not None:
+        subset = EvalSubset.of(prepared, "test", n_sub, cfg.eval)
+        results[f"test_subset{n_sub}"] = rank_split(prepared, subset, 512, ks, out / f"subset{n_sub}", "sasrec",
+                                                    score, extra)
     if abs(results["valid"]["ndcg@10"] - best) > 1e-9:
         raise RuntimeError(f"valid NDCG@10 of the best weights ({results['valid']['ndcg@10']}) differs from the one "
                            f"seen in training ({best}): evaluation is not deterministic")
     for name, r in results.items():
-        print(f"{name:>15}: " + "  ".join(f"{k} {r[k]:.4f}" for k in r if "@" in k) + f"  (n={r['num_samples']})")
+        print(f"{name:>16}: " + "  ".join(f"{k} {r[k]:.4f}" for k in r if "@" in k and not k.endswith("_ci95"))
+              + f"  (n={r['num_samples']}, users {r['num_users']})")
     return results
 
 

@@ -89,3 +89,118 @@ def test_cli_bad_interactions_is_one_clear_line(data_config, tmp_path, capsys):
 def test_cli_bad_config_is_reported(data_config, capsys):
     assert main(["prepare", "--config", str(data_config), "--set", "recpo.group_size=1"]) == 2
     assert "recpo.group_size" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------- user-stratified subsets, intervals, compare
+@pytest.fixture
+def interleaved_config(tmp_path, tiny_model_dir, monkeypatch):
+    """12 users whose interactions interleave in time (user u's k-th item at minute 12 k + u), 2 to 9 items each,
+    and a 50/10/40 split, so that the test split holds several samples of most users."""
+    monkeypatch.setenv("R2EC_CACHE", str(tmp_path / "cache"))
+    items = ["item_id,title"] + [f"i{k:02d},Title {k}" for k in range(30)]
+    (tmp_path / "items.csv").write_text("\n".join(items) + "\n")
+    rows = ["user_id,item_id,timestamp,rating"]
+    for k in range(9):
+        for u in range(12):
+            if k < 2 + (u * 5) % 8:
+                rows.append(f"u{u:02d},i{(u * 7 + k * 3) % 30:02d},{1_000_000 + 60 * (12 * k + u)},4")
+    (tmp_path / "inter.csv").write_text("\n".join(rows) + "\n")
+    cfg = {
+        "model": {"name_or_path": str(tiny_model_dir)},
+        "data": {"source": "files", "train_frac": 0.5, "valid_frac": 0.1,
+                 "files": {"interactions": str(tmp_path / "inter.csv"), "items": str(tmp_path / "items.csv")},
+                 "prompt": {"category": "movies", "item_singular": "movie"}},
+        "run": {"output_dir": str(tmp_path / "pop")},
+    }
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def _samples(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_eval_reports_users_intervals_and_a_sample_fingerprint(interleaved_config, tmp_path):
+    result = evaluate(load_config(interleaved_config), split="test", baseline="popularity", log=lambda *_: None)
+    recs = _samples(tmp_path / "pop" / "eval_test_samples.jsonl")
+    assert result["num_users"] == len({r["user_id"] for r in recs}) > 1 and result["num_samples"] == len(recs)
+    assert result["subset"]["rule"] == "whole split" and result["subset"]["ci"]["resamples"] == 1000
+    assert len(result["samples_sha256"]) == 64
+    for key in KEYS - {"num_samples"}:
+        lo, hi = result[f"{key}_ci95"]
+        assert lo <= result[key] <= hi
+
+
+def test_stratified_subset_covers_every_user_and_is_the_same_every_time(interleaved_config, tmp_path):
+    full = evaluate(load_config(interleaved_config), split="test", baseline="popularity", log=lambda *_: None)
+    n_users = full["num_users"]
+    cfg = load_config(interleaved_config, [f"eval.max_samples={n_users}", f"run.output_dir={tmp_path / 'a'}"])
+    a = evaluate(cfg, split="test", baseline="popularity", log=lambda *_: None)
+    assert a["num_samples"] == a["num_users"] == n_users < full["num_samples"]
+    assert a["subset"] == {**full["subset"], "rule": "user-stratified", "max_samples": n_users}
+    b = evaluate(cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": str(tmp_path / "b")})}),
+                 split="test", baseline="popularity", log=lambda *_: None)
+    assert b["samples_sha256"] == a["samples_sha256"]
+    other = load_config(interleaved_config, [f"eval.max_samples={n_users}", "eval.subset_seed=1",
+                                             f"run.output_dir={tmp_path / 'c'}"])
+    c = evaluate(other, split="test", baseline="popularity", log=lambda *_: None)
+    assert c["num_users"] == n_users and c["samples_sha256"] != a["samples_sha256"]
+
+
+def _reversed_popularity_eval(cfg, out_dir):
+    """A second method on the same samples: the popularity order reversed (through the shared evaluation loop)."""
+    from r2ec.data.prepare import prepare_from_config
+    from r2ec.evaluate import EvalSubset, fixed_scorer, popularity_scores, rank_split
+
+    prepared = prepare_from_config(cfg.data, log=lambda *_: None)
+    subset = EvalSubset.of(prepared, "test", cfg.eval.max_samples, cfg.eval)
+    return rank_split(prepared, subset, 8, cfg.eval.ks, out_dir, "unpopularity",
+                      fixed_scorer(-popularity_scores(prepared)))
+
+
+def test_compare_prints_paired_differences(interleaved_config, tmp_path, capsys):
+    cfg = load_config(interleaved_config)
+    pop = evaluate(cfg, split="test", baseline="popularity", log=lambda *_: None)
+    unpop = _reversed_popularity_eval(cfg, tmp_path / "unpop")
+    out = tmp_path / "cmp" / "compare.json"
+    assert main(["compare", str(tmp_path / "pop"), str(tmp_path / "unpop" / "eval_test.json"),
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| unpop - pop |" in printed and f"{pop['num_users']} users" in printed
+    table = json.loads(out.read_text())
+    assert [m["label"] for m in table["methods"]] == ["pop", "unpop"]
+    for row, own in zip(table["methods"], (pop, unpop), strict=True):
+        for name in table["metrics"]:  # the same draws as the evaluation's own intervals
+            assert row[name]["mean"] == pytest.approx(own[name])
+            assert row[name]["ci95"] == pytest.approx(own[f"{name}_ci95"])
+    diff = table["differences"][0]
+    assert diff["ndcg@20"]["mean"] == pytest.approx(unpop["ndcg@20"] - pop["ndcg@20"])
+    lo, hi = diff["ndcg@20"]["ci95"]
+    assert lo <= diff["ndcg@20"]["mean"] <= hi
+    # a method against itself: every paired difference is exactly zero
+    assert main(["compare", str(tmp_path / "pop"), str(tmp_path / "pop"), "--labels", "a,b", "--json", str(out)]) == 0
+    assert all(d[n]["ci95"] == [0.0, 0.0] for d in json.loads(out.read_text())["differences"] for n in d
+               if "@" in n)
+
+
+def test_compare_refuses_evaluations_of_different_samples(interleaved_config, tmp_path, capsys):
+    evaluate(load_config(interleaved_config), split="test", baseline="popularity", log=lambda *_: None)
+    sub = load_config(interleaved_config, ["eval.max_samples=5", f"run.output_dir={tmp_path / 'sub'}"])
+    evaluate(sub, split="test", baseline="popularity", log=lambda *_: None)
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "pop"), str(tmp_path / "sub")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not computed on the same samples" in err and "only in pop" in err
+    # the same sample ids naming other samples (a split built under another rule): refused too
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "eval_test.json").write_text((tmp_path / "pop" / "eval_test.json").read_text())
+    recs = _samples(tmp_path / "pop" / "eval_test_samples.jsonl")
+    recs[0]["user_id"] = "someone-else"
+    (moved / "eval_test_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert main(["compare", str(tmp_path / "pop"), str(moved)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "name other samples" in err and "someone-else" in err
+    assert main(["compare", str(tmp_path / "pop"), str(tmp_path / "nowhere")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from r2ec.algo.metrics import mask_history, ranking_metrics, target_rank
-from r2ec.evaluate import history_tensor, rank_split
+from r2ec.evaluate import EvalSubset, history_tensor, rank_split
 from study.sasrec import (
     SASRec,
     build_train_data,
@@ -190,5 +190,6 @@ def test_in_memory_validation_matches_rank_split(tmp_path):
     model = _model(num_items, max_len=3)
     score = sasrec_scorer(model, 3)
     a = split_metrics(prepared, rows, score, [1, 5], batch_size=4)
-    b = rank_split(prepared, "test", len(rows), 7, [1, 5], tmp_path, "sasrec", score)
+    b = rank_split(prepared, EvalSubset("test", list(range(len(rows))), None, 0, 200, 0), 7, [1, 5], tmp_path,
+                   "sasrec", score)
     assert {k: a[k] for k in a} == {k: b[k] for k in a}

@@ -119,7 +119,8 @@ def test_train_end_to_end_with_lora(tiny_model_dir, tmp_path):
     from r2ec.train import train
 
     cfg = tiny_cfg(tiny_model_dir, tmp_path, "rollout.engine=vllm", "model.lora.enabled=true",
-                   "cluster.rollout.num_workers=1", "cluster.learner.num_workers=1", "cluster.local_num_cpus=2")
+                   "cluster.rollout.num_workers=1", "cluster.learner.num_workers=1", "cluster.local_num_cpus=2",
+                   "eval.valid_every=1")
     result = train(cfg)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "reward_mean" in r]
@@ -130,10 +131,14 @@ def test_train_end_to_end_with_lora(tiny_model_dir, tmp_path):
             assert math.isfinite(r[key]), key
         assert r["reward_max_abs_diff_rollout_vs_learner"] < 1e-4
         assert r["alarm_logp_abs_diff_mean"] < 1e-4  # LoRA merged on the learner == the engine's weights
-    assert any("valid/ndcg@10" in r for r in records) and any("test/hit@20" in r for r in records)
+    # every validation scores against a table encoded with the weights it validates (not a stale one)
+    valid = [r for r in records if "valid/ndcg@10" in r]
+    assert [(r["step"], r["valid/item_table_version"]) for r in valid] == [(1, 1), (2, 2)]
+    assert any("test/hit@20" in r for r in records)
     for split in ("valid", "test"):
         saved = json.loads((tmp_path / f"eval_{split}.json").read_text())
-        assert saved["num_samples"] == 8 and 0 <= saved["ndcg@10"] <= 1
+        assert saved["num_samples"] == 8 and 0 <= saved["ndcg@10"] <= 1 and saved["item_table_version"] == 2
+        assert saved["num_users"] == 8 and saved["ndcg@10_ci95"][0] <= saved["ndcg@10"]  # stratified: 8 users
     assert result["test"]["hit@20"] == saved["hit@20"]
     assert list((tmp_path / "tensorboard").iterdir())
 

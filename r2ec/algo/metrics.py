@@ -104,6 +104,17 @@ def ndcg_at_k(rank: torch.Tensor, k: int) -> torch.Tensor:
     return torch.where(rank <= k, gain, torch.zeros_like(gain))
 
 
+def metric_names(ks: Iterable[int]) -> list[str]:
+    """``hit@K``, ``ndcg@K`` for each K, in that order: the metric keys every evaluation reports."""
+    return [f"{m}@{k}" for k in ks for m in ("hit", "ndcg")]
+
+
+def per_sample_metrics(rank: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+    """(N, M) float64: each sample's value of each named metric (``hit@K`` / ``ndcg@K``).  rank: (N,) long."""
+    fns = {"hit": hit_at_k, "ndcg": ndcg_at_k}
+    return torch.stack([fns[n.split("@")[0]](rank, int(n.split("@")[1])) for n in names], dim=1)
+
+
 class RankingAccumulator:
     """Streams Hit@k / NDCG@k over batches of ranks; sums are kept in float64.
 
@@ -192,7 +203,9 @@ __all__ = [
     "RankingAccumulator",
     "hit_at_k",
     "mask_history",
+    "metric_names",
     "ndcg_at_k",
+    "per_sample_metrics",
     "ranking_metrics",
     "target_rank",
     "topk_items",
