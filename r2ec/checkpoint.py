@@ -281,13 +281,16 @@ def pickle_files(folder: Path) -> list[Path]:
 
 @dataclass(frozen=True)
 class Compat:
-    """What must match for a checkpoint to continue a run: base model, catalogue, LoRA shape, hidden size."""
+    """What must match for a checkpoint to continue a run: base model, catalogue, LoRA shape, hidden size, and the
+    train split (the sampler's saved position indexes into it; a split built from other data or under another order
+    rule would silently continue on other samples)."""
 
     base_model: str
     catalogue_sha256: str
     num_items: int
     lora: dict | None
     hidden_size: int
+    train_split_sha256: str | None = None  # None: a checkpoint written before the train split was recorded
 
     def differences(self, other: Compat) -> list[str]:
         out = []
@@ -295,6 +298,10 @@ class Compat:
             a, b = getattr(self, field), getattr(other, field)
             if a != b:
                 out.append(f"{field}: checkpoint {b!r}, this run {a!r}")
+        if self.train_split_sha256 != other.train_split_sha256:
+            saved = other.train_split_sha256[:12] if other.train_split_sha256 else "not recorded (an older version)"
+            out.append(f"train split: checkpoint {saved}, this run {str(self.train_split_sha256)[:12]} (other data, "
+                       "data settings or sample order rule: the saved sampler position would point at other samples)")
         return out
 
 

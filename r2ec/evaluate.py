@@ -231,7 +231,7 @@ class EvalSubset:
     @classmethod
     def of(cls, prepared, split: str, max_samples: int | None, eval_cfg) -> EvalSubset:
         """The user-stratified subset of ``max_samples`` samples (the whole split for None)."""
-        users = prepared.splits[split]["user_id"]
+        users = list(prepared.splits[split]["user_id"])
         if not users:
             raise ValueError(f"the {split} split is empty; nothing to evaluate")
         indices = stratified_subset(users, max_samples, eval_cfg.subset_seed)
@@ -242,6 +242,12 @@ class EvalSubset:
         return {"rule": rule, "max_samples": self.max_samples,
                 "subset_seed": self.seed, "ci": {"unit": "user", "level": 0.95, "resamples": self.ci_resamples,
                                                  "seed": self.ci_seed}}
+
+
+def format_metrics(result: dict) -> str:
+    """``hit@5=0.0123 ndcg@5=...``: the point metrics of an evaluation result on one line (intervals left out)."""
+    return " ".join(f"{k}={v:.4f}" for k, v in result.items()
+                    if k.startswith(("hit@", "ndcg@")) and not k.endswith("_ci95"))
 
 
 def samples_sha256(sample_ids: list[int], user_ids: list[str], target_item_ids: list[str]) -> str:

@@ -56,13 +56,14 @@ def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
 
 
-def compat_of(cfg: Config, item_ids: list[str], hidden_size: int | None) -> Compat:
+def compat_of(cfg: Config, item_ids: list[str], hidden_size: int | None,
+              train_split_sha256: str | None) -> Compat:
     lora = cfg.model.lora
     return Compat(base_model=cfg.model.name_or_path, catalogue_sha256=catalogue_sha256(item_ids),
                   num_items=len(item_ids),
                   lora=({"r": lora.r, "alpha": lora.alpha, "target_modules": sorted(lora.target_modules)}
                         if lora.enabled else None),
-                  hidden_size=hidden_size or 0)
+                  hidden_size=hidden_size or 0, train_split_sha256=train_split_sha256)
 
 
 def write_driver_state(folder: Path, cfg: Config, state: dict[str, Any], table: torch.Tensor,
@@ -93,11 +94,12 @@ def read_driver_state(folder: Path) -> tuple[dict[str, Any], torch.Tensor, tuple
         raise CheckpointError(f"{folder / ITEM_TABLE}: unreadable ({e})") from e
 
 
-def check_compatible(cfg: Config, state: dict[str, Any], item_ids: list[str], folder: Path) -> list[str]:
+def check_compatible(cfg: Config, state: dict[str, Any], item_ids: list[str], train_split_sha256: str,
+                     folder: Path) -> list[str]:
     """Refuse a checkpoint this run cannot continue (CheckpointError saying what differs); return the names of
     other settings that differ from the checkpoint's config (allowed, e.g. lr, max_steps, worker counts)."""
     saved = Compat(**state["compat"])
-    mine = compat_of(cfg, item_ids, saved.hidden_size)
+    mine = compat_of(cfg, item_ids, saved.hidden_size, train_split_sha256)
     diff = mine.differences(saved)
     if diff:
         raise CheckpointError(f"{folder} cannot continue this run; it differs in: " + "; ".join(diff))

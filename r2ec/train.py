@@ -32,7 +32,7 @@ import torch
 from r2ec.algo.metrics import mask_history
 from r2ec.algo.recpo import cosine_scores, unit_rows
 from r2ec.config import Config
-from r2ec.evaluate import EvalSubset, history_tensor, item_prompt_ids, rank_split, user_prompt_ids
+from r2ec.evaluate import EvalSubset, format_metrics, history_tensor, item_prompt_ids, rank_split, user_prompt_ids
 from r2ec.protocol import Rollout, TrainShard
 from r2ec.run_state import compat_of, rollout_seed
 
@@ -107,8 +107,9 @@ def train(cfg: Config, log=print, resume: str = "auto") -> dict:
     G, steps = cfg.recpo.group_size, total_steps(cfg, len(train_ds))
     sampler = EpochSampler(len(train_ds), cfg.run.seed)
     device = str(resolve_device(cfg.run.device))
-    resumed = _find_checkpoint(cfg, out_dir, resume, prepared.item_ids(), log)
-    compat = compat_of(cfg, prepared.item_ids(), None)
+    train_sha = prepared.split_sha256("train")
+    resumed = _find_checkpoint(cfg, out_dir, resume, prepared.item_ids(), train_sha, log)
+    compat = compat_of(cfg, prepared.item_ids(), None, train_sha)
     (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
 
     subsets = {"valid": EvalSubset.of(prepared, "valid", cfg.eval.valid_max_samples, cfg.eval),
@@ -190,8 +191,7 @@ def train(cfg: Config, log=print, resume: str = "auto") -> dict:
                 valid = evaluate_split(system, run, "valid")
                 metrics.log(step, {f"valid/{k}": v for k, v in valid.items() if isinstance(v, float)}
                             | {"valid/item_table_version": run.table_version})
-                log(f"step {step}: valid " + " ".join(f"{k}={v:.4f}" for k, v in valid.items()
-                                                      if k.startswith(("hit", "ndcg"))))
+                log(f"step {step}: valid {format_metrics(valid)}")
                 new_best = run.best is None or valid[_best_key(cfg)] > run.best["value"]
                 if new_best:
                     run.best = {"step": step, "metric": _best_key(cfg), "value": valid[_best_key(cfg)]}
@@ -205,7 +205,7 @@ def train(cfg: Config, log=print, resume: str = "auto") -> dict:
             refresh_table(system, run)
         test = evaluate_split(system, run, "test")
         metrics.log(steps, {f"test/{k}": v for k, v in test.items() if isinstance(v, float)})
-    log("test " + " ".join(f"{k}={v:.4f}" for k, v in test.items() if k.startswith(("hit", "ndcg"))))
+    log(f"test {format_metrics(test)}")
     return {"valid": valid, "test": test, "steps": steps, "resumed_from": resumed.step if resumed else None}
 
 
@@ -237,7 +237,8 @@ def _best_key(cfg: Config) -> str:
     return "ndcg@10" if 10 in cfg.eval.ks else f"ndcg@{max(cfg.eval.ks)}"
 
 
-def _find_checkpoint(cfg: Config, out_dir: Path, resume: str, item_ids: list[str], log) -> _Resumed | None:
+def _find_checkpoint(cfg: Config, out_dir: Path, resume: str, item_ids: list[str], train_sha: str,
+                     log) -> _Resumed | None:
     from r2ec import checkpoint as ck
     from r2ec.run_state import check_compatible, read_driver_state
 
@@ -253,7 +254,7 @@ def _find_checkpoint(cfg: Config, out_dir: Path, resume: str, item_ids: list[str
                                      f"above); fix or move them, or start over in another run.output_dir")
         return None
     state, table, updates = read_driver_state(folder)
-    changed = check_compatible(cfg, state, item_ids, folder)
+    changed = check_compatible(cfg, state, item_ids, train_sha, folder)
     log(f"resume: {folder} (step {state['step']}); settings changed since: {', '.join(changed) or 'none'}")
     return _Resumed(folder, state, table, updates)
 

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from r2ec.algo.recpo import item_loss
-from r2ec.evaluate import EvalSubset, item_prompt_ids, rank_split, user_prompt_ids, zero_shot_item_table
+from r2ec.evaluate import EvalSubset, format_metrics, item_prompt_ids, rank_split, user_prompt_ids, zero_shot_item_table
 from study.sasrec import split_metrics, split_rows
 
 
@@ -223,8 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["test"] = rank_split(prepared, test_subset, cfg.eval.batch_size, ks, out, "r2ec-no-reasoning", score,
                                  extra)
     for name, r in results.items():
-        print(f"{name:>6}: " + "  ".join(f"{k} {r[k]:.4f}" for k in r if "@" in k and not k.endswith("_ci95"))
-              + f"  (n={r['num_samples']}, users {r['num_users']})")
+        print(f"{name:>6}: {format_metrics(r)}  (n={r['num_samples']}, users {r['num_users']})")
     return results
 
 

@@ -67,7 +67,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from r2ec.algo.metrics import RankingAccumulator, mask_history, target_rank
-from r2ec.evaluate import EvalSubset, history_tensor, rank_split
+from r2ec.evaluate import EvalSubset, format_metrics, history_tensor, rank_split
 
 
 # ------------------------------------------------------------------------------------------------------ model
@@ -371,8 +371,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise RuntimeError(f"valid NDCG@10 of the best weights ({results['valid']['ndcg@10']}) differs from the one "
                            f"seen in training ({best}): evaluation is not deterministic")
     for name, r in results.items():
-        print(f"{name:>16}: " + "  ".join(f"{k} {r[k]:.4f}" for k in r if "@" in k and not k.endswith("_ci95"))
-              + f"  (n={r['num_samples']}, users {r['num_users']})")
+        print(f"{name:>16}: {format_metrics(r)}  (n={r['num_samples']}, users {r['num_users']})")
     return results
 
 

@@ -135,6 +135,15 @@ def test_compat_lists_every_difference():
     assert a.differences(a) == []
 
 
+def test_compat_refuses_another_train_split_and_checkpoints_that_did_not_record_it():
+    new = ck.Compat("base", "aaa", 10, None, 64, train_split_sha256="1" * 64)
+    other = ck.Compat("base", "aaa", 10, None, 64, train_split_sha256="2" * 64)
+    old = ck.Compat("base", "aaa", 10, None, 64)  # written before the split was recorded (older rule)
+    assert new.differences(new) == []
+    assert "train split: checkpoint 222222222222, this run 111111111111" in " ".join(new.differences(other))
+    assert "not recorded" in " ".join(new.differences(old))
+
+
 def test_rng_states_round_trip_through_json():
     random.seed(1)
     np.random.seed(2)

@@ -91,6 +91,12 @@ class PreparedData:
         """item_id of every catalogue item, in item_idx order."""
         return list(self.items["item_id"])
 
+    def split_sha256(self, split: str) -> str:
+        """A fingerprint of a split's samples in order (sample_id, user_id, target item_idx): equal for equal splits."""
+        ds = self.splits[split]
+        cols = [list(ds[c]) for c in ("sample_id", "user_id", "target_item_idx")]
+        return hashlib.sha256(json.dumps(cols).encode()).hexdigest()
+
     def earlier_items(self, split: str, row: int) -> list[int]:
         """item_idx of ALL the user's items before the target of ``splits[split][row]`` (not just history)."""
         sample = self.splits[split][row]
