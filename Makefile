@@ -60,11 +60,13 @@ bench: $(VENV)/.bench assets
 	$(PY) bench/trl_grpo.py
 
 # The quality study on MovieLens-100k (docs/results.md): every method, then the table and the curves.
-# Hours on a 2-core CPU machine, most of it reasoning at test time (500 users per LLM method) and RecPO steps.
+# Hours on a 2-core CPU machine, most of it reasoning at test time (1,000 samples per LLM method) and RecPO steps.
 STUDY_CONFIG := configs/study-ml100k.yaml
 STUDY := outputs/study
 study: $(VENV)/.bench assets
 	$(VENV)/bin/r2ec eval --config $(STUDY_CONFIG) --baseline popularity --set run.output_dir=$(STUDY)/popularity
+	$(VENV)/bin/r2ec eval --config $(STUDY_CONFIG) --baseline popularity --set eval.max_samples=null \
+		--set run.output_dir=$(STUDY)/popularity-full
 	$(PY) -m study.sasrec --config $(STUDY_CONFIG) --out $(STUDY)/sasrec
 	$(VENV)/bin/r2ec eval --config $(STUDY_CONFIG) --set model.lora.enabled=false --set run.output_dir=$(STUDY)/zero-shot
 	$(PY) -m study.no_reasoning --config $(STUDY_CONFIG) --out $(STUDY)/no-reasoning

@@ -1,13 +1,18 @@
-"""The quality study's table and curves, from what the study's runs wrote under ``outputs/study/``.
+"""The quality study's tables and curves, from what the study's runs wrote under ``outputs/study/``.
 
-Reads each method's ``eval_test.json`` and ``eval_test_samples.jsonl`` (the per-sample target ranks every evaluation
-in this project writes), recomputes Hit@K / NDCG@K over the first ``--samples`` test samples with the project's
-metric code, and adds a 95% bootstrap interval for NDCG@10 (resampling test samples) and, against R2ec + RecPO, a
-paired bootstrap interval of the difference: with 500 test samples a Hit@10 of 0.06 is 30 hits, so differences of
-a few hundredths are within noise and the table says so. Draws the RecPO training curves (reward, R_d, validation
-NDCG@10 vs step) as PNG files.
+Two tables, each made by ``r2ec compare`` (``r2ec.compare``) from the evaluations' per-sample ranks, so every method is
+measured the same way, on the same samples, with 95% intervals that resample users and, for each method, a paired
+user-bootstrap interval of its difference from the first row (popularity):
 
-    python -m study.report                       # table on stdout, study/results.json, docs/img/study_*.png
+* the study subset: the user-stratified subset of ``eval.max_samples`` test samples (``configs/study-ml100k.yaml``),
+  the one every method can afford, the LLM methods included;
+* the full test split, for the methods cheap enough to rank all of it.
+
+A method whose evaluation is missing, or was computed on other samples (e.g. under the old split), is listed as such
+and left out of the table; ``r2ec compare`` refuses to mix them. Draws the RecPO training curves (reward, R_d,
+validation NDCG@10 vs step) as PNG files.
+
+    python -m study.report      # tables on stdout, study/results.json, docs/img/study_curves.png
 """
 
 from __future__ import annotations
@@ -16,81 +21,65 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
+from r2ec.compare import CompareError, compare, format_table, load_evaluation, sample_difference
 
-from r2ec.algo.metrics import ndcg_at_k, ranking_metrics
-
-# (folder under outputs/study, label in the table); the order of the table.
-METHODS = [
-    ("popularity", "Popularity"),
-    ("sasrec", "SASRec"),
-    ("zero-shot", "Zero-shot dual-head (SmolLM2-135M)"),
-    ("no-reasoning", "R2ec w/o reasoning (item loss only)"),
-    ("recpo", "R2ec + RecPO"),
+# (evaluation under --root, label); the order of the tables; the first present one is the reference.
+SUBSET = [
+    ("popularity/eval_test.json", "Popularity"),
+    ("sasrec/subset{n}/eval_test.json", "SASRec"),
+    ("zero-shot/eval_test.json", "Zero-shot dual-head (SmolLM2-135M)"),
+    ("no-reasoning/eval_test.json", "R2ec w/o reasoning"),
+    ("recpo/eval_test.json", "R2ec + RecPO"),
 ]
-REFERENCE = "recpo"
-KS = (5, 10, 20)
+FULL = [
+    ("popularity-full/eval_test.json", "Popularity"),
+    ("sasrec/eval_test.json", "SASRec"),
+]
 
 
-def load_ranks(folder: Path, n: int) -> torch.Tensor | None:
-    """The first ``n`` per-sample target ranks (1-based) of a test evaluation, in split order."""
-    path = folder / "eval_test_samples.jsonl"
-    if not path.is_file():
+def table(root: Path, methods: list[tuple[str, str]], n: int, resamples: int, seed: int) -> dict | None:
+    """``r2ec compare`` over the methods whose evaluation exists and ranked the reference's samples."""
+    evals, skipped = [], []
+    for rel, label in methods:
+        path = root / rel.format(n=n)
+        if not path.is_file():
+            skipped.append({"method": label, "why": f"no {path}"})
+            continue
+        e = load_evaluation(path, label)
+        why = sample_difference(evals[0], e) if evals else None
+        if why is not None:
+            skipped.append({"method": label, "why": why})
+            continue
+        evals.append(e)
+    for s in skipped:
+        print(f"(left out: {s['method']}: {s['why']})")
+    if len(evals) < 2:
         return None
-    ranks = [json.loads(line)["target_rank"] for line in path.read_text().splitlines() if line.strip()]
-    if len(ranks) < n:
-        raise SystemExit(f"{path}: {len(ranks)} test samples, fewer than the {n} the table compares on; "
-                         f"re-run that method with eval.max_samples >= {n}")
-    return torch.as_tensor(ranks[:n])
-
-
-def bootstrap(values: torch.Tensor, reps: int, seed: int) -> tuple[float, float]:
-    """95% percentile interval of the mean of ``values`` (N,) over ``reps`` resamples of the N samples."""
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, len(values), (reps, len(values)), generator=g)
-    means = values[idx].mean(dim=1)
-    return float(means.quantile(0.025)), float(means.quantile(0.975))
+    result = compare(evals, resamples=resamples, seed=seed)
+    print(format_table(result) + "\n")
+    return {**result, "left_out": skipped}
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description="quality study: table + curves")
+    p = argparse.ArgumentParser(description="quality study: tables + curves")
     p.add_argument("--root", default="outputs/study")
-    p.add_argument("--samples", type=int, default=500, help="compare on the first N test samples")
-    p.add_argument("--reps", type=int, default=2000)
+    p.add_argument("--config", default="configs/study-ml100k.yaml", help="for eval.max_samples / ci settings")
     p.add_argument("--img", default="docs/img")
     p.add_argument("--out", default="study/results.json")
     args = p.parse_args()
+    from r2ec.config import load_config
+
+    ev = load_config(args.config).eval
     root = Path(args.root)
-
-    ranks = {key: load_ranks(root / key, args.samples) for key, _ in METHODS}
-    ref = ranks.get(REFERENCE)
-    rows = []
-    for key, label in METHODS:
-        r = ranks[key]
-        if r is None:
-            print(f"(no results for {key} under {root / key}; skipped)")
-            continue
-        m = ranking_metrics(r, KS)
-        ndcg10 = ndcg_at_k(r, 10).double()
-        row = {"method": label, "samples": len(r), **{k: float(v) for k, v in m.items()},
-               "ndcg@10_ci": bootstrap(ndcg10, args.reps, 0)}
-        if ref is not None and key != REFERENCE:
-            diff = ndcg_at_k(ref, 10).double() - ndcg10  # paired: the same test samples
-            row["recpo_minus_this_ndcg@10_ci"] = bootstrap(diff, args.reps, 1)
-        rows.append(row)
-
-    cols = [f"{m}@{k}" for k in KS for m in ("hit", "ndcg")]
-    print(f"\nTest, first {args.samples} samples (full-catalogue ranking, history masked)\n")
-    print("| method | " + " | ".join(c.replace("hit", "H").replace("ndcg", "N") for c in cols)
-          + " | N@10 95% CI | RecPO - this, N@10 95% CI |")
-    print("| --- " * (len(cols) + 3) + "|")
-    for row in rows:
-        ci = "[{:.4f}, {:.4f}]".format(*row["ndcg@10_ci"])
-        d = row.get("recpo_minus_this_ndcg@10_ci")
-        dci = "[{:+.4f}, {:+.4f}]".format(*d) if d else ""
-        print(f"| {row['method']} | " + " | ".join(f"{row[c]:.4f}" for c in cols) + f" | {ci} | {dci} |")
-    Path(args.out).write_text(json.dumps({"samples": args.samples, "rows": rows}, indent=1) + "\n")
-    print(f"\n-> {args.out}")
+    try:
+        print(f"\nTest, the user-stratified subset of {ev.max_samples} samples\n")
+        subset = table(root, SUBSET, ev.max_samples, ev.ci_resamples, ev.ci_seed)
+        print("\nTest, the full split\n")
+        full = table(root, FULL, ev.max_samples, ev.ci_resamples, ev.ci_seed)
+    except CompareError as e:
+        raise SystemExit(f"study.report: {e}") from None
+    Path(args.out).write_text(json.dumps({"subset": subset, "full": full}, indent=1) + "\n")
+    print(f"-> {args.out}")
     curves(root / "recpo", root / "no-reasoning", Path(args.img))
 
 
@@ -100,17 +89,17 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def curves(recpo: Path, no_reasoning: Path, img: Path) -> None:
     """Reward and R_d per step (with a 5-step moving average) and validation NDCG@10, as PNG files."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     records = _read_jsonl(recpo / "metrics.jsonl")
     steps = [r for r in records if "reward_mean" in r]
     valid = [r for r in records if "valid/ndcg@10" in r]
     if not steps:
         print(f"(no {recpo / 'metrics.jsonl'}; no curves drawn)")
         return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     img.mkdir(parents=True, exist_ok=True)
     x = [r["step"] for r in steps]
 
