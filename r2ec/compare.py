@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from r2ec.algo.bootstrap import user_bootstrap_ci, user_codes
-from r2ec.algo.metrics import metric_names, per_sample_metrics
+from r2ec.algo.metrics import is_point_metric, metric_names, per_sample_metrics
 
 
 class CompareError(ValueError):
@@ -121,7 +121,7 @@ def shared_metrics(evals: list[Evaluation]) -> list[str]:
     """hit@K / ndcg@K for every K that all evaluations report, K ascending."""
     ks = None
     for e in evals:
-        mine = {int(k.split("@")[1]) for k in e.meta if k.startswith(("hit@", "ndcg@")) and not k.endswith("_ci95")}
+        mine = {int(k.split("@")[1]) for k in e.meta if is_point_metric(k)}
         ks = mine if ks is None else ks & mine
     return metric_names(sorted(ks or ()))
 
@@ -192,10 +192,11 @@ def compare_command(specs: list[str], split: str, json_out: str | None, metrics:
     evals = [load_evaluation(p, n) for p, n in zip(paths, names, strict=True)]
     chosen = [m.strip() for m in metrics.split(",")] if metrics else None
     if chosen:
-        missing = [m for m in chosen if m not in shared_metrics(evals)]
+        available = shared_metrics(evals)
+        missing = [m for m in chosen if m not in available]
         if missing:
             raise CompareError(f"--metrics {', '.join(missing)}: not reported by every evaluation "
-                               f"(available: {', '.join(shared_metrics(evals))})")
+                               f"(available: {', '.join(available)})")
     result = compare(evals, chosen, resamples, seed)
     print(format_table(result))
     if json_out:

@@ -37,6 +37,7 @@ import torch
 from r2ec.algo.bootstrap import user_bootstrap_ci, user_codes
 from r2ec.algo.metrics import (
     RankingAccumulator,
+    is_point_metric,
     mask_history,
     metric_names,
     per_sample_metrics,
@@ -45,6 +46,7 @@ from r2ec.algo.metrics import (
 )
 from r2ec.algo.recpo import unit_rows
 from r2ec.data.sampler import stratified_subset
+from r2ec.data.samples import samples_sha256
 from r2ec.prompts import PromptBuilder, render_item, render_user
 
 TOP_N_LOGGED = 10
@@ -246,15 +248,7 @@ class EvalSubset:
 
 def format_metrics(result: dict) -> str:
     """``hit@5=0.0123 ndcg@5=...``: the point metrics of an evaluation result on one line (intervals left out)."""
-    return " ".join(f"{k}={v:.4f}" for k, v in result.items()
-                    if k.startswith(("hit@", "ndcg@")) and not k.endswith("_ci95"))
-
-
-def samples_sha256(sample_ids: list[int], user_ids: list[str], target_item_ids: list[str]) -> str:
-    """A fingerprint of exactly which samples were evaluated (order-free): two evaluations with the same one ranked
-    the same (sample, user, target) triples."""
-    triples = sorted(zip(sample_ids, user_ids, target_item_ids, strict=True))
-    return hashlib.sha256(json.dumps(triples).encode()).hexdigest()
+    return " ".join(f"{k}={v:.4f}" for k, v in result.items() if is_point_metric(k))
 
 
 def user_intervals(ranks: torch.Tensor, user_ids: list[str], ks: list[int], resamples: int, seed: int) -> dict:

@@ -109,6 +109,11 @@ def metric_names(ks: Iterable[int]) -> list[str]:
     return [f"{m}@{k}" for k in ks for m in ("hit", "ndcg")]
 
 
+def is_point_metric(key: str) -> bool:
+    """``hit@K`` / ``ndcg@K`` keys of an evaluation result, not their ``_ci95`` intervals or other fields."""
+    return key.startswith(("hit@", "ndcg@")) and not key.endswith("_ci95")
+
+
 def per_sample_metrics(rank: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
     """(N, M) float64: each sample's value of each named metric (``hit@K`` / ``ndcg@K``).  rank: (N,) long."""
     fns = {"hit": hit_at_k, "ndcg": ndcg_at_k}
@@ -202,6 +207,7 @@ def topk_items(item_scores: torch.Tensor, k: int) -> torch.Tensor:
 __all__ = [
     "RankingAccumulator",
     "hit_at_k",
+    "is_point_metric",
     "mask_history",
     "metric_names",
     "ndcg_at_k",

@@ -31,7 +31,7 @@ from r2ec.config import DataConfig
 from r2ec.data.amazon import is_url, load_amazon
 from r2ec.data.errors import DataError
 from r2ec.data.movielens import INTER_FILE, ITEM_FILE, load_movielens
-from r2ec.data.samples import SPLITS, BuiltData, build_samples
+from r2ec.data.samples import SPLITS, BuiltData, build_samples, samples_sha256
 from r2ec.data.schema import SourceTables, load_files
 
 Log = Callable[[str], Any]
@@ -92,10 +92,9 @@ class PreparedData:
         return list(self.items["item_id"])
 
     def split_sha256(self, split: str) -> str:
-        """A fingerprint of a split's samples in order (sample_id, user_id, target item_idx): equal for equal splits."""
-        ds = self.splits[split]
-        cols = [list(ds[c]) for c in ("sample_id", "user_id", "target_item_idx")]
-        return hashlib.sha256(json.dumps(cols).encode()).hexdigest()
+        """:func:`samples_sha256` of a whole split (sample ids fix its order): equal for equal splits."""
+        ds, ids = self.splits[split], self.item_ids()
+        return samples_sha256(list(ds["sample_id"]), list(ds["user_id"]), [ids[t] for t in ds["target_item_idx"]])
 
     def earlier_items(self, split: str, row: int) -> list[int]:
         """item_idx of ALL the user's items before the target of ``splits[split][row]`` (not just history)."""

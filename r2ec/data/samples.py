@@ -39,8 +39,11 @@ Deviations from the official code (YRYangang/RRec, preprocess.py):
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -68,6 +71,13 @@ class BuiltData:
     splits: dict[str, dict[str, list[Any]]]
     user_sequences: dict[str, list[Any]]
     stats: dict[str, Any]  # users, items, items_without_interactions, interactions, samples, dropped, order_rule
+
+
+def samples_sha256(sample_ids: Sequence[int], user_ids: Sequence[str], target_item_ids: Sequence[str]) -> str:
+    """A fingerprint of a set of samples (order-free): equal exactly when the same (sample_id, user_id, target
+    item_id) triples are in it. Used for evaluated subsets and for the train split a checkpoint continues."""
+    triples = sorted(zip(sample_ids, user_ids, target_item_ids, strict=True))
+    return hashlib.sha256(json.dumps(triples).encode()).hexdigest()
 
 
 def split_sizes(n: int, train_frac: float, valid_frac: float) -> tuple[int, int, int]:
