@@ -33,6 +33,8 @@ Deviations from the paper / official code
 * Rewards and similarity scores are computed in at least float32 even when the model runs in bf16.
 * Like the official code, duplicate targets in a batch stay separate in-batch candidates (``labels``
   index chains' targets, not unique items); the caller decides the candidate set h_items.
+* ``catalogue_item_loss`` is not in the paper or the official code: the item term's softmax over the whole
+  catalogue (cached rows detached, the step's re-encoded targets with gradient, history masked as in evaluation).
 """
 
 from dataclasses import dataclass
@@ -40,7 +42,7 @@ from typing import Literal
 
 import torch
 
-from r2ec.algo.metrics import ndcg_at_k, target_rank
+from r2ec.algo.metrics import mask_history, ndcg_at_k, target_rank
 
 Normaliser = int | float | torch.Tensor | None
 
@@ -270,6 +272,19 @@ def kl_penalty(
     return k3.sum() / _resolve_normaliser(keep.sum(), num_tokens)
 
 
+def _weighted_nll(logits: torch.Tensor, labels: torch.Tensor, adv: torch.Tensor, relabel: torch.Tensor,
+                  num_chains: Normaliser) -> torch.Tensor:
+    """-sum_i relabel_i * A_i * log_softmax(logits_i)[labels_i] / num_chains; logits (N, M), the rest (N,)."""
+    log_p = torch.log_softmax(logits, dim=-1).gather(1, labels.unsqueeze(-1)).squeeze(-1)  # (N,)
+    zero = torch.zeros((), dtype=log_p.dtype, device=log_p.device)
+    # Zero the weight itself with where (not the product): a non-relabelled chain's advantage may be
+    # anything (even NaN) and must not leak into the loss or, via 0 * NaN, into the gradient.
+    weight = torch.where(relabel.bool(), adv.detach().to(log_p.dtype), zero)
+    per_chain = -weight * log_p
+    count = torch.tensor(logits.shape[0], device=log_p.device, dtype=log_p.dtype)
+    return per_chain.sum() / _resolve_normaliser(count, num_chains)
+
+
 def item_loss(
     h_user: torch.Tensor,
     h_items: torch.Tensor,
@@ -302,21 +317,63 @@ def item_loss(
     Returns:
         scalar.
     """
-    logits = cosine_scores(h_user, h_items, tau)  # (N, M)
-    log_p = torch.log_softmax(logits, dim=-1).gather(1, labels.unsqueeze(-1)).squeeze(-1)  # (N,)
-    zero = torch.zeros((), dtype=log_p.dtype, device=log_p.device)
-    # Zero the weight itself with where (not the product): a non-relabelled chain's advantage may be
-    # anything (even NaN) and must not leak into the loss or, via 0 * NaN, into the gradient.
-    weight = torch.where(relabel.bool(), adv.detach().to(log_p.dtype), zero)
-    per_chain = -weight * log_p
-    count = torch.tensor(h_user.shape[0], device=log_p.device, dtype=log_p.dtype)
-    return per_chain.sum() / _resolve_normaliser(count, num_chains)
+    return _weighted_nll(cosine_scores(h_user, h_items, tau), labels, adv, relabel, num_chains)
+
+
+def catalogue_candidates(table: torch.Tensor, items: torch.Tensor, h_items: torch.Tensor) -> torch.Tensor:
+    """The whole catalogue as item-loss candidates: the cached table rows, detached, with the freshly encoded
+    ``items`` (with gradient) in their place.
+
+    Args:
+        table: (V, d) float, the cached item table H_V (its rows are constants here).
+        items: (K,) long, distinct catalogue indices re-encoded in this step.
+        h_items: (K, d) float, their encodings (with grad).
+
+    Returns:
+        (V, d) float32 (float64 if either input is float64); gradient flows to ``h_items`` only.
+    """
+    dtype = torch.promote_types(_upcast(table).dtype, _upcast(h_items).dtype)
+    if items.numel() != torch.unique(items).numel():
+        raise ValueError("catalogue_candidates: items must be distinct (one fresh encoding per row)")
+    return table.detach().to(dtype).index_put((items,), h_items.to(dtype))
+
+
+def catalogue_item_loss(
+    h_user: torch.Tensor,
+    candidates: torch.Tensor,
+    target_idx: torch.Tensor,
+    history_idx: torch.Tensor,
+    adv: torch.Tensor,
+    relabel: torch.Tensor,
+    tau: float = 0.02,
+    num_chains: Normaliser = None,
+) -> torch.Tensor:
+    """The item term with the whole catalogue as negatives (not in the paper; ``item_negatives: catalogue``).
+
+    logits = cos(h_user, candidates) / tau with each user's history masked to -inf (never the target), exactly the
+    scores the full-ranking evaluation ranks; loss = -sum_i relabel_i * A_i * log_softmax(logits_i)[target_i] /
+    num_chains. With V candidates every chain gets V - 1 - |history| negatives instead of the batch's few.
+
+    Args:
+        h_user: (N, d) float, final hidden states (with grad).
+        candidates: (V, d) float, ``catalogue_candidates(table, items, h_items)``.
+        target_idx: (N,) long, catalogue index of each chain's target.
+        history_idx: (N, H) long, the users' earlier items, -1 padded.
+        adv, relabel, tau, num_chains: as in ``item_loss``.
+
+    Returns:
+        scalar.
+    """
+    logits = mask_history(cosine_scores(h_user, candidates, tau), history_idx, target_idx)
+    return _weighted_nll(logits, target_idx, adv, relabel, num_chains)
 
 
 __all__ = [
     "RewardOutput",
     "TokenLossOutput",
     "compute_advantages",
+    "catalogue_candidates",
+    "catalogue_item_loss",
     "cosine_scores",
     "fused_reward",
     "grpo_advantages",
