@@ -171,6 +171,7 @@ def learner_export(model_cfg):
     """A LearnerWorker holding ``model_cfg``'s model without DeepSpeed: its ``weight_metas`` / ``_full_weights`` are
     the learner's own export code (ZeRO-0/1/2 path: no gathers). LoRA adapters get random B so the merge is real."""
     from learner.ds_config import training_dtype
+    from learner.weights import export_units
     from learner.worker import LearnerWorker
     from r2ec.model import DualHeadModel
 
@@ -185,7 +186,7 @@ def learner_export(model_cfg):
                     p.copy_(0.01 * torch.randn(p.shape, generator=g))
     learner = LearnerWorker.__new__(LearnerWorker)  # no __init__: no DeepSpeed, no process group
     learner.model_cfg, learner.zero3, learner.dual = model_cfg, False, dual
-    learner._units = LearnerWorker._export_units(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    learner._units = export_units(model.get_base_model() if hasattr(model, "get_base_model") else model)
     return learner
 
 

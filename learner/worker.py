@@ -54,27 +54,28 @@ Imports no vllm and no ray; deepspeed is imported lazily inside methods.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import datetime
 import json
 import math
 import os
-import random
 import socket
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from learner.ds_config import build_ds_config, training_dtype
-from r2ec.algo.recpo import RewardOutput, compute_advantages, fused_reward, item_loss, relabel_mask, token_loss
-from r2ec.config import LearnerConfig, ModelConfig, RecPOConfig
+from learner.item_term import item_term, score_std_mean, table_cosine_mean
+from learner.rng import rng_state, seed_all, set_rng_state
+from learner.weights import ExportUnit, export_units, full_shape, merged_lora_weight
+from r2ec.algo.metrics import ndcg_at_k, target_rank
+from r2ec.algo.recpo import RewardOutput, compute_advantages, fused_reward, relabel_mask, token_loss
+from r2ec.config import LearnerConfig, ModelConfig, RecPOConfig, WarmupConfig
 from r2ec.model import DualHeadModel
-from r2ec.protocol import StepResult, TrainShard
+from r2ec.protocol import StepResult, TrainShard, WarmupShard
 from r2ec.weight_sync import SyncGroup, TensorMeta, bound_store, open_group, send
 
 
@@ -105,48 +106,12 @@ class _PolicyNet(torch.nn.Module):
         return [c.token_ids for c in self.dual.generate(prompt_ids, max_new_tokens, synced_gpus=synced)]
 
 
-@dataclass
-class _ExportUnit:
-    """A module whose own tensors are exported together (one ZeRO-3 gather): a LoRA layer (base weights merged
-    with the adapters) or any other module with parameters / persistent buffers of its own."""
-
-    prefix: str
-    module: torch.nn.Module
-    lora: bool
-
-    def tensors(self) -> list[tuple[str, torch.Tensor]]:
-        """(local name, tensor) of what a Hugging Face checkpoint holds for this module."""
-        owner = self.module.get_base_layer() if self.lora else self.module
-        named = list(owner.named_parameters(recurse=False))
-        named += [(n, b) for n, b in owner.named_buffers(recurse=False) if n not in owner._non_persistent_buffers_set]
-        return named
-
-    def params(self) -> list[torch.nn.Parameter]:
-        # A LoRA layer needs its adapters too (recursive); any other unit only its own parameters.
-        return list(self.module.parameters(recurse=self.lora))
-
-
-def _full_shape(t: torch.Tensor) -> tuple[int, ...]:
-    return tuple(getattr(t, "ds_shape", t.shape))  # ZeRO-3 partitioned parameters have shape (0,)
-
-
-def _merged_lora_weight(layer: torch.nn.Module) -> torch.Tensor:
-    """W + sum_a B_a A_a * scaling_a over the active adapters, exactly as peft's ``merge_and_unload`` computes it."""
-    if getattr(layer, "lora_variant", None) or any(getattr(layer, "lora_bias", {}).values()):
-        raise NotImplementedError("weight export merges plain LoRA only (no DoRA or other variants, no lora_bias)")
-    weight = layer.get_base_layer().weight.detach()
-    for adapter in layer.active_adapters:
-        if adapter in layer.lora_A or adapter in getattr(layer, "lora_embedding_A", {}):
-            weight = weight + layer.get_delta_weight(adapter).detach()
-    return weight
-
-
 class LearnerWorker:
     """One DeepSpeed data-parallel rank of the RecPO learner (see the module docstring for the step)."""
 
     def __init__(self, model_cfg: ModelConfig, learner_cfg: LearnerConfig, recpo_cfg: RecPOConfig, rank: int,
                  world_size: int, master_addr: str, master_port: int, device: str, seed: int,
-                 load_universal: bool = False):
+                 load_universal: bool = False, warmup_cfg: WarmupConfig | None = None):
         if recpo_cfg.kl_coef > 0:
             raise NotImplementedError(
                 "recpo.kl_coef > 0 needs a frozen reference model on every learner rank, which the learner does not "
@@ -161,7 +126,7 @@ class LearnerWorker:
 
         self.model_cfg, self.learner_cfg, self.recpo_cfg = model_cfg, learner_cfg, recpo_cfg
         self.rank, self.world_size, self.master_addr = rank, world_size, master_addr
-        self.seed, self.load_universal = seed, load_universal
+        self.seed, self.load_universal, self.warmup_cfg = seed, load_universal, warmup_cfg
         self.zero3 = learner_cfg.zero_stage == 3
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0", MASTER_ADDR=master_addr,
                           MASTER_PORT=str(master_port))
@@ -197,7 +162,9 @@ class LearnerWorker:
 
         group_size = recpo_cfg.group_size
         self.chains_per_rank = learner_cfg.prompts_per_step // world_size * group_size
-        self.backward_calls = math.ceil(self.chains_per_rank / learner_cfg.micro_batch_size) + 1
+        # Backward calls of one optimiser update: the token micro-batches of one mini-batch, plus the item term.
+        chains_per_update = self.chains_per_rank // learner_cfg.mini_batches
+        self.backward_calls = math.ceil(chains_per_update / learner_cfg.micro_batch_size) + 1
         ds_config = build_ds_config(learner_cfg, learner_cfg.micro_batch_size, self.backward_calls, self.dtype,
                                     load_universal=load_universal)
         optimizer = torch.optim.AdamW(trainable, lr=learner_cfg.lr, weight_decay=learner_cfg.weight_decay)
@@ -205,7 +172,7 @@ class LearnerWorker:
         torch.manual_seed(seed + rank)  # dropout etc. differ across ranks from here on
 
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self._units = self._export_units(base)
+        self._units = export_units(base)
         self.item_prompt_ids: list[list[int]] = []
         self.table: torch.Tensor | None = None
         self._sync: tuple[SyncGroup, Any] | None = None
@@ -246,24 +213,43 @@ class LearnerWorker:
         self.item_prompt_ids = [list(p) for p in item_prompt_ids]
         self.table = table.detach().to(self.device, torch.float32).clone()
 
-    def _rewards(self, h_T: torch.Tensor, history_idx: torch.Tensor, target_idx: torch.Tensor) -> RewardOutput:
-        """RecPO's fused reward of each chain; history_idx / target_idx already repeated per chain."""
-        assert self.table is not None
-        scores = self.dual.item_scores(h_T.to(self.device, torch.float32), self.table, history_idx.to(self.device),
+    def _rewards(self, h_T: torch.Tensor, history_idx: torch.Tensor, target_idx: torch.Tensor,
+                 table: torch.Tensor) -> tuple[RewardOutput, torch.Tensor]:
+        """RecPO's fused reward of each chain and the (N, V) scores it came from; history_idx / target_idx already
+        repeated per chain."""
+        scores = self.dual.item_scores(h_T.to(self.device, torch.float32), table, history_idx.to(self.device),
                                        target_idx.to(self.device))
-        return fused_reward(scores, target_idx.to(self.device), beta=self.recpo_cfg.beta, k_r=self.recpo_cfg.k_r)
+        target = target_idx.to(self.device)
+        return fused_reward(scores, target, beta=self.recpo_cfg.beta, k_r=self.recpo_cfg.k_r), scores
+
+    def _apply_updates(self, idx: torch.Tensor, rows: torch.Tensor) -> None:
+        if self.table is None:
+            raise RuntimeError("a training step before set_items: the learner has no item table")
+        if idx.numel():
+            self.table[idx.to(self.device)] = rows.to(self.device, torch.float32)
+
+    def _set_lr(self, lr: float) -> None:
+        # The warm-up and the RecPO steps share one AdamW (its moments carry over); only the rate differs.
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _encode(self, seqs: list[list[int]]) -> torch.Tensor:
+        """Final hidden states with gradient; an empty list still runs one padding forward (ZeRO-3 collectives)."""
+        if not seqs:
+            return self.engine("last", [[self.dual.pad_id]])[:0]
+        return self.engine("last", [list(s) for s in seqs])
 
     # ------------------------------------------------------------------------------------------ training
     def train_step(self, shard: TrainShard) -> StepResult:
-        """One RecPO optimiser step on this rank's groups (collective: all ranks call it together).
+        """One RecPO step on this rank's groups: ``learner.mini_batches`` optimiser updates (collective: all ranks
+        call it together).
 
         Metrics: ``loss_token`` / ``loss_item`` are this rank's shares of the globally normalised losses (the step's
-        loss is their sum over ranks); ``grad_norm`` is the global norm before clipping (equal on every rank);
-        everything else describes this rank (average ``*_mean`` over ranks, take the worst ``alarm_*``)."""
-        if self.table is None:
-            raise RuntimeError("train_step before set_items: the learner has no item table")
+        loss is their sum over ranks; with several mini-batches, the mean over them); ``grad_norm`` is the global
+        norm before clipping (equal on every rank; mean over the updates); everything else describes this rank
+        (average ``*_mean`` / ``diag_*`` over ranks, take the worst ``alarm_*``)."""
         t_start = time.perf_counter()
-        G, rollout, W = self.recpo_cfg.group_size, shard.rollout, self.world_size
+        G, rollout = self.recpo_cfg.group_size, shard.rollout
         U, N = len(shard.prompt_ids), len(shard.rollout)
         if U == 0 or N != U * G:
             raise ValueError(f"train_step: {U} prompts and {N} chains do not form groups of G={G}")
@@ -277,45 +263,112 @@ class LearnerWorker:
                 raise ValueError(f"rollout row {r}: logp_mask does not fit its chain of {len(chain)} tokens")
 
         # 1. rows re-encoded by any rank in the previous step
-        if shard.table_updates_idx.numel():
-            self.table[shard.table_updates_idx.to(self.device)] = shard.table_updates.to(self.device, torch.float32)
+        self._apply_updates(shard.table_updates_idx, shard.table_updates)
+        self._set_lr(self.learner_cfg.lr)
+        table_cos = table_cosine_mean(self.table)
 
         # 2. rewards from the rollout's h_T, group advantages, relabel mask
         target_rep = shard.target_idx.repeat_interleave(G)
         history_rep = shard.history_idx.repeat_interleave(G, dim=0)
-        reward = self._rewards(rollout.h_T, history_rep, target_rep)
+        table_before = self.table.clone()  # the updates write re-encoded targets into self.table
+        reward, scores = self._rewards(rollout.h_T, history_rep, target_rep, table_before)
         rewards = reward.rewards.float().cpu()
         adv = compute_advantages(rewards.view(U, G), self.recpo_cfg.advantage)  # (U, G)
         relabel = relabel_mask(adv, self.recpo_cfg.relabel_topk)  # (U, G) bool
         adv_flat, relabel_flat = adv.flatten(), relabel.flatten()
         t_reward = time.perf_counter() - t_start
 
-        # 3. token term (clipped surrogate on sampled tokens), micro-batch by micro-batch
+        # 3. pi_old: with one update it is the current policy (ratio 1, computed inside the update); with several,
+        # every update is measured against the weights that sampled the chains, computed once here.
+        M = self.learner_cfg.mini_batches
+        t0 = time.perf_counter()
+        h_T_learner = torch.empty(N, self.hidden_size, dtype=torch.float32)
+        old_logp, logp_abs_diff = None, 0.0
+        if M > 1:
+            old_logp = self._chain_logp(shard, h_T_learner)
+            logp_abs_diff = float(((old_logp - rollout.logp.float()).abs() * rollout.logp_mask).sum())
+        t_old = time.perf_counter() - t0
+
+        # 4. the updates, each on whole groups: token term, item term, optimiser step
+        parts = [list(range(U))[m * U // M:(m + 1) * U // M] for m in range(M)]
+        ups = [self._update(shard, users, adv_flat, relabel_flat, old_logp, h_T_learner, single=M == 1)
+               for users in parts]
+        # The alarm's rewards: the learner's own h_T (before the first update) against the same table.
+        reward_learner, _ = self._rewards(h_T_learner, history_rep, target_rep, table_before)
+
+        items = torch.unique(torch.cat([u["items"] for u in ups]))
+        item_updates = self.table[items.to(self.device)].float().cpu()
+        t_token, t_item, t_opt = (sum(u[k] for u in ups) for k in ("t_token", "t_item", "t_opt"))
+        t_train = t_old + t_token + t_item + t_opt
+        metrics = {
+            "loss_token": sum(u["loss_token"] for u in ups) / M,
+            "loss_item": sum(u["loss_item"] for u in ups) / M,
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std()) if N > 1 else 0.0,
+            "r_d_mean": float(reward.r_d.mean()),
+            "r_c_mean": float(reward.r_c.mean()),
+            "target_rank_mean": float(reward.rank.double().mean()),
+            "adv_abs_mean": float(adv.abs().mean()),
+            "clip_frac": sum(u["clipped"] for u in ups) / max(local_tokens, 1),
+            "grad_norm": sum(u["grad_norm"] for u in ups) / M,
+            "grad_norm_token": sum(u["grad_norm_token"] for u in ups) / M,
+            "grad_norm_item": sum(u["grad_norm_item"] for u in ups) / M,
+            "diag_table_cos_mean": table_cos,
+            "diag_score_std": score_std_mean(scores),
+            "chain_len_mean": sum(len(c) for c in rollout.chain_ids) / N,
+            "num_tokens": float(local_tokens),
+            "item_candidates": sum(u["candidates"] for u in ups) / M,
+            "alarm_h_T_max_diff": float((h_T_learner - rollout.h_T.float()).abs().max()),
+            "alarm_logp_abs_diff_mean": (logp_abs_diff + sum(u["logp_abs_diff"] for u in ups)) / max(local_tokens, 1),
+            "time_reward_s": t_reward,
+            "time_old_logp_s": t_old,
+            "time_token_s": t_token,
+            "time_item_s": t_item,
+            "time_optimizer_s": t_opt,
+            "time_train_s": t_train,
+            "tokens_per_s_learner": local_tokens / max(t_train, 1e-9),
+        }
+        return StepResult(metrics=metrics, table_updates_idx=items.cpu(), table_updates=item_updates,
+                          rewards=rewards, rewards_learner=reward_learner.rewards.float().cpu())
+
+    def _update(self, shard: TrainShard, users: list[int], adv: torch.Tensor, relabel: torch.Tensor,
+                old_logp: torch.Tensor | None, h_T_learner: torch.Tensor, single: bool) -> dict[str, Any]:
+        """One optimiser update on the groups of ``users``: token micro-batches, the item term, the step."""
+        G, rollout, W = self.recpo_cfg.group_size, shard.rollout, self.world_size
+        rows_all = [u * G + j for u in users for j in range(G)]
+        local_tokens = int(rollout.logp_mask[rows_all].sum()) if rows_all else 0
+        # Global normalisers of this update: the shard's (one update per step) or summed over ranks.
+        num_tokens = shard.num_tokens if single else self._agree_sum(local_tokens)
+        num_chains = shard.num_chains if single else self._agree_sum(len(rows_all))
+        num_tokens = max(num_tokens, 1)  # all chains may be appended markers only: loss 0, not NaN
+
         t0 = time.perf_counter()
         self.engine.train()
         mbs = self.learner_cfg.micro_batch_size
-        batches = [list(range(lo, min(N, lo + mbs))) for lo in range(0, N, mbs)]
-        n_micro = self._agree_max(len(batches))
-        num_tokens = max(shard.num_tokens, 1)  # all chains may be appended markers only: loss 0, not NaN
-        h_T_learner = torch.empty(N, self.hidden_size, dtype=torch.float32)
+        batches = [rows_all[lo:lo + mbs] for lo in range(0, len(rows_all), mbs)]
         loss_token = clipped = logp_abs_diff = 0.0
-        for k in range(n_micro):
+        for k in range(self._agree_max(len(batches))):
             self.engine.set_gradient_accumulation_boundary(False)
             if k < len(batches):
                 rows = batches[k]
                 prompts = [shard.prompt_ids[r // G] for r in rows]
                 chains = [rollout.chain_ids[r] for r in rows]
                 logp, _, h_T = self.engine("chain", prompts, chains)
-                mask, logp_rollout = self._align_chain_tokens(rows, prompts, chains, tuple(logp.shape), rollout)
-                # On-policy: one optimiser step per batch, so pi_old is the current policy (ratio 1).
-                out = token_loss(logp, logp.detach(), adv_flat[rows].to(self.device), mask,
-                                 eps_low=self.recpo_cfg.eps_low, eps_high=self.recpo_cfg.eps_high,
-                                 num_tokens=num_tokens)
+                mask, logp_rollout = self._align_chain_tokens(rows, prompts, chains, tuple(logp.shape),
+                                                              rollout.logp_mask, rollout.logp)
+                if old_logp is None:
+                    old = logp.detach()
+                else:
+                    old = self._align_chain_tokens(rows, prompts, chains, tuple(logp.shape), rollout.logp_mask,
+                                                   old_logp)[1]
+                out = token_loss(logp, old, adv[rows].to(self.device), mask, eps_low=self.recpo_cfg.eps_low,
+                                 eps_high=self.recpo_cfg.eps_high, num_tokens=num_tokens)
                 loss = out.loss
                 loss_token += float(out.loss.detach())
                 clipped += float(out.clip_frac) * num_tokens
-                logp_abs_diff += float(((logp.detach().float() - logp_rollout).abs() * mask).sum())
-                h_T_learner[rows] = h_T.detach().float().cpu()
+                if old_logp is None:  # else both come from the pass that computed pi_old
+                    logp_abs_diff += float(((logp.detach().float() - logp_rollout).abs() * mask).sum())
+                    h_T_learner[rows] = h_T.detach().float().cpu()
             else:  # padding micro-batch: keeps ZeRO's collectives in step with ranks that have more chains
                 logp, _, _ = self.engine("chain", *self._padding_chain())
                 loss = logp.sum() * 0.0
@@ -323,62 +376,129 @@ class LearnerWorker:
             # their sum. scale_wrt_gas=False: the loss is normalised already.
             self.engine.backward(loss * W, scale_wrt_gas=False)
         t_token = time.perf_counter() - t0
-        # The alarm's rewards: the learner's own h_T against the same table (before this step's write-back).
-        reward_learner = self._rewards(h_T_learner, history_rep, target_rep)
+        token_grads = self._grads_snapshot()
 
-        # 4. item term (in-batch softmax): relabelled chains' h_T and this rank's unique targets, both with gradient
+        # the item term: the relabelled chains' h_T against the step's targets, both with gradient
         t0 = time.perf_counter()
         self.engine.set_gradient_accumulation_boundary(True)
-        sel = relabel_flat.nonzero().flatten().tolist()
-        items, user_label = torch.unique(shard.target_idx, return_inverse=True)  # sorted unique targets
-        labels = user_label.repeat_interleave(G)[sel]
-        h_user = self.engine("last", [list(shard.prompt_ids[r // G]) + list(rollout.chain_ids[r]) for r in sel])
-        h_items = self.engine("last", [self.item_prompt_ids[v] for v in items.tolist()])
-        loss_item = item_loss(h_user, h_items, labels.to(self.device), adv_flat[sel].to(self.device),
-                              torch.ones(len(sel), dtype=torch.bool, device=self.device), tau=self.model_cfg.tau,
-                              num_chains=max(shard.num_chains, 1))
-        self.engine.backward(loss_item * W, scale_wrt_gas=False)
-        item_updates = h_items.detach().float()
-        self.table[items.to(self.device)] = item_updates
+        sel = [r for r in rows_all if relabel[r]]
+        term = item_term(self._encode, self.item_prompt_ids, self.table,
+                         [list(shard.prompt_ids[r // G]) + list(rollout.chain_ids[r]) for r in sel],
+                         shard.target_idx[[r // G for r in sel]], shard.history_idx[[r // G for r in sel]],
+                         adv[sel], num_chains, self.model_cfg.tau, self.recpo_cfg.item_negatives, self.rank, W)
+        self.engine.backward(term.loss * W, scale_wrt_gas=False)
+        self.table[term.items.to(self.device)] = term.h_items
         t_item = time.perf_counter() - t0
 
-        # 5. the optimiser step
         t0 = time.perf_counter()
+        norms = self._optimizer_step(token_grads)
+        return {"loss_token": loss_token, "loss_item": term.loss_local, "clipped": clipped,
+                "logp_abs_diff": logp_abs_diff, "items": term.items, "candidates": term.candidates,
+                "t_token": t_token, "t_item": t_item, "t_opt": time.perf_counter() - t0, **norms}
+
+    def warmup_step(self, shard: WarmupShard) -> StepResult:
+        """One warm-up optimiser step (the paper's "w/o reasoning" objective): the item term with h read at
+        prompt + answer marker, advantage 1 for every user, at ``warmup.lr``. Collective like ``train_step``.
+
+        Metrics: ``loss_item`` is this rank's share of the global loss; ``target_rank_mean`` / ``train_ndcg@10``
+        rank each user's target over the whole table (history masked) with the state before the update."""
+        if self.warmup_cfg is None:
+            raise RuntimeError("warmup_step on a LearnerWorker built without warmup_cfg")
+        t_start = time.perf_counter()
+        self._apply_updates(shard.table_updates_idx, shard.table_updates)
+        self._set_lr(self.warmup_cfg.lr)
+        table_cos = table_cosine_mean(self.table)
+        self.engine.train()
+        self.engine.set_gradient_accumulation_boundary(True)
+        U = len(shard.seqs)
+        term = item_term(self._encode, self.item_prompt_ids, self.table, shard.seqs, shard.target_idx,
+                         shard.history_idx, torch.ones(U), shard.num_users, self.model_cfg.tau,
+                         self.warmup_cfg.item_negatives, self.rank, self.world_size)
+        self.engine.backward(term.loss * self.world_size, scale_wrt_gas=False)
+        self.table[term.items.to(self.device)] = term.h_items
+        t_item = time.perf_counter() - t_start
+        with torch.no_grad():
+            scores = self.dual.item_scores(term.h_user, self.table, shard.history_idx.to(self.device),
+                                           shard.target_idx.to(self.device))
+            rank = target_rank(scores, shard.target_idx.to(self.device)).double()
+        t0 = time.perf_counter()
+        norms = self._optimizer_step(None)
+        t_opt = time.perf_counter() - t0
+        metrics = {
+            "loss_item": term.loss_local,
+            "target_rank_mean": float(rank.mean()) if U else float("nan"),
+            "train_ndcg@10": float(ndcg_at_k(rank, 10).mean()) if U else float("nan"),
+            "grad_norm": norms["grad_norm"],
+            "diag_table_cos_mean": table_cos,
+            "diag_score_std": score_std_mean(scores) if U else float("nan"),
+            "item_candidates": float(term.candidates),
+            "num_users": float(U),
+            "time_item_s": t_item,
+            "time_optimizer_s": t_opt,
+            "time_train_s": time.perf_counter() - t_start,
+        }
+        return StepResult(metrics=metrics, table_updates_idx=term.items,
+                          table_updates=term.h_items.float().cpu(), rewards=torch.zeros(0),
+                          rewards_learner=torch.zeros(0))
+
+    def _agree_sum(self, n: int) -> int:
+        if self.world_size == 1:
+            return n
+        t = torch.tensor([n], dtype=torch.long, device=self.device)
+        torch.distributed.all_reduce(t)
+        return int(t.item())
+
+    def _grads_snapshot(self) -> list[torch.Tensor] | None:
+        """The token term's accumulated gradients, where they can be read exactly: ZeRO-0 at one rank (ZeRO-1/2/3
+        partition and reduce gradients inside backward; with several ranks they are averaged only at the
+        boundary). Elsewhere None, and the per-term norms are NaN."""
+        if self.learner_cfg.zero_stage != 0 or self.world_size != 1:
+            return None
+        params = [p for p in self.engine.module.parameters() if p.requires_grad]
+        return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+    def _optimizer_step(self, token_grads: list[torch.Tensor] | None) -> dict[str, float]:
+        """engine.step() exactly once, with the gradient norm (before clipping) and, when ``token_grads`` is given,
+        the norms of the token term and of the item term (the rest of the accumulated gradient)."""
+        nan = float("nan")
+        norms = {"grad_norm_token": nan, "grad_norm_item": nan}
+        if token_grads is not None:
+            params = [p for p in self.engine.module.parameters() if p.requires_grad]
+            total = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            norms["grad_norm_token"] = float(torch.nn.utils.get_total_norm(token_grads)) if token_grads else 0.0
+            items = [t - g for t, g in zip(total, token_grads, strict=True)]
+            norms["grad_norm_item"] = float(torch.nn.utils.get_total_norm(items)) if items else 0.0
         grad_norm = self._stage0_grad_norm()
         steps_before = self.engine.global_steps
         self.engine.step()
         if self.engine.global_steps != steps_before + 1:
             raise RuntimeError("DeepSpeed did not take exactly one optimiser step at the accumulation boundary")
-        t_opt = time.perf_counter() - t0
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
+        norms["grad_norm"] = float(grad_norm) if grad_norm is not None else nan
+        return norms
 
-        t_train = t_token + t_item + t_opt
-        metrics = {
-            "loss_token": loss_token,
-            "loss_item": float(loss_item.detach()),
-            "reward_mean": float(rewards.mean()),
-            "reward_std": float(rewards.std()) if N > 1 else 0.0,
-            "r_d_mean": float(reward.r_d.mean()),
-            "r_c_mean": float(reward.r_c.mean()),
-            "target_rank_mean": float(reward.rank.double().mean()),
-            "adv_abs_mean": float(adv.abs().mean()),
-            "clip_frac": clipped / max(local_tokens, 1),
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "chain_len_mean": sum(len(c) for c in rollout.chain_ids) / N,
-            "num_tokens": float(local_tokens),
-            "item_candidates": float(len(items)),
-            "alarm_h_T_max_diff": float((h_T_learner - rollout.h_T.float()).abs().max()),
-            "alarm_logp_abs_diff_mean": logp_abs_diff / max(local_tokens, 1),
-            "time_reward_s": t_reward,
-            "time_token_s": t_token,
-            "time_item_s": t_item,
-            "time_optimizer_s": t_opt,
-            "time_train_s": t_train,
-            "tokens_per_s_learner": local_tokens / max(t_train, 1e-9),
-        }
-        return StepResult(metrics=metrics, table_updates_idx=items.cpu(), table_updates=item_updates.cpu(),
-                          rewards=rewards, rewards_learner=reward_learner.rewards.float().cpu())
+    @torch.no_grad()
+    def _chain_logp(self, shard: TrainShard, h_T: torch.Tensor) -> torch.Tensor:
+        """(N, L) log-prob of every sampled chain token under the current weights, on the rollout's grid (the
+        pi_old of every mini-batch update); fills ``h_T`` (N, d). Train mode, as the updates; collective under
+        ZeRO-3."""
+        G, rollout = self.recpo_cfg.group_size, shard.rollout
+        self.engine.train()
+        out = torch.zeros_like(rollout.logp, dtype=torch.float32)
+        mbs = self.learner_cfg.micro_batch_size
+        batches = [list(range(lo, min(len(rollout), lo + mbs))) for lo in range(0, len(rollout), mbs)]
+        for k in range(self._agree_max(len(batches)) if self.zero3 else len(batches)):
+            if k >= len(batches):
+                self.engine("chain", *self._padding_chain())
+                continue
+            rows = batches[k]
+            prompts, chains = [shard.prompt_ids[r // G] for r in rows], [rollout.chain_ids[r] for r in rows]
+            logp, _, h = self.engine("chain", prompts, chains)
+            h_T[rows] = h.float().cpu()
+            for i, (r, p, c) in enumerate(zip(rows, prompts, chains, strict=True)):
+                out[r, :len(c)] = logp[i, len(p) - 1:len(p) - 1 + len(c)].float().cpu()
+        return out
 
     def _stage0_grad_norm(self) -> float | None:
         """Without ZeRO, DeepSpeed's fp32 path clips but does not report the norm; after the boundary backward the
@@ -389,16 +509,17 @@ class LearnerWorker:
         return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
     def _align_chain_tokens(self, rows: list[int], prompts: list[list[int]], chains: list[list[int]],
-                            shape: tuple[int, ...], rollout) -> tuple[torch.Tensor, torch.Tensor]:
-        """Loss mask and rollout logp on chain_forward's grid: position t predicts token t+1, so chain token j of a
-        prompt of length P sits at t = P - 1 + j. Only tokens the rollout sampled are trained (logp_mask)."""
+                            shape: tuple[int, ...], logp_mask: torch.Tensor, logp: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss mask and a rollout-grid logp (N, L) on chain_forward's grid: position t predicts token t+1, so chain
+        token j of a prompt of length P sits at t = P - 1 + j. Only tokens the rollout sampled are trained."""
         mask = torch.zeros(shape, dtype=torch.float32)
-        logp_rollout = torch.zeros(shape, dtype=torch.float32)
+        out = torch.zeros(shape, dtype=torch.float32)
         for i, (r, p, c) in enumerate(zip(rows, prompts, chains, strict=True)):
             n, start = len(c), len(p) - 1
-            mask[i, start:start + n] = rollout.logp_mask[r, :n].float()
-            logp_rollout[i, start:start + n] = rollout.logp[r, :n].float()
-        return mask.to(self.device), logp_rollout.to(self.device)
+            mask[i, start:start + n] = logp_mask[r, :n].float()
+            out[i, start:start + n] = logp[r, :n].float()
+        return mask.to(self.device), out.to(self.device)
 
     # ------------------------------------------------------------------------------------------ inference helpers
     @torch.no_grad()
@@ -464,36 +585,13 @@ class LearnerWorker:
 
     # ------------------------------------------------------------------------------------------ weight export
     @staticmethod
-    def _export_units(base: torch.nn.Module) -> list[_ExportUnit]:
-        """Modules in checkpoint order; LoRA layers become one unit each and their inner modules are skipped.
-        A tied ``lm_head`` is its own unit, so ``lm_head.weight`` is listed explicitly."""
-        try:
-            from peft.tuners.lora import LoraLayer
-        except ImportError:  # peft absent: no LoRA layers can exist
-            LoraLayer = ()  # noqa: N806
-        units: list[_ExportUnit] = []
-        inside: str | None = None
-        for prefix, module in base.named_modules():
-            if inside is not None and prefix.startswith(inside + "."):
-                continue
-            inside = None
-            if isinstance(module, LoraLayer):
-                units.append(_ExportUnit(prefix, module, lora=True))
-                inside = prefix
-                continue
-            unit = _ExportUnit(prefix, module, lora=False)
-            if unit.tensors():
-                units.append(unit)
-        return units
-
-    @staticmethod
-    def _name(unit: _ExportUnit, local: str) -> str:
+    def _name(unit: ExportUnit, local: str) -> str:
         return f"{unit.prefix}.{local}" if unit.prefix else local
 
     def weight_metas(self) -> list[TensorMeta]:
         """Hugging Face checkpoint names of the full model (LoRA merged, ``lm_head.weight`` explicit), in broadcast
         order, with the configured ``model.dtype`` (what the rollout engines run). Local, no communication."""
-        return [TensorMeta(self._name(u, local), self.model_cfg.dtype, _full_shape(t))
+        return [TensorMeta(self._name(u, local), self.model_cfg.dtype, full_shape(t))
                 for u in self._units for local, t in u.tensors()]
 
     def _full_weights(self, merged: bool = True, materialize: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
@@ -506,7 +604,7 @@ class LearnerWorker:
                 out = []
                 for local, t in unit.tensors():
                     if unit.lora and merged and local == "weight":
-                        t = _merged_lora_weight(unit.module)
+                        t = merged_lora_weight(unit.module)
                     t = t.detach()
                     # The gathered storage is released when the context exits: keep a copy under ZeRO-3.
                     out.append((self._name(unit, local), t.clone() if self.zero3 else t))
@@ -576,7 +674,7 @@ class LearnerWorker:
         os.makedirs(path, exist_ok=True)
         self.engine.save_checkpoint(path, tag=DS_TAG, client_state={}, save_latest=False)
         state = {"world_size": self.world_size, "rank": self.rank, "global_steps": int(self.engine.global_steps),
-                 **_rng_state()}
+                 **rng_state()}
         write_json_atomic(Path(path) / f"rng-rank{self.rank}.json", state)
         if self.world_size > 1:
             torch.distributed.barrier()
@@ -633,56 +731,9 @@ class LearnerWorker:
             if state.get("world_size") != self.world_size or state.get("rank") != self.rank:
                 raise CheckpointError(f"{rng_file}: belongs to rank {state.get('rank')} of "
                                       f"{state.get('world_size')}, not rank {self.rank} of {self.world_size}")
-            _set_rng_state(state)
+            set_rng_state(state)
         else:
             rng_seed = (self.seed * 1_000_003 + steps * 1_009 + self.rank) % 2**32
-            _seed_all(rng_seed)
+            seed_all(rng_seed)
         return {"global_steps": steps, "world_size_saved": saved_w, "universal": universal_dir is not None,
                 "rng_restored": rng_seed is None, "rng_seed": rng_seed}
-
-
-# ---------------------------------------------------------------------------------------------- RNG states
-def _b64(t: torch.Tensor) -> str:
-    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
-
-
-def _unb64(s: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
-
-
-def _rng_state() -> dict[str, Any]:
-    """Python ``random``, numpy's global generator, torch CPU and (if present) every CUDA generator, as JSON."""
-    import numpy as np
-
-    version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    cuda = [_b64(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else None
-    return {"python": {"version": version, "state": list(internal), "gauss_next": gauss},
-            "numpy": {"kind": kind, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
-                      "cached_gaussian": float(cached)},
-            "torch": _b64(torch.get_rng_state()), "cuda": cuda}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    import numpy as np
-
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
-    n = state["numpy"]
-    np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    torch.set_rng_state(_unb64(state["torch"]))
-    if state.get("cuda") and torch.cuda.is_available():
-        cuda = [_unb64(s) for s in state["cuda"]]
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
-        else:  # another GPU layout per process: restore the generator this rank uses (cuda:0)
-            torch.cuda.set_rng_state(cuda[0], 0)
-
-
-def _seed_all(seed: int) -> None:
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA generator

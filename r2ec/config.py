@@ -167,7 +167,12 @@ class LearnerConfig(_Section):
     micro_batch_size: int = Field(4, ge=1, description="chains per forward/backward")
     gradient_checkpointing: bool = True
     epochs: int = Field(3, ge=1)
-    max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps; None = epochs")
+    max_steps: int | None = Field(
+        None, ge=0, description="RecPO steps (rollouts) to train; None = epochs; 0 = none (a warm-up-only run)")
+    mini_batches: int = Field(
+        1, ge=1, description="optimiser updates per rollout: the step's groups are split into this many mini-batches "
+        "of whole groups, one update each, all against the log-probs of the weights that sampled them (so the PPO "
+        "clip binds from the second update on); weights are synced once after the last")
     weight_decay: float = Field(0.0, ge=0)
     sync_bucket_mb: int = Field(256, ge=1, description="weight broadcast bucket size")
     timeout_s: float = Field(900, gt=0, description="every learner call and weight sync fails after this long")
@@ -183,6 +188,11 @@ class RecPOConfig(_Section):
     eps_high: float = Field(0.28, ge=0)
     relabel_topk: int = Field(1, ge=1, description="item term on the top-k chains per group (paper 1, code 2)")
     kl_coef: float = Field(0.0, ge=0, description="KL to a reference model; 0 = off (paper)")
+    item_negatives: Literal["in_batch", "catalogue"] = Field(
+        "in_batch", description="negatives of the item term: 'in_batch' = the step's other targets, gathered over "
+        "the learner ranks (the paper's and the official code's); 'catalogue' = every catalogue item (the cached "
+        "table rows, detached, with the step's re-encoded targets in place and the user's history masked, as in "
+        "evaluation)")
     refresh_every: int = Field(50, ge=1, description="steps between full item-table re-encodings (every validation "
                                "re-encodes it too)")
 
@@ -195,6 +205,18 @@ class RecPOConfig(_Section):
         return self
 
 
+# --------------------------------------------------------------------------------------------------- warm-up
+class WarmupConfig(_Section):
+    """A supervised first phase (the paper's "w/o reasoning" objective): the item loss with h read at
+    prompt + answer marker (no chain), advantage 1 for every user. Not in the paper; off by default."""
+
+    steps: int = Field(0, ge=0, description="warm-up optimiser steps before the RecPO steps; 0 = off (paper)")
+    prompts_per_step: int = Field(16, ge=1, description="users per warm-up step")
+    lr: float = Field(1e-4, gt=0, description="learning rate of the warm-up steps (learner.lr applies after)")
+    item_negatives: Literal["in_batch", "catalogue"] = Field(
+        "catalogue", description="as recpo.item_negatives, for the warm-up's item loss")
+
+
 # --------------------------------------------------------------------------------------------------- eval
 class EvalConfig(_Section):
     split: Literal["valid", "test"] = "test"
@@ -203,11 +225,16 @@ class EvalConfig(_Section):
         None, ge=1, description="evaluate a user-stratified subset of N samples of the split (round-robin over the "
         "split's users in a seeded order, each user's samples in a seeded order); None = the whole split")
     batch_size: int = Field(8, ge=1, description="users per greedy-generation batch")
-    max_new_tokens: int = Field(640, ge=1)
+    max_new_tokens: int = Field(
+        640, ge=0, description="greedy reasoning length limit; 0 = no reasoning: h is read at prompt + answer marker "
+        "(the warm-up's representation) and nothing is generated")
     item_batch_size: int = Field(32, ge=1, description="item prompts per encoding batch")
     valid_every: int | None = Field(
         None, ge=1, description="training: validate every N steps (and at the end); each validation first re-encodes "
         "the item table with the current weights, which also counts as a refresh (recpo.refresh_every)")
+    valid_at_start: bool = Field(
+        False, description="training: also validate the initial weights (step 0) before the first step, so the run's "
+        "own log shows what training gained (a fresh run only; not repeated on resume)")
     valid_max_samples: int | None = Field(
         256, ge=1, description="training: validate on a user-stratified subset of N valid samples (chosen like "
         "max_samples); None = the whole valid split")
@@ -268,6 +295,7 @@ class Config(_Section):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     recpo: RecPOConfig = Field(default_factory=RecPOConfig)
+    warmup: WarmupConfig = Field(default_factory=WarmupConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     run: RunConfig = Field(default_factory=RunConfig)
@@ -280,6 +308,16 @@ class Config(_Section):
                 f"learner.prompts_per_step ({self.learner.prompts_per_step}) must be a multiple of "
                 f"cluster.learner.num_workers ({ranks}): each learner rank trains on whole groups of chains"
             )
+        if (self.learner.prompts_per_step // ranks) % self.learner.mini_batches:
+            raise ValueError(
+                f"learner.mini_batches ({self.learner.mini_batches}) must divide the users per learner rank "
+                f"({self.learner.prompts_per_step} / {ranks} ranks): each mini-batch holds whole groups")
+        if self.warmup.steps and self.warmup.prompts_per_step % ranks:
+            raise ValueError(
+                f"warmup.prompts_per_step ({self.warmup.prompts_per_step}) must be a multiple of "
+                f"cluster.learner.num_workers ({ranks})")
+        if self.learner.max_steps == 0 and not self.warmup.steps:
+            raise ValueError("learner.max_steps is 0 and warmup.steps is 0: nothing to train")
         if self.rollout.engine == "hf" and self.cluster.rollout.tensor_parallel_size > 1:
             raise ValueError("cluster.rollout.tensor_parallel_size > 1 needs rollout.engine 'vllm'")
         return self

@@ -93,11 +93,29 @@ class TrainShard:
 
 
 @dataclass
+class WarmupShard:
+    """One learner rank's part of a warm-up step: users without chains (h is read at prompt + answer marker)."""
+
+    seqs: list[list[int]]  # U token sequences: each user's prompt followed by the answer marker's tokens
+    history_idx: torch.Tensor  # (U, H) long: the users' earlier items, -1 padded (masked in the catalogue softmax)
+    target_idx: torch.Tensor  # (U,) long: the next item of each user
+    num_users: int  # users in the whole step, all ranks: the loss normaliser
+    table_updates_idx: torch.Tensor  # (K,) long: item rows re-encoded by any rank in the previous step
+    table_updates: torch.Tensor  # (K, d) float32: their new embeddings, applied before the step
+
+    def __post_init__(self) -> None:
+        users = len(self.seqs)
+        if self.target_idx.shape[0] != users or self.history_idx.shape[0] != users:
+            raise ValueError(f"WarmupShard: {users} sequences, {self.target_idx.shape[0]} targets and "
+                             f"{self.history_idx.shape[0]} histories")
+
+
+@dataclass
 class StepResult:
     """What one learner rank reports after an optimiser step."""
 
     metrics: dict[str, float]  # scalars: losses, rewards, alarms, timings; summed/averaged by the driver
     table_updates_idx: torch.Tensor  # (K,) long: target items this rank re-encoded with gradient
     table_updates: torch.Tensor  # (K, d) float32: their embeddings after the forward pass (before the step)
-    rewards: torch.Tensor  # (U*G,) float32: fused reward of each chain from the rollout's h_T
-    rewards_learner: torch.Tensor  # (U*G,) float32: the same from the learner's recomputed h_T
+    rewards: torch.Tensor  # (U*G,) float32: fused reward of each chain from the rollout's h_T ((0,) in warm-up)
+    rewards_learner: torch.Tensor  # (U*G,) float32: the same from the learner's recomputed h_T ((0,) in warm-up)

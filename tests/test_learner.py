@@ -9,9 +9,9 @@ What is checked, against values computed independently in the test process with 
 - the weight broadcast delivers the full (merged) state dict, ``lm_head.weight`` included, under ZeRO-3 at world
   size 2; unequal shards do not deadlock ZeRO-3 (padding micro-batches).
 
-The item term's in-batch softmax runs over each rank's own targets (a documented deviation), so the sharded test
-gives every rank the same set of targets: then per-rank and global candidate sets coincide and the invariant is
-exact. The model temperature is 0.5 instead of 0.02 so the item term has a non-vanishing gradient on a random model.
+The item term gathers the other ranks' targets (learner/item_term.py), so the sharded runs give the ranks different
+targets, one of them shared (candidates {5, 9} and {7, 9}, globally {5, 7, 9}): the invariant must still be exact.
+The model temperature is 0.5 instead of 0.02 so the item term has a non-vanishing gradient on a random model.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from r2ec.protocol import Rollout, TrainShard
 G = 4
 USERS = 4
 TAU = 0.5
-TARGETS = [5, 9, 9, 5]  # users 0,1 -> rank 0 and 2,3 -> rank 1: both ranks see candidates {5, 9}, like the whole step
+TARGETS = [5, 9, 9, 7]  # users 0,1 -> rank 0 and 2,3 -> rank 1: candidates {5, 9} and {7, 9}, the step's {5, 7, 9}
 TIMEOUT_S = 420  # the first DeepSpeed init on a machine compiles a shm op (~1 min on 2 cores)
 
 

@@ -1,0 +1,148 @@
+"""The item term of a learner step (RecPO's relabelled chains, or the warm-up's users), across learner ranks.
+
+Both ``LearnerWorker.train_step`` and ``LearnerWorker.warmup_step`` end with the same computation: encode some user
+sequences (prompt + chain, or prompt + answer marker) and the step's target items WITH gradient, and take the
+advantage-weighted softmax of each user's target among the candidates (``r2ec.algo.recpo``):
+
+- ``in_batch``: the candidates are the step's distinct targets over ALL learner ranks, as the official code's
+  ``gather_negs_across_processes``;
+- ``catalogue``: the whole item table, cached rows detached, the step's re-encoded targets (all ranks) in place,
+  each user's history masked as in evaluation.
+
+Sharded equals global, exactly: every rank gathers the other ranks' user states, targets, histories, advantages and
+item encodings (detached) and computes the loss over ALL users of the step, its own tensors carrying the gradient.
+Rank r's backward then yields the global loss's gradient with respect to rank r's own encodings, and the sum over
+ranks (DeepSpeed's average times the world size the caller multiplies in) is the global gradient. A target held by
+several ranks is one candidate, taken from the lowest rank (its encodings are identical: same weights, same prompt).
+
+Deviation from the official code: it gathers the same tensors but keeps duplicated targets as separate candidates,
+and averages the loss over each device's batch; here duplicates are one candidate and the normaliser is global.
+
+Imports torch only (and torch.distributed when the world size is above 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from r2ec.algo.recpo import catalogue_candidates, catalogue_item_loss, item_loss, unit_rows
+
+Negatives = Literal["in_batch", "catalogue"]
+
+
+@dataclass
+class ItemTermOutput:
+    loss: torch.Tensor  # scalar with grad: the step's item loss over every rank's users (backpropagate this)
+    loss_local: float  # this rank's users' share (sums over ranks to the step's item loss)
+    items: torch.Tensor  # (K,) long: this rank's distinct targets, sorted
+    h_items: torch.Tensor  # (K, d) float32: their fresh encodings (detached), for the table write-back
+    h_user: torch.Tensor  # (n, d) float32: this rank's user states (detached)
+    candidates: int  # candidates in each softmax
+
+
+def _gather(t: torch.Tensor, world_size: int) -> list[torch.Tensor]:
+    """Every rank's ``t`` (any leading size, same trailing dims up to padding), detached, in rank order."""
+    shape = torch.tensor(list(t.shape), dtype=torch.long, device=t.device)  # NCCL gathers device tensors only
+    shapes = [torch.zeros_like(shape) for _ in range(world_size)]
+    torch.distributed.all_gather(shapes, shape)
+    shapes = [s.cpu() for s in shapes]
+    top = torch.stack(shapes).max(dim=0).values.tolist()
+    padded = t.detach().new_zeros(top)
+    padded[tuple(slice(0, n) for n in t.shape)] = t.detach()
+    out = [torch.empty_like(padded) for _ in range(world_size)]
+    torch.distributed.all_gather(out, padded.contiguous())
+    return [o[tuple(slice(0, n) for n in s.tolist())] for o, s in zip(out, shapes, strict=True)]
+
+
+def _all_ranks(local: torch.Tensor, rank: int, world_size: int, pad: int | None = None) -> torch.Tensor:
+    """Concatenate every rank's rows with this rank's own (grad-carrying) tensor in its slot. ``pad`` right-pads
+    a second dimension that differs between ranks (history widths)."""
+    if world_size == 1:
+        return local
+    parts = _gather(local, world_size)
+    parts[rank] = local
+    if pad is not None:
+        width = max(p.shape[1] for p in parts)
+        parts = [torch.nn.functional.pad(p, (0, width - p.shape[1]), value=pad) for p in parts]
+    return torch.cat(parts)
+
+
+def item_term(encode: Callable[[list[list[int]]], torch.Tensor], item_prompt_ids: list[list[int]],
+              table: torch.Tensor, seqs: list[list[int]], target_idx: torch.Tensor, history_idx: torch.Tensor,
+              adv: torch.Tensor, num_norm: int, tau: float, negatives: Negatives, rank: int = 0,
+              world_size: int = 1) -> ItemTermOutput:
+    """The item term of one optimiser update on this rank (collective when ``world_size`` > 1).
+
+    Args:
+        encode: the learner's forward, sequences -> (n, d) final hidden states with gradient (one call per side,
+            made even when a side is empty, so ZeRO-3 ranks run the same number of forwards).
+        item_prompt_ids: token ids of every catalogue item's prompt.
+        table: (V, d) float32, the cached item table (constants).
+        seqs: n user sequences whose state scores the catalogue.
+        target_idx: (n,) long, each sequence's target; history_idx: (n, H) long, -1 padded.
+        adv: (n,) float, the weight of each sequence's term (advantages; 1 in the warm-up).
+        num_norm: the global normaliser (chains or users of the whole step, all ranks).
+        tau: the rec_head temperature; negatives: see the module docstring.
+    """
+    device = table.device
+    items = torch.unique(target_idx)
+    h_user = encode(seqs).float()
+    h_items = encode([item_prompt_ids[v] for v in items.tolist()]).float()
+    target, history, adv = target_idx.to(device), history_idx.to(device), adv.to(device, torch.float32)
+
+    all_user = _all_ranks(h_user, rank, world_size)
+    all_target = _all_ranks(target, rank, world_size)
+    all_history = _all_ranks(history, rank, world_size, pad=-1)
+    all_adv = _all_ranks(adv, rank, world_size)
+    ids = _all_ranks(items.to(device), rank, world_size)
+    encoded = _all_ranks(h_items, rank, world_size)
+    # One candidate per distinct item: its first occurrence in rank order (the lowest rank's copy).
+    uniq, inverse = torch.unique(ids, return_inverse=True)
+    first = torch.full((len(uniq),), len(ids), dtype=torch.long, device=device)
+    first = first.scatter_reduce(0, inverse, torch.arange(len(ids), device=device), reduce="amin")
+    fresh = encoded[first]
+    relabel = torch.ones(len(all_adv), dtype=torch.bool, device=device)
+
+    def loss_of(h: torch.Tensor, tgt: torch.Tensor, hist: torch.Tensor, a: torch.Tensor,
+                rel: torch.Tensor) -> torch.Tensor:
+        if negatives == "catalogue":
+            cands = catalogue_candidates(table, uniq, fresh)
+            return catalogue_item_loss(h, cands, tgt, hist, a, rel, tau, num_chains=max(num_norm, 1))
+        labels = torch.searchsorted(uniq, tgt)
+        return item_loss(h, fresh, labels, a, rel, tau, num_chains=max(num_norm, 1))
+
+    loss = loss_of(all_user, all_target, all_history, all_adv, relabel)
+    if world_size == 1:
+        local = float(loss.detach())
+    else:
+        with torch.no_grad():
+            local = float(loss_of(h_user, target, history, adv, relabel[:len(adv)]))
+    return ItemTermOutput(loss=loss, loss_local=local, items=items.cpu(), h_items=h_items.detach(),
+                          h_user=h_user.detach(), candidates=len(table) if negatives == "catalogue" else len(uniq))
+
+
+@torch.no_grad()
+def table_cosine_mean(table: torch.Tensor, sample: int = 256) -> float:
+    """Mean pairwise cosine of ``sample`` evenly spaced table rows (off-diagonal). Near 1: the item encodings have
+    collapsed onto one direction and the rec_head cannot tell items apart (a zero-shot table starts high)."""
+    n = min(sample, table.shape[0])
+    if n < 2:
+        return float("nan")
+    rows = unit_rows(table[torch.linspace(0, table.shape[0] - 1, n).round().long()])
+    sims = rows @ rows.T
+    return float((sims.sum() - sims.diagonal().sum()) / (n * (n - 1)))
+
+
+@torch.no_grad()
+def score_std_mean(item_scores: torch.Tensor) -> float:
+    """Mean over users of the std of their finite rec_head scores (cos / tau; masked -inf entries left out)."""
+    finite = torch.isfinite(item_scores)
+    x = torch.where(finite, item_scores, torch.zeros((), dtype=item_scores.dtype, device=item_scores.device))
+    count = finite.sum(dim=-1).clamp(min=2)
+    mean = x.sum(dim=-1) / count
+    var = (torch.where(finite, x - mean.unsqueeze(-1), torch.zeros_like(x)) ** 2).sum(dim=-1) / (count - 1)
+    return float(var.sqrt().mean())
