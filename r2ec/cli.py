@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default=None, metavar="A,B", help="names in the table (default: the run folders')")
     p.add_argument("--json", dest="json_out", default=None, metavar="PATH", help="also write the table as JSON")
 
-    p = sub.add_parser("train", help="distributed RecPO training on Ray (rollout workers + DeepSpeed learner)")
+    p = sub.add_parser("train", help="distributed training on Ray (rollout workers + DeepSpeed learner): the "
+                       "optional warm-up steps, then RecPO")
     _add_config_args(p)
     add_resume_arg(p)
 
@@ -69,8 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--history", required=True, nargs="+", type=_history_item, metavar="ITEM[:RATING[:UNIX_TS]]",
                    help="the user's items, oldest first; a missing timestamp means now")
     p.add_argument("-k", type=_positive_int, default=10, help="how many items to recommend (default 10)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=None,
-                   help="reasoning length limit (default: the run's eval.max_new_tokens)")
+    p.add_argument("--max-new-tokens", type=_count, default=None,
+                   help="reasoning length limit; 0 = no reasoning (default: the run's eval.max_new_tokens)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     return parser
 
@@ -88,6 +89,16 @@ def _positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
     return value
 
 

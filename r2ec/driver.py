@@ -3,8 +3,9 @@
 :class:`System` connects to Ray (an existing cluster from ``cluster.address`` / ``RAY_ADDRESS``, else an embedded
 local Ray bound to 127.0.0.1), checks that the cluster can hold what the config asks for (fail fast, never hang),
 reserves placement groups, starts the rollout workers and the learner ranks, and offers the few collective
-operations the training loop needs: generate, encode items, train a step, broadcast weights. Every remote call
-has a timeout (``rollout.timeout_s`` / ``learner.timeout_s``) and a timeout names the worker and the call.
+operations the training loop needs: generate, encode items, train a step (RecPO or warm-up), broadcast weights.
+Every remote call has a timeout (``rollout.timeout_s`` / ``learner.timeout_s``) and a timeout names the worker and
+the call.
 
 Work is spread across rollout workers by load: the batch is cut into chunks of ``rollout.batch_size`` prompts and
 each chunk goes to whichever worker finishes first (``ray.wait``), so a slow worker takes fewer chunks.
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 
 from r2ec.config import Config
-from r2ec.protocol import Rollout, StepResult, TrainShard
+from r2ec.protocol import Rollout, StepResult, TrainShard, WarmupShard
 from r2ec.weight_sync import SyncGroup
 
 
@@ -318,7 +319,7 @@ class System:
                             scheduling_strategy=on(learner_pg, rank), runtime_env={"env_vars": learner_env},
                             name=f"learner-{rank}").remote(
                 cfg.model, cfg.learner, cfg.recpo, rank, lr.num_workers, master_addr, ds_port, self.device,
-                cfg.run.seed, load_universal=self.load_universal)
+                cfg.run.seed, load_universal=self.load_universal, warmup_cfg=cfg.warmup)
             for rank in range(lr.num_workers)
         ]
 
@@ -529,6 +530,11 @@ class System:
     def train_step(self, shards: list[TrainShard]) -> list[StepResult]:
         return self._learner_get([a.train_step.remote(s) for a, s in zip(self.learners, shards, strict=True)],
                                  "learner train_step")
+
+    def warmup_step(self, shards: list[WarmupShard]) -> list[StepResult]:
+        """One warm-up optimiser step, one shard per learner rank (collective, like ``train_step``)."""
+        return self._learner_get([a.warmup_step.remote(s) for a, s in zip(self.learners, shards, strict=True)],
+                                 "learner warmup_step")
 
     def save_checkpoint(self, learner_dir: str) -> None:
         """Every learner rank writes its DeepSpeed shards and RNG states under ``learner_dir`` (collective)."""

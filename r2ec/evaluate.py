@@ -174,13 +174,20 @@ def fixed_scorer(item_scores: torch.Tensor):
 
 def _model_scorer(model, builder: PromptBuilder, h_items: torch.Tensor, titles: list[str], max_new_tokens: int):
     """``score_batch`` of the dual-head model: greedy reasoning, then the rec_head over the full catalogue (the
-    table normalised once here, not per batch)."""
+    table normalised once here, not per batch). ``max_new_tokens`` 0 = no reasoning: each chain is the answer
+    marker alone (appended), h_T is read at prompt + marker, and nothing is generated."""
     h_items = unit_rows(h_items)
 
+    @torch.no_grad()
     def score_batch(rows, earlier, target):
         prompts = [user_prompt_ids(builder, model.tokenizer, r, titles) for r in rows]
-        chains, scores, _ = model.recommend(prompts, h_items, 1, earlier.to(h_items.device), max_new_tokens,
-                                            target.to(h_items.device), items_unit=True)
+        if max_new_tokens == 0:
+            chains = [model.finish_chain([]) for _ in prompts]
+        else:
+            chains = model.generate(prompts, max_new_tokens=max_new_tokens)
+        h_user = model.user_hidden(prompts, [c.token_ids for c in chains])
+        scores = model.item_scores(h_user, h_items, earlier.to(h_items.device), target.to(h_items.device),
+                                   items_unit=True)
         return scores.cpu(), [{"text": c.text, "appended_marker": c.appended_marker} for c in chains]
 
     return score_batch

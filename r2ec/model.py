@@ -240,7 +240,10 @@ class DualHeadModel:
                      ) -> list[list[int]]:
         """Completions exactly as transformers ``generate`` returns them (left padding, stopping at the marker),
         not yet cut or completed: the rollout engine finishes them itself. ``generate_kwargs`` go to ``generate``
-        (e.g. ``synced_gpus`` under ZeRO-3)."""
+        (e.g. ``synced_gpus`` under ZeRO-3). ``max_new_tokens`` 0 means no reasoning: empty completions (every rank
+        skips generation alike, so ZeRO-3 stays in step)."""
+        if max_new_tokens == 0:
+            return [[] for _ in prompt_ids]
         ids, mask, _ = pad_batch(prompt_ids, self.pad_id, "left", self.device)
         kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, pad_token_id=self.pad_id,
                       stop_strings=[self.marker], tokenizer=self.tokenizer, **generate_kwargs)

@@ -69,7 +69,7 @@ class Recommender:
                                               [h[2] for h in history], now)
         prompt = render_user(self.model.tokenizer, messages)
         chains, scores, top = self.model.recommend([prompt], self.h_items_unit, k, history_tensor([idx]).to(
-            self.h_items_unit.device), max_new_tokens=max_new_tokens or self.max_new_tokens, items_unit=True)
+            self.h_items_unit.device), max_new_tokens=self.max_new_tokens if max_new_tokens is None else max_new_tokens, items_unit=True)
         top = top[0].tolist()
         return Recommendation(chains[0].text, [self.item_ids[i] for i in top], [self.titles[i] for i in top],
                               [float(scores[0, i]) for i in top])

@@ -1,15 +1,19 @@
 """What the driver saves next to the learner's DeepSpeed shards, and how a run is checked and restored from it.
 
 The driver's part of a checkpoint (see r2ec/checkpoint.py for the folder layout):
-- ``trainer_state.json``: the step, the sampler (epoch, position), the driver's RNG states (python, numpy, torch),
-  the rollout seed rule, the item table's version (the step of its last full encoding), the best validation
-  NDCG@10 so far, the learner world size, the config hash and the compatibility record;
+- ``trainer_state.json``: the step and its ``phase`` (``warmup`` or ``recpo``) with the run's ``warmup_steps``, the
+  sampler (epoch, position), the driver's RNG states (python, numpy, torch), the rollout seed rule, the item table's
+  version (the step of its last full encoding), the best validation NDCG@10 so far, the learner world size, the
+  config hash and the compatibility record;
 - ``item_table.safetensors``: the table H_V (V, d) float32 as the driver holds it after the step, plus the row
   updates of the step (``updates_idx`` (U,), ``updates`` (U, d)), which the learner ranks apply at the next step;
 - ``config.json``: the full config.
 
 Rollouts need no state of their own: the sampling seed of step k is ``rollout_seed(run.seed, k)`` and the
 rollout engines receive the learner's weights after loading, so the same steps are sampled again.
+
+Steps are numbered globally: 1..W are warm-up steps (W = ``warmup.steps``), W+1.. RecPO steps. A checkpoint can be
+continued with another ``warmup.steps`` only while no step it holds changes phase (``check_phase``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 import base64
 import json
 import random
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +32,11 @@ from r2ec.checkpoint import CONFIG, ITEM_TABLE, TRAINER_STATE, CheckpointError, 
 from r2ec.config import Config
 
 FORMAT_VERSION = 1
+
+
+def phase_of(step: int, warmup_steps: int) -> str:
+    """``warmup`` for global steps 1..warmup_steps, ``recpo`` after."""
+    return "warmup" if step <= warmup_steps else "recpo"
 
 
 def rollout_seed(run_seed: int, step: int) -> int:
@@ -115,3 +126,122 @@ def _changed(old: Any, new: Any, prefix: str = "") -> list[str]:
             out += _changed(old.get(k), new.get(k), f"{prefix}{k}.")
         return out
     return [] if old == new else [prefix.rstrip(".")]
+
+
+def check_phase(cfg: Config, state: dict[str, Any], folder: Path) -> None:
+    """Refuse a checkpoint whose finished steps would change phase under this run's ``warmup.steps``: another value
+    is allowed only while the checkpoint is inside the warm-up both values share (checkpoints written before the
+    warm-up existed count as ``warmup_steps`` 0)."""
+    old, new, step = int(state.get("warmup_steps", 0)), cfg.warmup.steps, int(state["step"])
+    if old != new and step > min(old, new):
+        raise CheckpointError(
+            f"{folder} cannot continue this run: warmup.steps is {new} here but {old} in the checkpoint, which is at "
+            f"step {step}, past step {min(old, new)} where the warm-up of one of them ends, so finished steps would "
+            f"change phase; set warmup.steps={old} or start over in another run.output_dir")
+
+
+# ---------------------------------------------------------------------------------------------- the driver's run
+@dataclass
+class RunState:
+    """The driver's side of a run between steps (the learner ranks hold the weights and optimiser)."""
+
+    table: torch.Tensor  # (V, d) float32 item table H_V as the driver holds it
+    updates: tuple[torch.Tensor, torch.Tensor]  # (U,) long rows, (U, d) float32: applied by learners next step
+    step: int = 0
+    table_version: int = 0  # step of the last full encoding
+    best: dict | None = None  # {"step", "metric", "value"} of the best validation so far
+
+    def write_back(self, results) -> None:
+        """The rows the learner ranks re-encoded this step (StepResults): into the table, and pending for the next."""
+        self.updates = (torch.cat([r.table_updates_idx for r in results]),
+                        torch.cat([r.table_updates for r in results]))
+        self.table[self.updates[0]] = self.updates[1]
+
+
+@dataclass
+class Resumed:
+    folder: Path
+    state: dict
+    table: torch.Tensor
+    updates: tuple[torch.Tensor, torch.Tensor]
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+def best_key(cfg: Config) -> str:
+    return "ndcg@10" if 10 in cfg.eval.ks else f"ndcg@{max(cfg.eval.ks)}"
+
+
+def find_checkpoint(cfg: Config, out_dir: Path, resume: str, item_ids: list[str], train_sha: str,
+                    log) -> Resumed | None:
+    from r2ec import checkpoint as ck
+
+    folder = ck.find_resume(out_dir, resume, log)
+    if folder is None:
+        existing = ck.list_checkpoints(ck.checkpoint_root(out_dir))
+        if resume == "none" and existing:
+            raise ck.CheckpointError(
+                f"{ck.checkpoint_root(out_dir)} already holds checkpoints ({existing[-1].name} newest): continue "
+                f"with --resume auto, or give this run another run.output_dir")
+        if resume == "auto" and existing:
+            raise ck.CheckpointError(f"no complete checkpoint under {ck.checkpoint_root(out_dir)} verifies (see "
+                                     f"above); fix or move them, or start over in another run.output_dir")
+        return None
+    state, table, updates = read_driver_state(folder)
+    changed = check_compatible(cfg, state, item_ids, train_sha, folder)
+    check_phase(cfg, state, folder)
+    log(f"resume: {folder} (step {state['step']}) in the {phase_of(int(state['step']), cfg.warmup.steps)} phase; "
+        f"settings changed since: {', '.join(changed) or 'none'}")
+    return Resumed(folder, state, table, updates)
+
+
+def restore(system, cfg: Config, resumed: Resumed, sampler, log) -> RunState:
+    """Learner shards (re-sharded through DeepSpeed's universal format when the world size changed), sampler,
+    RNG, item table. The rollout engines still hold the initial weights: the training loop broadcasts the loaded
+    ones before it first uses them (r2ec.train.sync_rollouts)."""
+    import shutil
+
+    from r2ec import checkpoint as ck
+
+    learner_dir = resumed.folder / ck.LEARNER
+    universal_dir = None
+    if system.load_universal:
+        from learner.universal import to_universal
+
+        universal_dir = resumed.folder.parent / f".universal-{resumed.folder.name}"
+        log(f"resume: learner world size {resumed.state['learner_world_size']} -> "
+            f"{cfg.cluster.learner.num_workers}: converting to DeepSpeed's universal checkpoint")
+        universal_dir = to_universal(learner_dir, universal_dir)
+    system.load_checkpoint(str(learner_dir), str(universal_dir) if universal_dir else None)
+    if universal_dir is not None:
+        shutil.rmtree(universal_dir, ignore_errors=True)
+    sampler.load_state_dict(resumed.state["sampler"])
+    restore_rng(resumed.state["rng"])
+    s = resumed.state
+    return RunState(table=resumed.table.clone(), updates=resumed.updates, step=resumed.step,
+                    table_version=s["item_table_version"], best=s["best"])
+
+
+def save(system, cfg: Config, run: RunState, sampler, best: bool, compat: Compat, log) -> Path:
+    from r2ec import checkpoint as ck
+
+    t0 = time.perf_counter()
+    tmp = ck.stage(cfg.run.output_dir, run.step)
+    system.save_checkpoint(str(tmp / ck.LEARNER))
+    state = {
+        "step": run.step, "phase": phase_of(run.step, cfg.warmup.steps), "warmup_steps": cfg.warmup.steps,
+        "sampler": sampler.state_dict(), "rng": capture_rng(),
+        "rollout_seed": {"rule": "run.seed * 1000003 + step", "next": rollout_seed(cfg.run.seed, run.step + 1)},
+        "item_table_version": run.table_version, "best": run.best,
+        "learner_world_size": cfg.cluster.learner.num_workers, "config_hash": cfg.hash(),
+        "compat": {**compat.__dict__, "hidden_size": int(run.table.shape[1])},
+    }
+    write_driver_state(tmp, cfg, state, run.table, run.updates)
+    final = ck.commit(tmp, run.step)
+    if best:
+        ck.mark_best(cfg.run.output_dir, run.step)
+    ck.prune(cfg.run.output_dir, cfg.run.keep_checkpoints, log)
+    log(f"checkpoint: {final} ({time.perf_counter() - t0:.1f}s)")
+    return final

@@ -89,10 +89,15 @@ class RolloutWorker:
                        {"generate": t1 - t0, "hidden": t2 - t1, "generated_tokens": float(sum(map(len, chain_ids)))})
 
     def greedy(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> tuple[list[Chain], torch.Tensor]:
-        """Greedy reasoning and h_T for evaluation: (chains, h_T (B, d) float32)."""
-        sampling = Sampling(temperature=0.0, top_k=-1, top_p=1.0, max_new_tokens=max_new_tokens,
-                            stop=(self.finisher.marker,))
-        chains, _ = self._finish(self.engine.sample(prompt_ids, 1, sampling))
+        """Greedy reasoning and h_T for evaluation: (chains, h_T (B, d) float32). ``max_new_tokens`` 0 = no
+        reasoning: every chain is the appended marker alone and h_T is read at prompt + marker (the warm-up's
+        representation), without calling the engine's generator."""
+        if max_new_tokens == 0:
+            chains = [self.finisher([]) for _ in prompt_ids]
+        else:
+            sampling = Sampling(temperature=0.0, top_k=-1, top_p=1.0, max_new_tokens=max_new_tokens,
+                                stop=(self.finisher.marker,))
+            chains, _ = self._finish(self.engine.sample(prompt_ids, 1, sampling))
         h_T = self.engine.last_hidden([list(p) + c.token_ids for p, c in zip(prompt_ids, chains, strict=True)])
         return chains, h_T.float()
 

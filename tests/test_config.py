@@ -103,3 +103,28 @@ def test_hash_is_stable_and_sensitive():
     a, b = load_config(data=MINIMAL), load_config(data=MINIMAL)
     assert a.hash() == b.hash()
     assert a.hash() != load_config(data=MINIMAL, overrides=["recpo.beta=0.1"]).hash()
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["learner.max_steps=0"], "learner.max_steps is 0 and warmup.steps is 0: nothing to train"),
+        (["learner.prompts_per_step=12", "cluster.learner.num_workers=2", "learner.mini_batches=4"],
+         "learner.mini_batches (4) must divide the users per learner rank (12 / 2 ranks)"),
+        (["warmup.steps=2", "warmup.prompts_per_step=5", "cluster.learner.num_workers=2",
+          "learner.prompts_per_step=4"], "warmup.prompts_per_step (5) must be a multiple of cluster.learner.num_workers"),
+        (["warmup.steps=-1"], "warmup.steps: Input should be greater than or equal to 0"),
+        (["eval.max_new_tokens=-1"], "eval.max_new_tokens: Input should be greater than or equal to 0"),
+    ],
+)
+def test_warmup_and_step_settings_are_checked(overrides, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(data=MINIMAL, overrides=overrides)
+    assert expected in str(e.value)
+
+
+def test_warmup_only_run_and_no_reasoning_eval_are_valid():
+    cfg = load_config(data=MINIMAL, overrides=["learner.max_steps=0", "warmup.steps=3", "eval.max_new_tokens=0",
+                                               "learner.prompts_per_step=12", "learner.mini_batches=3"])
+    assert (cfg.learner.max_steps, cfg.warmup.steps, cfg.eval.max_new_tokens) == (0, 3, 0)
+    assert load_config(data=MINIMAL).warmup.steps == 0  # off by default (the paper has no warm-up)

@@ -6,6 +6,10 @@ rewards and losses as an uninterrupted run to 1e-6, and every step exactly once.
 ranks continues on 1 rank (DeepSpeed universal checkpoint) with the next step's rewards and token loss within 1e-5
 (the item loss's in-batch negatives are per rank, so it changes with the world size by construction). Resuming with
 another base model, catalogue or LoRA shape is refused with the difference named.
+
+With a warm-up phase (2 warm-up steps, then 1 RecPO step): a run killed right after warm-up step 1's checkpoint and
+resumed as a warm-up-only run (``learner.max_steps=0``), then continued into RecPO with ``learner.max_steps=1`` in
+the same folder, logs the uninterrupted run's per-step metrics to 1e-6.
 """
 
 from __future__ import annotations
@@ -49,9 +53,9 @@ def _run(cmd: list[str], log: Path) -> subprocess.CompletedProcess:
 
 def _steps(out: Path) -> dict[int, dict]:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in records if "reward_mean" in r]
+    steps = [r["step"] for r in records if "phase" in r]
     assert steps == sorted(set(steps)), f"a step is missing or logged twice: {steps}"
-    return {r["step"]: r for r in records if "reward_mean" in r}
+    return {r["step"]: r for r in records if "phase" in r}
 
 
 def _latest(out: Path) -> str | None:
@@ -125,11 +129,12 @@ def references(tmp_path_factory):
     return {}
 
 
-def _reference(references, tiny_model_dir, tmp_path_factory, engine: str, ranks: int, extra: str) -> Path:
+def _reference(references, tiny_model_dir, tmp_path_factory, engine: str, ranks: int, extra: str | tuple) -> Path:
     key = (engine, ranks, extra)
     if key not in references:
         out = tmp_path_factory.mktemp(f"ref-{engine}-{ranks}")
-        _run(_cmd(tiny_model_dir, out, engine, ranks, extra, resume="none"), out.parent / f"{out.name}.log")
+        extras = (extra,) if isinstance(extra, str) else extra
+        _run(_cmd(tiny_model_dir, out, engine, ranks, *extras, resume="none"), out.parent / f"{out.name}.log")
         references[key] = out
     return references[key]
 
@@ -219,3 +224,52 @@ def test_corrupted_latest_falls_back_to_the_previous_checkpoint(tiny_model_dir, 
     got = _steps(out)
     assert sorted(got) == [1, 2, 3]
     _assert_same_steps(got, ref, range(2, STEPS + 1), tol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def warmup_extras(tmp_path_factory):
+    """2 warm-up steps, then 1 RecPO step, on a 30-item catalogue (item-table encodings take no time)."""
+    from r2ec.testing import write_tiny_dataset
+
+    root = tmp_path_factory.mktemp("warmup-data")
+    write_tiny_dataset(root, users=12, items_per_user=6)
+    return ("learner.zero_stage=2", "warmup.steps=2", "warmup.prompts_per_step=4", "learner.max_steps=1",
+            "data.source=files", f"data.files.interactions={root / 'inter.csv'}",
+            f"data.files.items={root / 'items.csv'}", f"data.cache_dir={root / 'cache'}")
+
+
+WARMUP_COMPARED = ("loss_item", "target_rank_mean")
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_kill9_in_warmup_then_warmup_only_then_recpo_equals_an_uninterrupted_run(tiny_model_dir, tmp_path,
+                                                                                  tmp_path_factory, references,
+                                                                                  warmup_extras):
+    extras = warmup_extras
+    ref_dir = _reference(references, tiny_model_dir, tmp_path_factory, "hf", 1, extras)
+    ref = _steps(ref_dir)
+    assert [(s, ref[s]["phase"]) for s in sorted(ref)] == [(1, "warmup"), (2, "warmup"), (3, "recpo")]
+    state = json.loads((ref_dir / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
+    assert (state["phase"], state["warmup_steps"]) == ("warmup", 2)
+
+    out = tmp_path / "run"
+    killed_at = _kill_after_first_checkpoint(_cmd(tiny_model_dir, out, "hf", 1, *extras, resume="none"), out,
+                                             tmp_path / "killed.log")
+    assert killed_at == 1, "the kill must land inside the warm-up (after step 1, before step 2's checkpoint)"
+    # Resumed as a warm-up-only run: step 2, its validation and the test, then it stops.
+    _run(_cmd(tiny_model_dir, out, "hf", 1, *extras, "learner.max_steps=0"), tmp_path / "warmup-only.log")
+    assert "(step 1) in the warmup phase" in (tmp_path / "warmup-only.log").read_text()
+    assert sorted(_steps(out)) == [1, 2]
+    # The same folder with RecPO steps: continues from the warm-up's last checkpoint into RecPO at step 3.
+    _run(_cmd(tiny_model_dir, out, "hf", 1, *extras), tmp_path / "continued.log")
+    assert "(step 2) in the warmup phase" in (tmp_path / "continued.log").read_text()
+
+    got = _steps(out)
+    assert [(s, got[s]["phase"]) for s in sorted(got)] == [(1, "warmup"), (2, "warmup"), (3, "recpo")]
+    _assert_same_steps(got, ref, range(1, 3), tol=1e-6, keys=WARMUP_COMPARED)
+    _assert_same_steps(got, ref, range(3, 4), tol=1e-6)
+    assert got[3]["weight_version"] == ref[3]["weight_version"] == 2
+    a = json.loads((out / "eval_test.json").read_text())
+    b = json.loads((ref_dir / "eval_test.json").read_text())
+    assert {k: v for k, v in a.items() if "@" in k} == {k: v for k, v in b.items() if "@" in k}

@@ -153,3 +153,31 @@ def test_more_workers_than_the_cluster_has_fails_fast(tiny_model_dir, tmp_path):
         with System(cfg, "cpu"):
             pass
     assert time.perf_counter() - start < 60
+
+
+@pytest.mark.ray
+def test_warmup_steps_then_recpo(tiny_model_dir, tmp_path):
+    """2 warm-up steps, then 1 RecPO step, on 2 learner ranks: one record per step with its phase; no weight
+    broadcast after warm-up step 1 (nothing uses the rollout engines then); the item-table refresh at step 2
+    (recpo.refresh_every 2) and the RecPO step's rollout use the weights after step 2."""
+    from r2ec.train import train
+
+    cfg = tiny_cfg(tiny_model_dir, tmp_path, "warmup.steps=2", "warmup.prompts_per_step=4", "learner.max_steps=1",
+                   "cluster.rollout.num_workers=1", "cluster.local_num_cpus=3", "eval.max_samples=4",
+                   "eval.valid_max_samples=4")
+    result = train(cfg)
+    assert result["steps"] == 3
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "phase" in r]
+    assert [(r["step"], r["phase"]) for r in steps] == [(1, "warmup"), (2, "warmup"), (3, "recpo")]
+    for r in steps:
+        assert math.isfinite(r["loss_item"]) and math.isfinite(r["grad_norm"]), r
+    warm = steps[:2]
+    assert all("reward_mean" not in r and "loss_token" not in r and "weight_version" not in r for r in warm)
+    assert all(math.isfinite(r["target_rank_mean"]) for r in warm)
+    assert warm[0]["time_sync_s"] == 0.0 and warm[1]["time_sync_s"] > 0  # synced for the refresh at step 2 only
+    assert steps[2]["weight_version"] == 2 and math.isfinite(steps[2]["reward_mean"])
+    assert steps[2]["reward_max_abs_diff_rollout_vs_learner"] < 1e-4  # the rollout engines hold step 2's weights
+    valid = [r for r in records if "valid/ndcg@10" in r]
+    assert [(r["step"], r["valid/item_table_version"]) for r in valid] == [(3, 3)]
+    assert json.loads((tmp_path / "eval_test.json").read_text())["item_table_version"] == 3
