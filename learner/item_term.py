@@ -29,7 +29,8 @@ from typing import Literal
 
 import torch
 
-from r2ec.algo.recpo import catalogue_candidates, catalogue_item_loss, item_loss, unit_rows
+from r2ec.algo.metrics import mask_history, target_rank
+from r2ec.algo.recpo import catalogue_candidates, catalogue_item_loss, cosine_scores, item_loss, unit_rows
 
 Negatives = Literal["in_batch", "catalogue"]
 
@@ -41,6 +42,7 @@ class ItemTermOutput:
     items: torch.Tensor  # (K,) long: this rank's distinct targets, sorted
     h_items: torch.Tensor  # (K, d) float32: their fresh encodings (detached), for the table write-back
     h_user: torch.Tensor  # (n, d) float32: this rank's user states (detached)
+    rank: torch.Tensor  # (n,) long: each local target's rank over the catalogue candidates (history masked)
     candidates: int  # candidates in each softmax
 
 
@@ -116,13 +118,16 @@ def item_term(encode: Callable[[list[list[int]]], torch.Tensor], item_prompt_ids
         return item_loss(h, fresh, labels, a, rel, tau, num_chains=max(num_norm, 1))
 
     loss = loss_of(all_user, all_target, all_history, all_adv, relabel)
-    if world_size == 1:
-        local = float(loss.detach())
-    else:
-        with torch.no_grad():
-            local = float(loss_of(h_user, target, history, adv, relabel[:len(adv)]))
+    with torch.no_grad():
+        local = float(loss.detach()) if world_size == 1 else float(loss_of(h_user, target, history, adv,
+                                                                           relabel[:len(adv)]))
+        # The fit on this step's users, over the whole catalogue as the catalogue loss sees it (stale rows shifted):
+        # against the raw cached table the fresh targets would look better than they are.
+        scores = mask_history(cosine_scores(h_user, catalogue_candidates(table, uniq, fresh), tau), history, target)
+        rank = target_rank(scores, target) if len(target) else torch.zeros(0, dtype=torch.long)
     return ItemTermOutput(loss=loss, loss_local=local, items=items.cpu(), h_items=h_items.detach(),
-                          h_user=h_user.detach(), candidates=len(table) if negatives == "catalogue" else len(uniq))
+                          h_user=h_user.detach(), rank=rank.cpu(),
+                          candidates=len(table) if negatives == "catalogue" else len(uniq))
 
 
 @torch.no_grad()

@@ -71,7 +71,7 @@ from learner.ds_config import build_ds_config, training_dtype
 from learner.item_term import item_term, score_std_mean, table_cosine_mean
 from learner.rng import rng_state, seed_all, set_rng_state
 from learner.weights import ExportUnit, export_units, full_shape, merged_lora_weight
-from r2ec.algo.metrics import ndcg_at_k, target_rank
+from r2ec.algo.metrics import ndcg_at_k
 from r2ec.algo.recpo import RewardOutput, compute_advantages, fused_reward, relabel_mask, token_loss
 from r2ec.config import LearnerConfig, ModelConfig, RecPOConfig, WarmupConfig
 from r2ec.model import DualHeadModel
@@ -401,7 +401,8 @@ class LearnerWorker:
         prompt + answer marker, advantage 1 for every user, at ``warmup.lr``. Collective like ``train_step``.
 
         Metrics: ``loss_item`` is this rank's share of the global loss; ``target_rank_mean`` / ``train_ndcg@10``
-        rank each user's target over the whole table (history masked) with the state before the update."""
+        rank each user's target over the catalogue as the catalogue loss sees it (stale rows shifted by the step's
+        drift, the step's targets fresh, history masked), with the state before the update."""
         if self.warmup_cfg is None:
             raise RuntimeError("warmup_step on a LearnerWorker built without warmup_cfg")
         t_start = time.perf_counter()
@@ -420,7 +421,7 @@ class LearnerWorker:
         with torch.no_grad():
             scores = self.dual.item_scores(term.h_user, self.table, shard.history_idx.to(self.device),
                                            shard.target_idx.to(self.device))
-            rank = target_rank(scores, shard.target_idx.to(self.device)).double()
+        rank = term.rank.double()
         t0 = time.perf_counter()
         norms = self._optimizer_step(None)
         t_opt = time.perf_counter() - t0

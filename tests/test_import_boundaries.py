@@ -14,7 +14,8 @@ CORE = ["r2ec", "r2ec.config", "r2ec.algo.metrics", "r2ec.algo.recpo", "r2ec.pro
         "r2ec.export", "r2ec.recommend", "r2ec.compare"]
 PURE = ["r2ec.algo.metrics", "r2ec.algo.recpo", "r2ec.algo.bootstrap", "r2ec.protocol", "r2ec.weight_sync"]
 ROLLOUT = ["rollout", "rollout.engine", "rollout.worker", "rollout.hf_engine", "rollout.vllm_engine"]
-LEARNER = ["learner", "learner.worker", "learner.ds_config", "learner.universal"]
+LEARNER = ["learner", "learner.worker", "learner.ds_config", "learner.universal", "learner.item_term", "learner.weights",
+           "learner.rng"]
 
 
 def _loaded_after_import(modules):

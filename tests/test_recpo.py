@@ -461,7 +461,7 @@ def test_catalogue_item_loss_hand_values_and_gradients():
     # [0, 2, 0] (item 2 = [1, 0] cached) -> log p = 2 - log(e^2 + 2).
     table = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]], requires_grad=True)
     fresh = torch.tensor([[0.0, 1.0]], requires_grad=True)
-    cands = catalogue_candidates(table, torch.tensor([1]), fresh)
+    cands = catalogue_candidates(table, torch.tensor([1]), fresh, shift_stale=False)
     assert torch.equal(cands, torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]))
     h_user = torch.tensor([[1.0, 0.0], [0.0, 1.0]], requires_grad=True)
     history = torch.tensor([[2, -1], [-1, -1]])
@@ -502,8 +502,8 @@ def _random_catalogue(seed, n=6, v=7, d=5, k=3, h=3):
 def test_catalogue_item_loss_loop_equals_vectorised():
     for seed in range(4):
         h_user, table, items, fresh, target, history, adv, relabel = _random_catalogue(seed)
-        got = catalogue_item_loss(h_user, catalogue_candidates(table, items, fresh), target, history, adv, relabel,
-                                  tau=0.1, num_chains=9)
+        got = catalogue_item_loss(h_user, catalogue_candidates(table, items, fresh, shift_stale=False), target,
+                                  history, adv, relabel, tau=0.1, num_chains=9)
         rows = table.tolist()
         for i, v in enumerate(items.tolist()):
             rows[v] = fresh[i].tolist()
@@ -547,5 +547,22 @@ def test_catalogue_item_loss_with_only_the_targets_as_catalogue_equals_item_loss
     h_user, h_items, labels, adv, relabel = _random_items(3)
     m = h_items.shape[0]
     cands = catalogue_candidates(torch.zeros(m, h_items.shape[1], dtype=torch.float64), torch.arange(m), h_items)
+    assert torch.equal(cands, h_items)  # every row fresh: nothing stale to shift
     got = catalogue_item_loss(h_user, cands, labels, torch.full((len(labels), 1), -1), adv, relabel, 0.1)
     assert got.item() == pytest.approx(item_loss(h_user, h_items, labels, adv, relabel, 0.1).item(), abs=1e-12)
+
+
+def test_catalogue_candidates_shift_stale_rows_by_the_mean_drift():
+    # Every encoding moved by the same c: the shifted stale rows equal what a full re-encoding would give, so the
+    # loss equals the exact all-fresh catalogue loss (no fresh-vs-stale shortcut).
+    g = torch.Generator().manual_seed(0)
+    old = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    c = torch.tensor([3.0, -1.0, 0.5, 2.0], dtype=torch.float64)
+    items = torch.tensor([1, 4])
+    fresh = (old[items] + c).requires_grad_(True)
+    cands = catalogue_candidates(old, items, fresh)
+    assert torch.allclose(cands, old + c, atol=1e-12)
+    unshifted = catalogue_candidates(old, items, fresh, shift_stale=False)
+    assert torch.equal(unshifted[[0, 2, 3, 5]], old[[0, 2, 3, 5]])
+    cands.sum().backward()
+    assert torch.equal(fresh.grad, torch.ones_like(fresh))  # the shift itself carries no gradient

@@ -320,14 +320,23 @@ def item_loss(
     return _weighted_nll(cosine_scores(h_user, h_items, tau), labels, adv, relabel, num_chains)
 
 
-def catalogue_candidates(table: torch.Tensor, items: torch.Tensor, h_items: torch.Tensor) -> torch.Tensor:
+def catalogue_candidates(table: torch.Tensor, items: torch.Tensor, h_items: torch.Tensor,
+                         shift_stale: bool = True) -> torch.Tensor:
     """The whole catalogue as item-loss candidates: the cached table rows, detached, with the freshly encoded
     ``items`` (with gradient) in their place.
+
+    Stale-row shift (``shift_stale``): the cached rows were encoded by older weights, the fresh ones by the current
+    weights. If training moves every encoding by a common vector c, fresh rows (the positives) and stale rows (most
+    negatives) drift apart and the loss can fall by moving c alone, without telling items apart (measured:
+    docs/results.md, overfit checks). The mean drift of the re-encoded rows, delta = mean_k (h_items_k -
+    table[items_k]), detached, estimates c; adding it to every stale row makes the candidates exact when the drift
+    is common to all items and removes that shortcut in general. Not in the paper (its item term is in-batch).
 
     Args:
         table: (V, d) float, the cached item table H_V (its rows are constants here).
         items: (K,) long, distinct catalogue indices re-encoded in this step.
         h_items: (K, d) float, their encodings (with grad).
+        shift_stale: add the mean drift delta to the stale rows (default).
 
     Returns:
         (V, d) float32 (float64 if either input is float64); gradient flows to ``h_items`` only.
@@ -335,7 +344,11 @@ def catalogue_candidates(table: torch.Tensor, items: torch.Tensor, h_items: torc
     dtype = torch.promote_types(_upcast(table).dtype, _upcast(h_items).dtype)
     if items.numel() != torch.unique(items).numel():
         raise ValueError("catalogue_candidates: items must be distinct (one fresh encoding per row)")
-    return table.detach().to(dtype).index_put((items,), h_items.to(dtype))
+    stale = table.detach().to(dtype)
+    fresh = h_items.to(dtype)
+    if shift_stale and items.numel():
+        stale = stale + (fresh.detach() - stale[items]).mean(dim=0)
+    return stale.index_put((items,), fresh)
 
 
 def catalogue_item_loss(
