@@ -6,8 +6,17 @@ advantage-weighted softmax of each user's target among the candidates (``r2ec.al
 
 - ``in_batch``: the candidates are the step's distinct targets over ALL learner ranks, as the official code's
   ``gather_negs_across_processes``;
-- ``catalogue``: the whole item table, cached rows detached, the step's re-encoded targets (all ranks) in place,
-  each user's history masked as in evaluation.
+- ``catalogue``: the in-batch term above, plus the user side's softmax over the whole cached item table (every row
+  detached, the targets' too), each user's history masked as in evaluation.
+
+Why the catalogue term scores against the cached rows only. The first design put the step's freshly encoded targets
+(with gradient) in place of their cached rows. Measured on SmolLM2-135M (docs/results.md, overfit checks), that
+mix has a shortcut: the positives are always fresh and nearly every negative is stale, so moving all encodings
+together separates them, and the loss on users never seen before fell from ln V to ln B in one step while
+validation stayed at the random level. Shifting the stale rows by the step's mean drift removed the common part of
+the drift but not the rest (the loss still fell on unseen users, validation stayed flat). Scoring against the
+cached table alone leaves nothing to tell fresh from stale; the item side learns through the in-batch term, fresh
+against fresh. The cached rows lag the weights by up to ``recpo.refresh_every`` steps, as RecPO's rewards do.
 
 Sharded equals global, exactly: every rank gathers the other ranks' user states, targets, histories, advantages and
 item encodings (detached) and computes the loss over ALL users of the step, its own tensors carrying the gradient.
@@ -30,7 +39,7 @@ from typing import Literal
 import torch
 
 from r2ec.algo.metrics import mask_history, target_rank
-from r2ec.algo.recpo import catalogue_candidates, catalogue_item_loss, cosine_scores, item_loss, unit_rows
+from r2ec.algo.recpo import catalogue_item_loss, cosine_scores, item_loss, unit_rows
 
 Negatives = Literal["in_batch", "catalogue"]
 
@@ -111,19 +120,19 @@ def item_term(encode: Callable[[list[list[int]]], torch.Tensor], item_prompt_ids
 
     def loss_of(h: torch.Tensor, tgt: torch.Tensor, hist: torch.Tensor, a: torch.Tensor,
                 rel: torch.Tensor) -> torch.Tensor:
-        if negatives == "catalogue":
-            cands = catalogue_candidates(table, uniq, fresh)
-            return catalogue_item_loss(h, cands, tgt, hist, a, rel, tau, num_chains=max(num_norm, 1))
         labels = torch.searchsorted(uniq, tgt)
-        return item_loss(h, fresh, labels, a, rel, tau, num_chains=max(num_norm, 1))
+        loss = item_loss(h, fresh, labels, a, rel, tau, num_chains=max(num_norm, 1))  # both sides, fresh vs fresh
+        if negatives == "catalogue":  # the user side against every cached row, all equally stale
+            loss = loss + catalogue_item_loss(h, table, tgt, hist, a, rel, tau, num_chains=max(num_norm, 1))
+        return loss
 
     loss = loss_of(all_user, all_target, all_history, all_adv, relabel)
     with torch.no_grad():
         local = float(loss.detach()) if world_size == 1 else float(loss_of(h_user, target, history, adv,
                                                                            relabel[:len(adv)]))
-        # The fit on this step's users, over the whole catalogue as the catalogue loss sees it (stale rows shifted):
-        # against the raw cached table the fresh targets would look better than they are.
-        scores = mask_history(cosine_scores(h_user, catalogue_candidates(table, uniq, fresh), tau), history, target)
+        # The fit on this step's users over the cached catalogue (not with their fresh targets in place, which would
+        # look better than they are: see the module docstring).
+        scores = mask_history(cosine_scores(h_user, table, tau), history, target)
         rank = target_rank(scores, target) if len(target) else torch.zeros(0, dtype=torch.long)
     return ItemTermOutput(loss=loss, loss_local=local, items=items.cpu(), h_items=h_items.detach(),
                           h_user=h_user.detach(), rank=rank.cpu(),

@@ -9,7 +9,6 @@ import torch
 from r2ec.algo.recpo import (
     RewardOutput,
     TokenLossOutput,
-    catalogue_candidates,
     catalogue_item_loss,
     compute_advantages,
     cosine_scores,
@@ -455,14 +454,10 @@ def test_item_loss_gradient_is_minus_adv_grad_log_p():
 
 
 def test_catalogue_item_loss_hand_values_and_gradients():
-    # Catalogue of 3 unit rows, tau 0.5. Item 1 is re-encoded this step (fresh row [0, 1] replaces the cached
-    # [1, 0]); user 0 = [1, 0] with target 0 and item 2 in its history: logits [2, 0, masked] ->
-    # log p = 2 - log(e^2 + e^0) = -log(1 + e^-2). User 1 = [0, 1] with target 1, no history: logits
-    # [0, 2, 0] (item 2 = [1, 0] cached) -> log p = 2 - log(e^2 + 2).
-    table = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]], requires_grad=True)
-    fresh = torch.tensor([[0.0, 1.0]], requires_grad=True)
-    cands = catalogue_candidates(table, torch.tensor([1]), fresh, shift_stale=False)
-    assert torch.equal(cands, torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]))
+    # Catalogue of 3 unit rows, tau 0.5. User 0 = [1, 0] with target 0 and item 2 in its history: logits
+    # [2, 0, masked] -> log p = 2 - log(e^2 + e^0) = -log(1 + e^-2). User 1 = [0, 1] with target 1, no history:
+    # logits [0, 2, 0] -> log p = 2 - log(e^2 + 2).
+    cands = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], requires_grad=True)
     h_user = torch.tensor([[1.0, 0.0], [0.0, 1.0]], requires_grad=True)
     history = torch.tensor([[2, -1], [-1, -1]])
     adv = torch.tensor([1.0, 2.0])
@@ -471,47 +466,42 @@ def test_catalogue_item_loss_hand_values_and_gradients():
     expected = -(1.0 * -math.log(1 + E**-2) + 2.0 * (2 - math.log(E**2 + 2))) / 4
     assert loss.item() == pytest.approx(expected, abs=1e-6)
     loss.backward()
-    assert table.grad is None  # the cached rows are constants
-    assert fresh.grad.abs().sum() > 0 and h_user.grad.abs().sum() > 0
+    assert h_user.grad.abs().sum() > 0 and cands.grad.abs().sum() > 0
+    only_user0 = catalogue_item_loss(h_user[:1], cands, torch.tensor([0]), history[:1], adv[:1],
+                                     torch.tensor([True]), tau=0.5)
+    grad = torch.autograd.grad(only_user0, cands)[0]
+    assert grad[2].abs().sum() == 0 and grad[1].abs().sum() > 0  # its masked history row gets no gradient
 
 
-def test_catalogue_item_loss_never_masks_the_target_and_rejects_repeated_rows():
+def test_catalogue_item_loss_never_masks_the_target():
     table = torch.eye(3)
     h_user = torch.tensor([[1.0, 0.0, 0.0]])
     # the target (0) is also in the history (a repeat): it stays rankable, the other history item is masked
     loss = catalogue_item_loss(h_user, table, torch.tensor([0]), torch.tensor([[0, 1]]), torch.ones(1),
                                torch.ones(1, dtype=torch.bool), tau=1.0)
     assert loss.item() == pytest.approx(-(1 - math.log(E + 1)), abs=1e-6)
-    with pytest.raises(ValueError, match="distinct"):
-        catalogue_candidates(table, torch.tensor([1, 1]), torch.zeros(2, 3))
 
 
-def _random_catalogue(seed, n=6, v=7, d=5, k=3, h=3):
+def _random_catalogue(seed, n=6, v=7, d=5, h=3):
     g = torch.Generator().manual_seed(seed)
     h_user = torch.randn(n, d, generator=g, dtype=torch.float64).requires_grad_(True)
-    table = torch.randn(v, d, generator=g, dtype=torch.float64)
-    items = torch.randperm(v, generator=g)[:k]
-    fresh = torch.randn(k, d, generator=g, dtype=torch.float64).requires_grad_(True)
-    target = items[torch.randint(0, k, (n,), generator=g)]
+    table = torch.randn(v, d, generator=g, dtype=torch.float64).requires_grad_(True)
+    target = torch.randint(0, v, (n,), generator=g)
     history = torch.randint(-1, v, (n, h), generator=g)
     adv = torch.randn(n, generator=g, dtype=torch.float64)
     relabel = torch.rand(n, generator=g) < 0.7
-    return h_user, table, items, fresh, target, history, adv, relabel
+    return h_user, table, target, history, adv, relabel
 
 
 def test_catalogue_item_loss_loop_equals_vectorised():
+    def unit(x):
+        norm = max(math.sqrt(sum(a * a for a in x)), 1e-8)
+        return [a / norm for a in x]
+
     for seed in range(4):
-        h_user, table, items, fresh, target, history, adv, relabel = _random_catalogue(seed)
-        got = catalogue_item_loss(h_user, catalogue_candidates(table, items, fresh, shift_stale=False), target,
-                                  history, adv, relabel, tau=0.1, num_chains=9)
+        h_user, table, target, history, adv, relabel = _random_catalogue(seed)
+        got = catalogue_item_loss(h_user, table, target, history, adv, relabel, tau=0.1, num_chains=9)
         rows = table.tolist()
-        for i, v in enumerate(items.tolist()):
-            rows[v] = fresh[i].tolist()
-
-        def unit(x):
-            norm = max(math.sqrt(sum(a * a for a in x)), 1e-8)
-            return [a / norm for a in x]
-
         total = 0.0
         for n in range(len(h_user)):
             if not relabel[n]:
@@ -526,43 +516,22 @@ def test_catalogue_item_loss_loop_equals_vectorised():
 
 
 def test_catalogue_item_loss_sharded_equals_global():
-    # Each shard has its own chains and the same candidates (the step's fresh rows on every shard).
-    h_user, table, items, fresh, target, history, adv, relabel = _random_catalogue(7)
-    full = catalogue_item_loss(h_user, catalogue_candidates(table, items, fresh), target, history, adv, relabel,
-                               0.05)
-    full_gu, full_gf = torch.autograd.grad(full, (h_user, fresh))
+    h_user, table, target, history, adv, relabel = _random_catalogue(7)
+    full = catalogue_item_loss(h_user, table, target, history, adv, relabel, 0.05)
+    full_gu, full_gt = torch.autograd.grad(full, (h_user, table))
     total = 0.0
     for a, b in SHARDS:
-        part = catalogue_item_loss(h_user[a:b], catalogue_candidates(table, items, fresh), target[a:b],
-                                   history[a:b], adv[a:b], relabel[a:b], 0.05, num_chains=6)
+        part = catalogue_item_loss(h_user[a:b], table, target[a:b], history[a:b], adv[a:b], relabel[a:b], 0.05,
+                                   num_chains=6)
         part.backward()
         total += part.item()
     assert total == pytest.approx(full.item(), abs=1e-9)
-    assert torch.allclose(h_user.grad, full_gu, atol=1e-9) and torch.allclose(fresh.grad, full_gf, atol=1e-9)
-    assert fresh.grad.abs().sum() > 0
+    assert torch.allclose(h_user.grad, full_gu, atol=1e-9) and torch.allclose(table.grad, full_gt, atol=1e-9)
+    assert table.grad.abs().sum() > 0
 
 
-def test_catalogue_item_loss_with_only_the_targets_as_catalogue_equals_item_loss():
-    # With no history and a catalogue made of the fresh targets alone, the catalogue loss is the in-batch loss.
+def test_catalogue_item_loss_without_history_on_the_batch_targets_equals_item_loss():
+    # With no history and the batch's targets as the whole catalogue, the catalogue loss is the in-batch loss.
     h_user, h_items, labels, adv, relabel = _random_items(3)
-    m = h_items.shape[0]
-    cands = catalogue_candidates(torch.zeros(m, h_items.shape[1], dtype=torch.float64), torch.arange(m), h_items)
-    assert torch.equal(cands, h_items)  # every row fresh: nothing stale to shift
-    got = catalogue_item_loss(h_user, cands, labels, torch.full((len(labels), 1), -1), adv, relabel, 0.1)
+    got = catalogue_item_loss(h_user, h_items, labels, torch.full((len(labels), 1), -1), adv, relabel, 0.1)
     assert got.item() == pytest.approx(item_loss(h_user, h_items, labels, adv, relabel, 0.1).item(), abs=1e-12)
-
-
-def test_catalogue_candidates_shift_stale_rows_by_the_mean_drift():
-    # Every encoding moved by the same c: the shifted stale rows equal what a full re-encoding would give, so the
-    # loss equals the exact all-fresh catalogue loss (no fresh-vs-stale shortcut).
-    g = torch.Generator().manual_seed(0)
-    old = torch.randn(6, 4, generator=g, dtype=torch.float64)
-    c = torch.tensor([3.0, -1.0, 0.5, 2.0], dtype=torch.float64)
-    items = torch.tensor([1, 4])
-    fresh = (old[items] + c).requires_grad_(True)
-    cands = catalogue_candidates(old, items, fresh)
-    assert torch.allclose(cands, old + c, atol=1e-12)
-    unshifted = catalogue_candidates(old, items, fresh, shift_stale=False)
-    assert torch.equal(unshifted[[0, 2, 3, 5]], old[[0, 2, 3, 5]])
-    cands.sum().backward()
-    assert torch.equal(fresh.grad, torch.ones_like(fresh))  # the shift itself carries no gradient

@@ -34,7 +34,7 @@ Deviations from the paper / official code
 * Like the official code, duplicate targets in a batch stay separate in-batch candidates (``labels``
   index chains' targets, not unique items); the caller decides the candidate set h_items.
 * ``catalogue_item_loss`` is not in the paper or the official code: the item term's softmax over the whole
-  catalogue (cached rows detached, the step's re-encoded targets with gradient, history masked as in evaluation).
+  catalogue (the cached table, history masked as in evaluation).
 """
 
 from dataclasses import dataclass
@@ -320,37 +320,6 @@ def item_loss(
     return _weighted_nll(cosine_scores(h_user, h_items, tau), labels, adv, relabel, num_chains)
 
 
-def catalogue_candidates(table: torch.Tensor, items: torch.Tensor, h_items: torch.Tensor,
-                         shift_stale: bool = True) -> torch.Tensor:
-    """The whole catalogue as item-loss candidates: the cached table rows, detached, with the freshly encoded
-    ``items`` (with gradient) in their place.
-
-    Stale-row shift (``shift_stale``): the cached rows were encoded by older weights, the fresh ones by the current
-    weights. If training moves every encoding by a common vector c, fresh rows (the positives) and stale rows (most
-    negatives) drift apart and the loss can fall by moving c alone, without telling items apart (measured:
-    docs/results.md, overfit checks). The mean drift of the re-encoded rows, delta = mean_k (h_items_k -
-    table[items_k]), detached, estimates c; adding it to every stale row makes the candidates exact when the drift
-    is common to all items and removes that shortcut in general. Not in the paper (its item term is in-batch).
-
-    Args:
-        table: (V, d) float, the cached item table H_V (its rows are constants here).
-        items: (K,) long, distinct catalogue indices re-encoded in this step.
-        h_items: (K, d) float, their encodings (with grad).
-        shift_stale: add the mean drift delta to the stale rows (default).
-
-    Returns:
-        (V, d) float32 (float64 if either input is float64); gradient flows to ``h_items`` only.
-    """
-    dtype = torch.promote_types(_upcast(table).dtype, _upcast(h_items).dtype)
-    if items.numel() != torch.unique(items).numel():
-        raise ValueError("catalogue_candidates: items must be distinct (one fresh encoding per row)")
-    stale = table.detach().to(dtype)
-    fresh = h_items.to(dtype)
-    if shift_stale and items.numel():
-        stale = stale + (fresh.detach() - stale[items]).mean(dim=0)
-    return stale.index_put((items,), fresh)
-
-
 def catalogue_item_loss(
     h_user: torch.Tensor,
     candidates: torch.Tensor,
@@ -369,7 +338,7 @@ def catalogue_item_loss(
 
     Args:
         h_user: (N, d) float, final hidden states (with grad).
-        candidates: (V, d) float, ``catalogue_candidates(table, items, h_items)``.
+        candidates: (V, d) float, the catalogue's encodings (the learner passes its cached table, detached).
         target_idx: (N,) long, catalogue index of each chain's target.
         history_idx: (N, H) long, the users' earlier items, -1 padded.
         adv, relabel, tau, num_chains: as in ``item_loss``.
@@ -385,7 +354,6 @@ __all__ = [
     "RewardOutput",
     "TokenLossOutput",
     "compute_advantages",
-    "catalogue_candidates",
     "catalogue_item_loss",
     "cosine_scores",
     "fused_reward",
