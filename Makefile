@@ -59,19 +59,12 @@ bench: $(VENV)/.bench assets
 	$(PY) bench/latency.py
 	$(PY) bench/trl_grpo.py
 
-# The quality study on MovieLens-100k (docs/results.md): every method, then the table and the curves.
-# Hours on a 2-core CPU machine, most of it reasoning at test time (1,000 samples per LLM method) and RecPO steps.
-STUDY_CONFIG := configs/study-ml100k.yaml
-STUDY := outputs/study
+# The quality study on MovieLens-100k (docs/results.md): every method as its own resumable step (study/run.py keeps each
+# finished method's small result under study/results/ and skips it on a re-run), then the tables and the curves.
+# Hours on a 2-core CPU machine: the LLM methods reason over 1,000 test samples each, and each training stage is
+# sized to at most 45 minutes of training.
 study: $(VENV)/.bench assets
-	$(VENV)/bin/r2ec eval --config $(STUDY_CONFIG) --baseline popularity --set run.output_dir=$(STUDY)/popularity
-	$(VENV)/bin/r2ec eval --config $(STUDY_CONFIG) --baseline popularity --set eval.max_samples=null \
-		--set run.output_dir=$(STUDY)/popularity-full
-	$(PY) -m study.sasrec --config $(STUDY_CONFIG) --out $(STUDY)/sasrec
-	$(VENV)/bin/r2ec eval --config $(STUDY_CONFIG) --set model.lora.enabled=false --set run.output_dir=$(STUDY)/zero-shot
-	$(PY) -m study.no_reasoning --config $(STUDY_CONFIG) --out $(STUDY)/no-reasoning
-	$(VENV)/bin/r2ec train --config $(STUDY_CONFIG)
-	$(PY) -m study.report
+	$(PY) -m study.run
 
 lint: venv
 	$(VENV)/bin/ruff check r2ec rollout learner tests bench study

@@ -1,16 +1,18 @@
-"""The quality study's tables and curves, from what the study's runs wrote under ``outputs/study/``.
+"""The quality study's tables and curves, from the results ``study.run`` keeps under ``study/results/``.
 
-Two tables, each made by ``r2ec compare`` (``r2ec.compare``) from the evaluations' per-sample ranks, so every method is
-measured the same way, on the same samples, with 95% intervals that resample users and, for each method, a paired
-user-bootstrap interval of its difference from the first row (popularity):
+Every table is made by ``r2ec compare`` (``r2ec.compare``) from the evaluations' per-sample ranks, so every method is
+measured the same way, on the same samples, with 95% intervals that resample users and paired user-bootstrap
+intervals of differences:
 
-* the study subset: the user-stratified subset of ``eval.max_samples`` test samples (``configs/study-ml100k.yaml``),
-  the one every method can afford, the LLM methods included;
+* the study subset: the user-stratified subset of ``eval.max_samples`` test samples (``configs/study-ml100k.yaml``,
+  every test user), the one every method can afford, the LLM methods included; each method minus popularity;
+* the questions the study asks, each a paired comparison on that subset: warm-up + RecPO minus zero-shot, minus
+  SASRec, and minus warm-up only (the paper's claim that reasoning helps);
 * the full test split, for the methods cheap enough to rank all of it.
 
-A method whose evaluation is missing, or was computed on other samples (e.g. under the old split), is listed as such
-and left out of the table; ``r2ec compare`` refuses to mix them. Draws the RecPO training curves (reward, R_d,
-validation NDCG@10 vs step) as PNG files.
+A method whose evaluation is missing, or was computed on other samples, is listed as such and left out; ``r2ec
+compare`` refuses to mix them. Draws the training curves (warm-up loss, RecPO reward and R_d, validation NDCG@10 vs
+step) into one PNG.
 
     python -m study.report      # tables on stdout, study/results.json, docs/img/study_curves.png
 """
@@ -26,22 +28,30 @@ from r2ec.compare import CompareError, compare, format_table, load_evaluation, s
 # (evaluation under --root, label); the order of the tables; the first present one is the reference.
 SUBSET = [
     ("popularity/eval_test.json", "Popularity"),
-    ("sasrec/subset{n}/eval_test.json", "SASRec"),
+    ("sasrec/eval_test.json", "SASRec"),
     ("zero-shot/eval_test.json", "Zero-shot dual-head (SmolLM2-135M)"),
-    ("no-reasoning/eval_test.json", "R2ec w/o reasoning"),
-    ("recpo/eval_test.json", "R2ec + RecPO"),
+    ("warmup/eval_test.json", "Warm-up only (= w/o reasoning)"),
+    ("recpo/eval_test.json", "RecPO without warm-up"),
+    ("warmup-recpo/eval_test.json", "Warm-up + RecPO"),
+]
+PAIRS = [  # (reference, method): the study's questions
+    ("zero-shot/eval_test.json", "warmup-recpo/eval_test.json"),
+    ("sasrec/eval_test.json", "warmup-recpo/eval_test.json"),
+    ("warmup/eval_test.json", "warmup-recpo/eval_test.json"),
+    ("zero-shot/eval_test.json", "recpo/eval_test.json"),
 ]
 FULL = [
     ("popularity-full/eval_test.json", "Popularity"),
-    ("sasrec/eval_test.json", "SASRec"),
+    ("sasrec/full/eval_test.json", "SASRec"),
 ]
+LABELS = dict(SUBSET)
 
 
-def table(root: Path, methods: list[tuple[str, str]], n: int, resamples: int, seed: int) -> dict | None:
+def table(root: Path, methods: list[tuple[str, str]], resamples: int, seed: int) -> dict | None:
     """``r2ec compare`` over the methods whose evaluation exists and ranked the reference's samples."""
     evals, skipped = [], []
     for rel, label in methods:
-        path = root / rel.format(n=n)
+        path = root / rel
         if not path.is_file():
             skipped.append({"method": label, "why": f"no {path}"})
             continue
@@ -62,7 +72,7 @@ def table(root: Path, methods: list[tuple[str, str]], n: int, resamples: int, se
 
 def main() -> None:
     p = argparse.ArgumentParser(description="quality study: tables + curves")
-    p.add_argument("--root", default="outputs/study")
+    p.add_argument("--root", default="study/results")
     p.add_argument("--config", default="configs/study-ml100k.yaml", help="for eval.max_samples / ci settings")
     p.add_argument("--img", default="docs/img")
     p.add_argument("--out", default="study/results.json")
@@ -73,60 +83,59 @@ def main() -> None:
     root = Path(args.root)
     try:
         print(f"\nTest, the user-stratified subset of {ev.max_samples} samples\n")
-        subset = table(root, SUBSET, ev.max_samples, ev.ci_resamples, ev.ci_seed)
+        subset = table(root, SUBSET, ev.ci_resamples, ev.ci_seed)
+        pairs = []
+        for ref, method in PAIRS:
+            print(f"\n{LABELS[method]} vs {LABELS[ref]}\n")
+            pairs.append(table(root, [(ref, LABELS[ref]), (method, LABELS[method])], ev.ci_resamples, ev.ci_seed))
         print("\nTest, the full split\n")
-        full = table(root, FULL, ev.max_samples, ev.ci_resamples, ev.ci_seed)
+        full = table(root, FULL, ev.ci_resamples, ev.ci_seed)
     except CompareError as e:
         raise SystemExit(f"study.report: {e}") from None
-    Path(args.out).write_text(json.dumps({"subset": subset, "full": full}, indent=1) + "\n")
+    Path(args.out).write_text(json.dumps({"subset": subset, "pairs": pairs, "full": full}, indent=1) + "\n")
     print(f"-> {args.out}")
-    curves(root / "recpo", root / "no-reasoning", Path(args.img))
+    curves(root, Path(args.img))
 
 
 def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def curves(recpo: Path, no_reasoning: Path, img: Path) -> None:
-    """Reward and R_d per step (with a 5-step moving average) and validation NDCG@10, as PNG files."""
-    records = _read_jsonl(recpo / "metrics.jsonl")
-    steps = [r for r in records if "reward_mean" in r]
-    valid = [r for r in records if "valid/ndcg@10" in r]
-    if not steps:
-        print(f"(no {recpo / 'metrics.jsonl'}; no curves drawn)")
+def curves(root: Path, img: Path) -> None:
+    """Warm-up loss, RecPO reward and R_d per step (5-step moving averages) and validation NDCG@10 of the training
+    methods, against the global step, as one PNG."""
+    runs = {name: _read_jsonl(root / name / "metrics.jsonl") for name in ("warmup", "recpo", "warmup-recpo")}
+    if not any(runs.values()):
+        print(f"(no metrics.jsonl under {root}; no curves drawn)")
         return
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    img.mkdir(parents=True, exist_ok=True)
-    x = [r["step"] for r in steps]
-
     def smooth(v: list[float], w: int = 5) -> list[float]:
         return [sum(v[max(0, i - w + 1):i + 1]) / len(v[max(0, i - w + 1):i + 1]) for i in range(len(v))]
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    for ax, key, title in ((axes[0], "reward_mean", "fused reward (mean over chains)"),
-                           (axes[1], "r_d_mean", "R_d, ranking reward (mean)")):
-        v = [r[key] for r in steps]
-        ax.plot(x, v, ".", alpha=0.4, label="per step")
-        ax.plot(x, smooth(v), "-", label="5-step mean")
-        ax.set_title(title)
-        ax.set_xlabel("RecPO step")
+    img.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
+    panels = (("warmup", "loss_item", "warm-up item loss"), ("recpo", "reward_mean", "fused reward (mean)"),
+              ("recpo", "r_d_mean", "R_d, ranking reward (mean)"))
+    for ax, (phase, key, title) in zip(axes, panels, strict=False):
+        for name, records in runs.items():
+            steps = [r for r in records if r.get("phase") == phase and key in r]
+            if steps:
+                ax.plot([r["step"] for r in steps], smooth([r[key] for r in steps]), "-", label=name)
+        ax.set_title(f"{title}, 5-step mean")
+        ax.set_xlabel("step")
         ax.legend()
-    ax = axes[2]
-    ax.plot([r["step"] for r in valid], [r["valid/ndcg@10"] for r in valid], "o-", label="R2ec + RecPO")
-    nr = [r for r in _read_jsonl(no_reasoning / "train_log.jsonl") if r.get("valid_ndcg@10") is not None]
-    if nr:
-        ax2 = ax.twiny()
-        ax2.plot([r["step"] for r in nr], [r["valid_ndcg@10"] for r in nr], "s--", color="tab:orange",
-                 label="w/o reasoning (top axis: its steps)")
-        ax2.set_xlabel("w/o reasoning: optimiser step")
-        ax2.legend(loc="lower right")
+    ax = axes[3]
+    for name, records in runs.items():
+        valid = [r for r in records if "valid/ndcg@10" in r]
+        if valid:
+            ax.plot([r["step"] for r in valid], [r["valid/ndcg@10"] for r in valid], "o-", label=name)
     ax.set_title("validation NDCG@10")
-    ax.set_xlabel("RecPO step")
-    ax.legend(loc="upper left")
+    ax.set_xlabel("step")
+    ax.legend()
     fig.tight_layout()
     out = img / "study_curves.png"
     fig.savefig(out, dpi=110)
