@@ -1,6 +1,6 @@
 """The RecPO learner: one DeepSpeed data-parallel rank (a plain class; the driver applies ``ray.remote``).
 
-Each rank receives whole groups of chains (``TrainShard``) and, per optimiser step:
+Each rank receives whole groups of chains (``TrainShard``) and, per RecPO step:
 
 1. applies the item-table rows re-encoded by every rank in the previous step;
 2. scores the rollout's h_T with the rec_head, s(v) = cos(h_T, H_V[v]) / tau over the full catalogue with the
@@ -8,9 +8,13 @@ Each rank receives whole groups of chains (``TrainShard``) and, per optimiser st
    NDCG@k_r of the target, R_c = its full-catalogue softmax probability), group-relative advantages (GRPO / RLOO)
    and the relabel mask (the top-k chains of each group by advantage, the paper's i*);
 3. token term: PPO-style clipped surrogate on the sampled chain tokens, micro-batch by micro-batch;
-4. item term: advantage-weighted in-batch softmax of the relabelled chains' h_T against the step's target items,
-   both recomputed WITH gradient (one extra backward);
+4. item term: advantage-weighted softmax of the relabelled chains' h_T against the step's target items, both
+   recomputed WITH gradient (one extra backward), gathered over all ranks; with ``item_negatives: catalogue`` also
+   against the whole cached table (learner/item_term.py);
 5. one optimiser step (``engine.step()``), with DeepSpeed's ZeRO 0-3.
+With ``learner.mini_batches`` M > 1, steps 3-5 run once per mini-batch of whole groups (M optimiser updates), all
+against pi_old computed in one no-grad pass before the first. A warm-up step (``warmup_step``, ``WarmupShard``) is
+step 4 alone on prompt + answer marker with advantage 1, then step 5, at ``warmup.lr``.
 (The formulas are written out in r2ec/algo/recpo.py and in DESIGN.md section 2.)
 
 Every loss is normalised by a GLOBAL count (``shard.num_tokens``, ``shard.num_chains``), so the per-rank
@@ -19,9 +23,9 @@ multiplied by the world size, which turns that average into the global sum: W ra
 exactly the update one rank takes with all U users ("sharded equals global", tested).
 
 DeepSpeed usage the driver must respect:
-- ``gradient_accumulation_steps`` is the number of backward calls of one step (token micro-batches + 1); the
-  boundary is set explicitly (False, ..., True) and ``engine.step()`` runs once, so a step is always exactly one
-  optimiser update even when a shard is smaller than configured. ``engine.backward(loss, scale_wrt_gas=False)``:
+- ``gradient_accumulation_steps`` is the number of backward calls of one update (token micro-batches of one
+  mini-batch + 1); the boundary is set explicitly (False, ..., True) and ``engine.step()`` runs once per update, so
+  an update is always exactly one optimiser step even when a shard is smaller than configured. ``engine.backward(loss, scale_wrt_gas=False)``:
   our losses are already normalised.
 - Under ZeRO-2/3 every backward, and under ZeRO-3 every forward, is collective. Ranks agree on the number of
   micro-batches (an all-reduce of the count) and a rank with fewer chains runs zero-loss padding micro-batches, so
@@ -34,15 +38,18 @@ DeepSpeed usage the driver must respect:
   ``learner.universal.to_universal`` and with ``load_universal=True`` (see that module for what it supports).
 
 Deviations from the paper / official code (github YRYangang/RRec):
-- One optimiser step per rollout batch (on-policy, as TRL's ``num_iterations=1``): ``old_logp`` is the learner's
-  own ``logp.detach()``, so the ratio is exactly 1 and the clip never binds (clip_frac is 0); the gradient is the
-  plain policy gradient A * grad log pi. The behaviour log-probs from the sampler are used only for the alarm
-  ``alarm_logp_abs_diff_mean`` (sampler vs learner mismatch), not as pi_old.
+- By default one optimiser update per rollout (on-policy, as TRL's ``num_iterations=1``): ``old_logp`` is the
+  learner's own ``logp.detach()``, so the ratio is exactly 1 and the clip never binds (clip_frac is 0). With
+  ``learner.mini_batches`` M > 1, pi_old is the learner's log-prob under the weights that sampled the chains, so
+  the clip binds from the second update on; the official trainer also takes several updates per rollout (one per
+  mini-batch of 8 chains) but always with ratio 1 (docs/training.md). The sampler's behaviour log-probs are used
+  only for the alarm ``alarm_logp_abs_diff_mean`` (sampler vs learner mismatch), not as pi_old.
 - Rewards and advantages come from the rollout's h_T (what the sampler's weights produced); the learner's h_T from
   the same forward pass feeds ``rewards_learner`` and ``alarm_h_T_max_diff`` as a consistency check.
-- The item term's in-batch softmax runs over THIS rank's unique target items; the paper's batch is the whole step
-  and the official code's is per device (as here). Duplicate targets are one candidate here (the official code
-  keeps each user's target as a separate candidate, so a duplicated target appears twice in the denominator).
+- The item term's in-batch candidates are the step's distinct targets over all ranks (the official code gathers
+  them too, ``gather_negs_across_processes``); duplicate targets are one candidate here (the official code keeps
+  each user's target as a separate candidate, so a duplicated target appears twice in the denominator).
+- Warm-up steps and catalogue negatives are not in the paper (both off by default).
 - Appended answer-marker tokens (chains cut by length or EOS) are not policy actions and get no token loss
   (``rollout.logp_mask``); they still enter the forward pass that gives h_T.
 - No KL term and no reference model (the paper has none): ``recpo.kl_coef > 0`` raises ``NotImplementedError``.
