@@ -341,6 +341,23 @@ def test_zero3_two_ranks_equal_one_rank_then_broadcast(tiny_model_dir, step_data
     assert torch.allclose(ranks[0]["encoded"][:3], ranks[1]["encoded"], atol=1e-5)
 
 
+@pytest.mark.slow
+def test_catalogue_negatives_two_ranks_equal_one_rank(tiny_model_dir, step_data):
+    # The catalogue term gathers every rank's users too: 2 ranks (ZeRO-2) take the update 1 rank takes.
+    step, _ = step_data
+    model, learner, recpo = _configs(str(tiny_model_dir), 2)
+    cfgs = (model, learner, recpo.model_copy(update={"item_negatives": "catalogue"}))
+    one = _run_ranks("step", 1, cfgs, {"step": step, "users": [list(range(USERS))]})[0]
+    two = _run_ranks("step", 2, cfgs, {"step": step, "users": [[0, 1], [2, 3]]})
+    g, parts = one["result"].metrics, [r["result"].metrics for r in two]
+    assert g["item_candidates"] == step["table"].shape[0]
+    assert sum(m["loss_item"] for m in parts) == pytest.approx(g["loss_item"], rel=1e-5)
+    assert parts[0]["grad_norm"] == pytest.approx(g["grad_norm"], rel=1e-5)
+    assert _max_diff(two[0]["after"], one["after"]) < 1e-5
+    # and the catalogue term changes the update against in-batch negatives alone
+    assert g["loss_item"] != pytest.approx(step_data[1]["loss_item"], rel=1e-3)
+
+
 def _expected_metas(model_dir: str):
     """What weight_metas must list for the tiny model: its HF state_dict (tied lm_head included), in order."""
     from transformers import AutoModelForCausalLM
