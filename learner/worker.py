@@ -318,8 +318,6 @@ class LearnerWorker:
             "adv_abs_mean": float(adv.abs().mean()),
             "clip_frac": sum(u["clipped"] for u in ups) / max(local_tokens, 1),
             "grad_norm": sum(u["grad_norm"] for u in ups) / M,
-            "grad_norm_token": sum(u["grad_norm_token"] for u in ups) / M,
-            "grad_norm_item": sum(u["grad_norm_item"] for u in ups) / M,
             "diag_table_cos_mean": table_cos,
             "diag_score_std": score_std_mean(scores),
             "chain_len_mean": sum(len(c) for c in rollout.chain_ids) / N,
@@ -335,6 +333,9 @@ class LearnerWorker:
             "time_train_s": t_train,
             "tokens_per_s_learner": local_tokens / max(t_train, 1e-9),
         }
+        if "grad_norm_token" in ups[0]:  # measurable at ZeRO-0 with one rank only (_grads_snapshot)
+            for key in ("grad_norm_token", "grad_norm_item"):
+                metrics[key] = sum(u[key] for u in ups) / M
         return StepResult(metrics=metrics, table_updates_idx=items.cpu(), table_updates=item_updates,
                           rewards=rewards, rewards_learner=reward_learner.rewards.float().cpu())
 
@@ -459,7 +460,7 @@ class LearnerWorker:
     def _grads_snapshot(self) -> list[torch.Tensor] | None:
         """The token term's accumulated gradients, where they can be read exactly: ZeRO-0 at one rank (ZeRO-1/2/3
         partition and reduce gradients inside backward; with several ranks they are averaged only at the
-        boundary). Elsewhere None, and the per-term norms are NaN."""
+        boundary). Elsewhere None, and the per-term norms are not reported."""
         if self.learner_cfg.zero_stage != 0 or self.world_size != 1:
             return None
         params = [p for p in self.engine.module.parameters() if p.requires_grad]
@@ -469,7 +470,7 @@ class LearnerWorker:
         """engine.step() exactly once, with the gradient norm (before clipping) and, when ``token_grads`` is given,
         the norms of the token term and of the item term (the rest of the accumulated gradient)."""
         nan = float("nan")
-        norms = {"grad_norm_token": nan, "grad_norm_item": nan}
+        norms: dict[str, float] = {}
         if token_grads is not None:
             params = [p for p in self.engine.module.parameters() if p.requires_grad]
             total = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
