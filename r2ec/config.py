@@ -145,9 +145,19 @@ class SamplingConfig(_Section):
 class VllmConfig(_Section):
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="GPU only: share of GPU memory vLLM takes")
     cpu_kvcache_space_gib: int = Field(1, ge=1, description="CPU build only: KV-cache size (VLLM_CPU_KVCACHE_SPACE)")
+    cpu_threads_bind: str = Field(
+        "auto", min_length=1, description="CPU build only: the cores the engine computes on "
+        "(VLLM_CPU_OMP_THREADS_BIND, set from this field): 'auto' = vLLM's choice (one thread per physical core, one "
+        "core kept for its scheduler process: a single thread on a 2-core machine), 'all' = every core this process "
+        "may run on, a list such as '0-1', or 'nobind'. Rollout and learner take turns within a step, so a "
+        "one-machine CPU run may give the engine every core (docs/performance.md)")
     enforce_eager: bool = Field(True, description="no CUDA graphs; the CPU build requires it")
     enable_prefix_caching: bool = Field(True, description="makes the hidden-state prefill of prompt+chain cheap")
     max_model_len: int = Field(4096, ge=64, description="prompt + chain tokens per sequence")
+    block_size: int | None = Field(
+        None, ge=1, description="KV-cache block size in tokens; null = vLLM's default (128 on CPU, 16 on GPU). The "
+        "prefix cache serves whole blocks only, so the ~45-token chat + instruction prefix every item prompt shares "
+        "is reused at 32 (the CPU build's smallest: multiples of 32) and never at 128 (docs/performance.md)")
 
 
 class RolloutConfig(_Section):

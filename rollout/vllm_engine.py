@@ -66,6 +66,15 @@ def import_vllm() -> Any:
     return vllm
 
 
+def cpu_threads_bind(spec: str) -> str:
+    """``rollout.vllm.cpu_threads_bind`` as VLLM_CPU_OMP_THREADS_BIND: 'all' becomes the cores this process may run
+    on (its affinity mask, e.g. '0,1'); anything else is vLLM's own syntax and passes through."""
+    if spec != "all":
+        return spec
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    return ",".join(str(c) for c in cores)
+
+
 class VllmEngine:
     """One ``vllm.LLM`` serving the policy.
 
@@ -91,6 +100,7 @@ class VllmEngine:
             # Read by the CPU platform when the engine is configured; without it the CPU build sizes the KV cache
             # from a share of the whole machine's memory.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(vcfg.cpu_kvcache_space_gib))
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_threads_bind(vcfg.cpu_threads_bind)
         # The hidden-state hook reads the V1 model runner's per-step state; on GPUs 0.32 may pick the V2 runner.
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         vllm = import_vllm()
@@ -107,6 +117,8 @@ class VllmEngine:
             max_model_len=vcfg.max_model_len, tensor_parallel_size=tensor_parallel_size,
             logprobs_mode="raw_logprobs", worker_extension_cls=EXTENSION,
         )
+        if vcfg.block_size is not None:
+            kwargs["block_size"] = vcfg.block_size
         if device == "cuda":
             kwargs["gpu_memory_utilization"] = vcfg.gpu_memory_utilization
         else:

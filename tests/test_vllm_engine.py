@@ -10,6 +10,7 @@ last: it broadcasts perturbed weights, checks them, then broadcasts the original
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -49,12 +50,14 @@ def engine(tiny_model_dir):
 
 @pytest.fixture()
 def chunked_engine(tiny_model_dir):
-    """Chunked prefill on, as vLLM runs on GPUs; only unseeded requests may go to it on CPU."""
+    """Chunked prefill on, as vLLM runs on GPUs; only unseeded requests may go to it on CPU. Its KV blocks hold 32
+    tokens (``rollout.vllm.block_size``, as the CPU configs set it) instead of the CPU build's 128."""
     pytest.importorskip("vllm")
     from r2ec.config import ModelConfig, RolloutConfig
     from rollout.vllm_engine import VllmEngine
 
-    eng = VllmEngine(ModelConfig(name_or_path=str(tiny_model_dir)), RolloutConfig(), seed=0, device="cpu",
+    rollout_cfg = RolloutConfig(vllm={"block_size": 32})
+    eng = VllmEngine(ModelConfig(name_or_path=str(tiny_model_dir)), rollout_cfg, seed=0, device="cpu",
                      llm_kwargs=dict(enable_chunked_prefill=True, max_num_batched_tokens=CHUNK_BUDGET, max_num_seqs=16,
                                      max_model_len=MAX_LEN))
     yield eng
@@ -100,6 +103,14 @@ def test_import_needs_no_vllm():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_cpu_threads_bind_all_is_this_process_affinity(monkeypatch):
+    from rollout.vllm_engine import cpu_threads_bind
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 0, 1}, raising=False)
+    assert cpu_threads_bind("all") == "0,1,3"
+    assert cpu_threads_bind("auto") == "auto" and cpu_threads_bind("0-1") == "0-1"
+
+
 def test_version_check_names_the_supported_version(monkeypatch):
     vllm = pytest.importorskip("vllm")
     from rollout.vllm_engine import import_vllm
@@ -136,6 +147,11 @@ def test_last_hidden_with_chunked_prefill(chunked_engine, tiny_model, seqs):
     for _ in range(2):  # the second call is served mostly from the prefix cache
         h = chunked_engine.last_hidden(seqs)
         assert (h - ref).abs().max().item() < TOL
+    # rollout.vllm.block_size reached vLLM: the cache serves the 300-token shared prefix in 32-token blocks (9 of
+    # them), where 128-token blocks would serve 256 tokens.
+    assert chunked_engine.llm.llm_engine.vllm_config.cache_config.block_size == 32
+    cached = chunked_engine.last_num_cached_tokens
+    assert all(c % 32 == 0 for c in cached) and min(cached[:3]) >= 288, cached
 
 
 def test_cpu_engine_prefills_whole_sequences(engine):
