@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -49,7 +50,9 @@ from r2ec.config import Config
 from r2ec.evaluate import EvalSubset, format_metrics, history_tensor, item_prompt_ids, rank_split, user_prompt_ids
 from r2ec.protocol import Rollout, StepResult, TrainShard, WarmupShard
 from r2ec.run_state import RunState, best_key, compat_of, find_checkpoint, phase_of, restore, rollout_seed, save
-from r2ec.tracking import reduce_rank_metrics
+from r2ec.tracking import metric_history, reduce_rank_metrics
+
+FIRST_VALID = "valid_step0"  # step 0's validation, kept beside the run's last one
 
 
 def recpo_steps(cfg: Config, num_train: int) -> int:
@@ -197,14 +200,17 @@ def train(cfg: Config, log=print, resume: str = "auto") -> dict:
         return rank_split(prepared, subsets[split], batch, cfg.eval.ks, out_dir, "r2ec", score_batch,
                           {"step": run.step, "item_table_version": run.table_version})
 
-    def refresh_table(system: System, run: RunState) -> float:
+    def refresh_table(system: System, run: RunState) -> tuple[float, float]:
         """Re-encode the whole catalogue with the current weights (on the rollout engines, brought to them first);
-        the rows pending for the learners are in it. Returns the seconds spent on the weight broadcast."""
+        the rows pending for the learners are in it. Returns the seconds spent on the weight broadcast and the
+        mean cosine of each new row with the row it replaces: how stale the table the learner trained against had
+        become (rows the step re-encoded were already fresh)."""
         t_sync = sync_rollouts(system, run.step)
+        old = run.table
         run.table = system.encode_items(item_prompts)
         system.set_items(item_prompts, run.table)
         run.updates, run.table_version = (run.updates[0][:0], run.updates[1][:0]), run.step
-        return t_sync
+        return t_sync, float((unit_rows(old) * unit_rows(run.table)).sum(dim=1).mean())
 
     def validate(system: System, run: RunState, metrics) -> tuple[dict, bool]:
         """Validate at ``run.step``: (the result, whether it is a new best)."""
@@ -212,6 +218,8 @@ def train(cfg: Config, log=print, resume: str = "auto") -> dict:
         metrics.log(run.step, {f"valid/{k}": v for k, v in valid.items() if isinstance(v, float)}
                     | {"valid/item_table_version": run.table_version})
         log(f"step {run.step}: valid {format_metrics(valid)}")
+        if run.step == 0:
+            keep_first_validation(out_dir)
         key = best_key(cfg)
         new_best = run.best is None or valid[key] > run.best["value"]
         if new_best:
@@ -241,6 +249,7 @@ def train(cfg: Config, log=print, resume: str = "auto") -> dict:
     with System(cfg, device, log, load_universal=universal) as system, \
             MetricsWriter(out_dir, resume_step=resumed.step if resumed else None) as metrics:
         if resumed is None:
+            shutil.rmtree(out_dir / FIRST_VALID, ignore_errors=True)  # an earlier run's, in a reused folder
             t0 = time.perf_counter()
             table = system.encode_items(item_prompts)
             log(f"item table: {len(item_prompts)} items encoded in {time.perf_counter() - t0:.1f}s")
@@ -260,7 +269,8 @@ def train(cfg: Config, log=print, resume: str = "auto") -> dict:
 
             validating = bool(cfg.eval.valid_every and step % cfg.eval.valid_every == 0) or step == steps
             if validating or step % cfg.recpo.refresh_every == 0:
-                record["time_sync_s"] += refresh_table(system, run)
+                t_sync, record["table_refresh_row_cos"] = refresh_table(system, run)
+                record["time_sync_s"] += t_sync
 
             record.update(phase=phase_of(step, W), time_step_s=time.perf_counter() - t_step, epoch=sampler.epoch)
             events = system.drain_events()  # rollout workers restarted during this step (already logged)
@@ -286,7 +296,39 @@ def train(cfg: Config, log=print, resume: str = "auto") -> dict:
         test = evaluate_split(system, run, "test")
         metrics.log(steps, {f"test/{k}": v for k, v in test.items() if isinstance(v, float)})
     log(f"test {format_metrics(test)}")
-    return {"valid": valid, "test": test, "steps": steps, "resumed_from": resumed.step if resumed else None}
+    gain = validation_gain(out_dir, best_key(cfg))
+    if gain:
+        log(gain)
+    return {"valid": valid, "test": test, "steps": steps, "resumed_from": resumed.step if resumed else None,
+            "valid_gain": gain}
+
+
+def keep_first_validation(out_dir: Path) -> None:
+    """Copy step 0's validation (``eval.valid_at_start``) to ``out_dir/valid_step0``: later validations overwrite
+    ``eval_valid*``, and the end of the run compares the last one with it on the same samples."""
+    keep = out_dir / FIRST_VALID
+    keep.mkdir(exist_ok=True)
+    for name in ("eval_valid.json", "eval_valid_samples.jsonl"):
+        shutil.copy2(out_dir / name, keep / name)
+
+
+def validation_gain(out_dir: Path, key: str) -> str | None:
+    """One line: the held-out metric ``key`` at step 0 and at the last validation, and their difference with a
+    paired user-bootstrap 95% interval (``r2ec compare``); None without a step-0 validation or a later one."""
+    from r2ec.compare import CompareError, compare, load_evaluation
+
+    curve = metric_history(out_dir / "metrics.jsonl", f"valid/{key}")
+    first, last = out_dir / FIRST_VALID / "eval_valid.json", out_dir / "eval_valid.json"
+    if len(curve) < 2 or curve[0][0] != 0 or not first.is_file():
+        return None
+    line = f"valid {key}: {curve[0][1]:.4f} at step 0 -> {curve[-1][1]:.4f} at step {curve[-1][0]}"
+    try:
+        diff = compare([load_evaluation(first, "step 0"), load_evaluation(last, "last")], [key])["differences"][0]
+    except CompareError as e:  # e.g. a folder reused with another eval.valid_max_samples
+        return f"{line} (no paired interval: {e})"
+    lo, hi = diff[key]["ci95"]
+    return (f"{line}; difference {diff[key]['mean']:+.4f}, paired user-bootstrap 95% interval [{lo:+.4f}, {hi:+.4f}] "
+            f"(r2ec compare {out_dir / FIRST_VALID} {out_dir} --split valid)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,6 +349,8 @@ def _train_command(config: str, overrides: list[str], resume: str = "auto") -> i
     result = train(cfg, resume=resume)
     print(json.dumps({"valid": result["valid"], "test": result["test"]}, indent=2))
     print(f"wrote {cfg.run.output_dir}/metrics.jsonl, eval_valid.json and eval_test.json")
+    if result["valid_gain"]:
+        print(result["valid_gain"])
     return 0
 
 
