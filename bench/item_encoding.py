@@ -7,15 +7,17 @@ entry ``BLOCK:BIND``: ``rollout.vllm.block_size`` (``default`` = vLLM's own, 128
 ``rollout.vllm.cpu_threads_bind`` (VLLM_CPU_OMP_THREADS_BIND; ``auto`` gives one compute thread on a 2-core machine).
 vLLM's prefix cache serves whole KV blocks only, so at 128 tokens per block no item prompt reuses anything, and at 32
 (the CPU attention backend's smallest: multiples of 32) the first 32 tokens of every prompt come from the cache. Each
-engine first encodes 16 items
-unmeasured (start-up, and the shared prefix enters the cache as it would after the first batch of a real encode),
-then the measured call encodes ``--items`` others in one call, as ``RolloutWorker.encode_items`` does.
+engine first encodes 16 items unmeasured (start-up, and the shared prefix enters the cache as it would after the
+first batch of a real encode), then the measured call encodes ``--items`` others in one call, as
+``RolloutWorker.encode_items`` does.
 
-Rows: ``block_size``, ``threads_bind``, ``items``, ``seconds``, ``items_per_s``, ``prompt_tokens_mean``, ``cached_tokens_mean`` (served
-from the prefix cache per prompt, vLLM's own count), ``speedup`` (the first row's seconds over this row's) and
-``max_abs_diff`` (largest element-wise difference of the encoded rows from the first row's; the prefix cache replays
-the same KV, so 0 is expected at one thread count; other thread counts may sum in another order). Engines run one after the other in this process (vLLM adds its engine-core
-process); the load average around the run is recorded. Needs the offline assets (``r2ec assets``).
+Rows: ``block_size``, ``threads_bind``, ``items``, ``seconds``, ``items_per_s``, ``prompt_tokens_mean``,
+``cached_tokens_mean`` (served from the prefix cache per prompt, vLLM's own count), ``speedup`` (the first row's
+seconds over this row's) and ``max_abs_diff`` (largest element-wise difference of the encoded rows from the first
+row's; the prefix cache replays the same KV, so 0 is expected at one thread count; other thread counts may sum in
+another order). Engines run one after the other in this process (each sets VLLM_CPU_OMP_THREADS_BIND from its
+``cpu_threads_bind`` before vLLM starts its engine-core process); the load average around the run is recorded.
+Needs the offline assets (``r2ec assets``).
 
     python bench/item_encoding.py                 # the whole catalogue: default:auto, 32:auto, 32:0-1
     python bench/item_encoding.py --items 400     # quicker
@@ -24,7 +26,6 @@ process); the load average around the run is recorded. Needs the offline assets 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -75,7 +76,6 @@ def main(argv: list[str] | None = None) -> None:
         block_spec, bind = spec.strip().split(":", 1)
         block = None if block_spec == "default" else int(block_spec)
         vcfg = cfg.rollout.vllm.model_copy(update={"block_size": block, "cpu_threads_bind": bind})
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind  # read when the engine-core process starts
         engine = VllmEngine(cfg.model, cfg.rollout.model_copy(update={"vllm": vcfg}), seed=0, device="cpu")
         try:
             engine.last_hidden(warm)

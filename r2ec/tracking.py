@@ -48,18 +48,6 @@ class MetricsWriter:
         self.close()
 
 
-def metric_history(path: Path, name: str) -> list[tuple[int, float]]:
-    """(step, value) of every record of ``name`` in a ``metrics.jsonl``, in file order (one per step after a resume,
-    which truncates the log to the checkpoint first)."""
-    out = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            if name in record:
-                out.append((int(record["step"]), float(record[name])))
-    return out
-
-
 def _truncate_after(path: Path, step: int) -> int:
     """Keep the records of steps <= ``step`` (an unreadable last line, cut by a crash, goes too). Atomic."""
     if not path.exists():

@@ -50,7 +50,7 @@ from r2ec.config import Config
 from r2ec.evaluate import EvalSubset, format_metrics, history_tensor, item_prompt_ids, rank_split, user_prompt_ids
 from r2ec.protocol import Rollout, StepResult, TrainShard, WarmupShard
 from r2ec.run_state import RunState, best_key, compat_of, find_checkpoint, phase_of, restore, rollout_seed, save
-from r2ec.tracking import metric_history, reduce_rank_metrics
+from r2ec.tracking import reduce_rank_metrics
 
 FIRST_VALID = "valid_step0"  # step 0's validation, kept beside the run's last one
 
@@ -317,13 +317,18 @@ def validation_gain(out_dir: Path, key: str) -> str | None:
     paired user-bootstrap 95% interval (``r2ec compare``); None without a step-0 validation or a later one."""
     from r2ec.compare import CompareError, compare, load_evaluation
 
-    curve = metric_history(out_dir / "metrics.jsonl", f"valid/{key}")
     first, last = out_dir / FIRST_VALID / "eval_valid.json", out_dir / "eval_valid.json"
-    if len(curve) < 2 or curve[0][0] != 0 or not first.is_file():
+    if not first.is_file() or not last.is_file():
         return None
-    line = f"valid {key}: {curve[0][1]:.4f} at step 0 -> {curve[-1][1]:.4f} at step {curve[-1][0]}"
     try:
-        diff = compare([load_evaluation(first, "step 0"), load_evaluation(last, "last")], [key])["differences"][0]
+        a, b = load_evaluation(first, "step 0"), load_evaluation(last, "last")
+    except CompareError as e:
+        return f"valid {key}: no comparison with step 0 ({e})"
+    if not b.meta.get("step"):  # the last validation is step 0's own
+        return None
+    line = f"valid {key}: {a.meta[key]:.4f} at step 0 -> {b.meta[key]:.4f} at step {b.meta['step']}"
+    try:
+        diff = compare([a, b], [key])["differences"][0]
     except CompareError as e:  # e.g. a folder reused with another eval.valid_max_samples
         return f"{line} (no paired interval: {e})"
     lo, hi = diff[key]["ci95"]

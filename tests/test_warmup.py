@@ -75,42 +75,27 @@ def test_metrics_writer_keeps_the_phase_and_tensorboard_skips_it(tmp_path):
     assert "loss_item" in acc.Tags()["scalars"] and "phase" not in acc.Tags()["scalars"]
 
 
-def test_metric_history_reads_one_metric_in_step_order_after_a_resume(tmp_path):
-    from r2ec.tracking import MetricsWriter, metric_history
-
-    with MetricsWriter(tmp_path, tensorboard=False) as m:
-        m.log(0, {"valid/ndcg@10": 0.0})
-        m.log(1, {"loss_item": 2.0})
-        m.log(2, {"valid/ndcg@10": 0.25})
-        m.log(3, {"valid/ndcg@10": 0.5})  # written after the checkpoint of step 2: dropped on resume
-    with MetricsWriter(tmp_path, tensorboard=False, resume_step=2) as m:
-        m.log(3, {"valid/ndcg@10": 0.75})
-    assert metric_history(tmp_path / "metrics.jsonl", "valid/ndcg@10") == [(0, 0.0), (2, 0.25), (3, 0.75)]
-    assert metric_history(tmp_path / "absent.jsonl", "valid/ndcg@10") == []
-
-
-def _write_validation(folder: Path, ranks: list[int]) -> None:
+def _write_validation(folder: Path, ranks: list[int], step: int, ndcg10: float) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "eval_valid.json").write_text(json.dumps({"split": "valid", "num_items": 50, "num_samples": len(ranks)}))
+    (folder / "eval_valid.json").write_text(json.dumps({"split": "valid", "num_items": 50, "num_samples": len(ranks),
+                                                        "step": step, "ndcg@10": ndcg10}))
     (folder / "eval_valid_samples.jsonl").write_text("".join(
         json.dumps({"sample_id": i, "user_id": f"u{i % 4}", "target_item_id": f"i{i}", "target_rank": r}) + "\n"
         for i, r in enumerate(ranks)))
 
 
 def test_validation_gain_pairs_step_0_with_the_last_validation(tmp_path):
-    from r2ec.tracking import MetricsWriter
     from r2ec.train import FIRST_VALID, validation_gain
 
     assert validation_gain(tmp_path, "ndcg@10") is None  # nothing validated
-    _write_validation(tmp_path / FIRST_VALID, [20] * 8)  # nothing in the top 10 at step 0
-    _write_validation(tmp_path, [1] * 8)  # every target first at the end: +1 on every user
-    with MetricsWriter(tmp_path, tensorboard=False) as m:
-        m.log(0, {"valid/ndcg@10": 0.0})
-        m.log(7, {"valid/ndcg@10": 1.0})
+    _write_validation(tmp_path / FIRST_VALID, [20] * 8, 0, 0.0)  # nothing in the top 10 at step 0
+    _write_validation(tmp_path, [20] * 8, 0, 0.0)
+    assert validation_gain(tmp_path, "ndcg@10") is None  # no validation after step 0's
+    _write_validation(tmp_path, [1] * 8, 7, 1.0)  # every target first at the end: +1 on every user
     line = validation_gain(tmp_path, "ndcg@10")
     assert line.startswith("valid ndcg@10: 0.0000 at step 0 -> 1.0000 at step 7; difference +1.0000, paired")
     assert "[+1.0000, +1.0000]" in line and f"r2ec compare {tmp_path / FIRST_VALID} {tmp_path}" in line
-    _write_validation(tmp_path, [1] * 6)  # the last validation ranked other samples: said, not compared
+    _write_validation(tmp_path, [1] * 6, 7, 1.0)  # the last validation ranked other samples: said, not compared
     assert "no paired interval: not computed on the same samples" in validation_gain(tmp_path, "ndcg@10")
 
 
