@@ -18,6 +18,11 @@ the drift but not the rest (the loss still fell on unseen users, validation stay
 cached table alone leaves nothing to tell fresh from stale; the item side learns through the in-batch term, fresh
 against fresh. The cached rows lag the weights by up to ``recpo.refresh_every`` steps, as RecPO's rewards do.
 
+``model.item_table: frozen`` (not in the paper) takes the item side out altogether: the in-batch candidates are the
+table's own rows too, so both terms train the user side only against a table that never changes. Measured on
+SmolLM2-135M (docs/results.md), the in-batch term fresh against fresh is what collapses a small model's item
+encodings onto one direction within a few steps; with the table frozen there is no item side to collapse.
+
 Sharded equals global, exactly: every rank gathers the other ranks' user states, targets, histories, advantages and
 item encodings (detached) and computes the loss over ALL users of the step, its own tensors carrying the gradient.
 Rank r's backward then yields the global loss's gradient with respect to rank r's own encodings, and the sum over
@@ -85,7 +90,7 @@ def _all_ranks(local: torch.Tensor, rank: int, world_size: int, pad: int | None 
 def item_term(encode: Callable[[list[list[int]]], torch.Tensor], item_prompt_ids: list[list[int]],
               table: torch.Tensor, seqs: list[list[int]], target_idx: torch.Tensor, history_idx: torch.Tensor,
               adv: torch.Tensor, num_norm: int, tau: float, negatives: Negatives, rank: int = 0,
-              world_size: int = 1) -> ItemTermOutput:
+              world_size: int = 1, items_frozen: bool = False) -> ItemTermOutput:
     """The item term of one optimiser update on this rank (collective when ``world_size`` > 1).
 
     Args:
@@ -98,11 +103,16 @@ def item_term(encode: Callable[[list[list[int]]], torch.Tensor], item_prompt_ids
         adv: (n,) float, the weight of each sequence's term (advantages; 1 in the warm-up).
         num_norm: the global normaliser (chains or users of the whole step, all ranks).
         tau: the rec_head temperature; negatives: see the module docstring.
+        items_frozen: ``model.item_table: frozen``: the targets are the table's own rows (constants), nothing is
+            re-encoded and nothing is written back, so the term trains the user side only.
     """
     device = table.device
     items = torch.unique(target_idx)
     h_user = encode(seqs).float()
-    h_items = encode([item_prompt_ids[v] for v in items.tolist()]).float()
+    if items_frozen:
+        h_items = table[items.to(device)]
+    else:
+        h_items = encode([item_prompt_ids[v] for v in items.tolist()]).float()
     target, history, adv = target_idx.to(device), history_idx.to(device), adv.to(device, torch.float32)
 
     all_user = _all_ranks(h_user, rank, world_size)
@@ -134,6 +144,8 @@ def item_term(encode: Callable[[list[list[int]]], torch.Tensor], item_prompt_ids
         # look better than they are: see the module docstring).
         scores = mask_history(cosine_scores(h_user, table, tau), history, target)
         rank = target_rank(scores, target) if len(target) else torch.zeros(0, dtype=torch.long)
+    if items_frozen:  # nothing to write back
+        items, h_items = items[:0], h_items[:0]
     return ItemTermOutput(loss=loss, loss_local=local, items=items.cpu(), h_items=h_items.detach(),
                           h_user=h_user.detach(), rank=rank.cpu(),
                           candidates=len(table) if negatives == "catalogue" else len(uniq))

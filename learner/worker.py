@@ -393,7 +393,8 @@ class LearnerWorker:
         term = item_term(self._encode, self.item_prompt_ids, self.table,
                          [list(shard.prompt_ids[r // G]) + list(rollout.chain_ids[r]) for r in sel],
                          shard.target_idx[[r // G for r in sel]], shard.history_idx[[r // G for r in sel]],
-                         adv[sel], num_chains, self.model_cfg.tau, self.recpo_cfg.item_negatives, self.rank, W)
+                         adv[sel], num_chains, self.model_cfg.tau, self.recpo_cfg.item_negatives, self.rank, W,
+                         items_frozen=self.model_cfg.item_table == "frozen")
         self.engine.backward(term.loss * W, scale_wrt_gas=False)
         self.table[term.items.to(self.device)] = term.h_items
         t_item = time.perf_counter() - t0
@@ -422,7 +423,8 @@ class LearnerWorker:
         U = len(shard.seqs)
         term = item_term(self._encode, self.item_prompt_ids, self.table, shard.seqs, shard.target_idx,
                          shard.history_idx, torch.ones(U), shard.num_users, self.model_cfg.tau,
-                         self.warmup_cfg.item_negatives, self.rank, self.world_size)
+                         self.warmup_cfg.item_negatives, self.rank, self.world_size,
+                         items_frozen=self.model_cfg.item_table == "frozen")
         self.engine.backward(term.loss * self.world_size, scale_wrt_gas=False)
         self.table[term.items.to(self.device)] = term.h_items
         t_item = time.perf_counter() - t_start

@@ -61,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
                         "folder (its newest complete checkpoint)")
     p.add_argument("--out", required=True, metavar="DIR", help="the folder to create")
     p.add_argument("--keep-table", action="store_true",
-                   help="copy the checkpoint's item table instead of re-encoding it with the exported weights")
+                   help="copy the checkpoint's item table instead of re-encoding it with the exported weights "
+                        "(always so for a run with model.item_table 'frozen')")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="for re-encoding the items")
     p.add_argument("--force", action="store_true", help="replace DIR if it exists")
 
@@ -198,7 +199,7 @@ def _model_command(args) -> int:
         if args.command == "export":
             from r2ec.export import export_checkpoint
 
-            out = export_checkpoint(args.checkpoint, args.out, reencode_items=not args.keep_table,
+            out = export_checkpoint(args.checkpoint, args.out, reencode_items=False if args.keep_table else None,
                                     device=args.device, overwrite=args.force)
             print(f"wrote {out}")
             return 0

@@ -50,6 +50,23 @@ class ModelConfig(_Section):
     answer_marker: str = Field("<answer>", min_length=1)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     item_prompt_max_tokens: int = Field(512, ge=16, description="item prompts longer than this are an error")
+    item_table: Literal["trained", "frozen"] = Field(
+        "trained", description="'trained' (the paper): the item rows are the current weights' encodings of the item "
+        "prompts, the item term trains them through the shared weights, and the table is re-encoded every "
+        "recpo.refresh_every steps, before every validation and before the test. 'frozen' (not in the paper): the "
+        "table is encoded once with the initial weights and kept (checkpoints, validation, test, export); the item "
+        "terms score users against its rows as constants, so training moves the user side only")
+    center_items: bool = Field(
+        False, description="with item_table 'frozen' (not in the paper): subtract the table's mean row from every row "
+        "once, right after the initial encoding, so cosine scores compare items by what sets them apart rather than "
+        "by the direction they all share (a small model's item encodings are nearly collinear)")
+
+    @model_validator(mode="after")
+    def _centring(self) -> ModelConfig:
+        if self.center_items and self.item_table != "frozen":
+            raise ValueError("center_items needs item_table 'frozen': a trained table is re-encoded, and the learner's "
+                             "fresh item encodings would not carry the same shift")
+        return self
 
 
 # --------------------------------------------------------------------------------------------------- data
@@ -200,11 +217,10 @@ class RecPOConfig(_Section):
     kl_coef: float = Field(0.0, ge=0, description="KL to a reference model; 0 = off (paper)")
     item_negatives: Literal["in_batch", "catalogue"] = Field(
         "in_batch", description="negatives of the item term: 'in_batch' = the step's other targets, gathered over "
-        "the learner ranks (the paper's and the official code's); 'catalogue' = every catalogue item (the cached "
-        "table rows, detached, with the step's re-encoded targets in place and the user's history masked, as in "
-        "evaluation)")
+        "the learner ranks (the paper's and the official code's); 'catalogue' = that in-batch term plus the user "
+        "side's softmax over every cached table row (detached), the user's history masked as in evaluation")
     refresh_every: int = Field(50, ge=1, description="steps between full item-table re-encodings (every validation "
-                               "re-encodes it too)")
+                               "re-encodes it too); unused with model.item_table 'frozen', which never re-encodes")
 
     @model_validator(mode="after")
     def _topk(self) -> RecPOConfig:
@@ -240,8 +256,9 @@ class EvalConfig(_Section):
         "(the warm-up's representation) and nothing is generated")
     item_batch_size: int = Field(32, ge=1, description="item prompts per encoding batch")
     valid_every: int | None = Field(
-        None, ge=1, description="training: validate every N steps (and at the end); each validation first re-encodes "
-        "the item table with the current weights, which also counts as a refresh (recpo.refresh_every)")
+        None, ge=1, description="training: validate every N steps (and at the end); with model.item_table 'trained' "
+        "each validation first re-encodes the item table with the current weights, which also counts as a refresh "
+        "(recpo.refresh_every)")
     valid_at_start: bool = Field(
         False, description="training: also validate the initial weights (step 0) before the first step, so the run's "
         "own log shows what training gained (a fresh run only; not repeated on resume)")

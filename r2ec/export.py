@@ -29,7 +29,8 @@ learner's wrapper module), LoRA is merged with peft's ``merge_and_unload`` in fl
 cast to ``model.dtype`` and saved.
 
 The item table is re-encoded by default with the exported folder itself, loaded the way inference loads it (as
-training re-encodes the table before its final test evaluation); ``--keep-table`` copies the checkpoint's table.
+training re-encodes the table before its final test evaluation); ``--keep-table`` copies the checkpoint's table,
+and a run with ``model.item_table: frozen`` always has its table copied (it was never re-encoded in training).
 Either way the catalogue comes from the run's prepared data (``data`` section of the checkpoint's config), whose
 size must match the checkpoint's table. Everything is written into a temporary folder next to DIR and renamed into
 place at the end; DIR must not exist (``--force`` replaces it).
@@ -253,9 +254,10 @@ def load_item_table(path: Path) -> tuple[torch.Tensor, list[str], list[str]]:
 
 
 # ------------------------------------------------------------------------------------------------ export
-def export_checkpoint(ckpt: str | Path, out: str | Path, reencode_items: bool = True, device: str = "auto",
+def export_checkpoint(ckpt: str | Path, out: str | Path, reencode_items: bool | None = None, device: str = "auto",
                       overwrite: bool = False, log: Log = print) -> Path:
-    """Export a checkpoint (see the module docstring). Returns the final folder."""
+    """Export a checkpoint (see the module docstring). Returns the final folder. ``reencode_items`` None: re-encode
+    unless the run's ``model.item_table`` is 'frozen'."""
     from safetensors.torch import load_file
 
     from r2ec.data.prepare import prepare_from_config
@@ -273,6 +275,11 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, reencode_items: bool = 
     cfg = load_checkpoint_config(folder)
     check_pickles(pickle_files(folder / LEARNER))
     trainer_state = _read_json(folder / "trainer_state.json", required=False)
+    if reencode_items is None:
+        reencode_items = cfg.model.item_table == "trained"
+    elif reencode_items and cfg.model.item_table == "frozen":
+        raise ExportError(f"{folder}: the run kept its item table frozen (model.item_table 'frozen'); re-encoding it "
+                          "with the trained weights would score users against rows they were never trained on")
 
     # The catalogue: the run's prepared data, checked against the checkpoint's table.
     prepared = prepare_from_config(cfg.data, log=log)
@@ -322,7 +329,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, reencode_items: bool = 
             log(f"export: item table re-encoded with the exported weights ({len(prompts)} items)")
         else:
             table = ckpt_table.float()
-            log("export: item table copied from the checkpoint (--keep-table)")
+            log(f"export: item table copied from the checkpoint (model.item_table {cfg.model.item_table!r})")
         (tmp / EXPORT_TABLE).parent.mkdir()
         save_item_table(tmp / EXPORT_TABLE, table, item_ids, titles)
         meta = {

@@ -12,6 +12,8 @@ Deviations from the paper / official code:
 - A chain that ends without the marker (EOS or length cut) gets the marker's tokens appended (as the paper says);
   a chain that contains it is cut right after the token that completes it.
 - Scores use cosine similarity (as the official code), not the paper's plain inner product.
+- Optionally (``model.item_table: frozen``, ``model.center_items``; the driver applies them) H_V stays the initial
+  weights' encodings, minus their mean row, instead of following the trained weights.
 """
 
 from __future__ import annotations

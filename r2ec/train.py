@@ -20,7 +20,9 @@ A RecPO step:
    advantages, and take the RecPO step (token term + item term, Eq. of DESIGN §2);
 4. learner rank 0 broadcasts the new weights to every rollout engine (checksums verified);
 5. item rows re-encoded with gradient are written back to every copy of the table.
-In both phases the full table is re-encoded every ``recpo.refresh_every`` steps and before every validation.
+In both phases the full table is re-encoded every ``recpo.refresh_every`` steps and before every validation; with
+``model.item_table: frozen`` (not in the paper) it is encoded once, with the initial weights, and never again
+(``model.center_items``: minus its mean row).
 Validation (Hit/NDCG@K, full ranking, greedy reasoning) runs every ``eval.valid_every`` steps and at the end, always
 against an item table encoded with the weights it validates (as the official code, which re-encodes at every
 evaluation): a table that only had the trained targets written back would score a stale catalogue against fresh
@@ -239,6 +241,7 @@ def train(cfg: Config, log=print, resume: str = "auto") -> dict:
         record["time_sync_s"] += t_sync
         return results, record
 
+    trained_items = cfg.model.item_table == "trained"  # "frozen": the step-0 table, never re-encoded
     log(f"train: {len(train_ds)} samples, {W} warm-up steps of {cfg.warmup.prompts_per_step} users, then "
         f"{steps - W} RecPO steps of {cfg.learner.prompts_per_step} users x G={G}")
     universal = False
@@ -253,6 +256,8 @@ def train(cfg: Config, log=print, resume: str = "auto") -> dict:
             t0 = time.perf_counter()
             table = system.encode_items(item_prompts)
             log(f"item table: {len(item_prompts)} items encoded in {time.perf_counter() - t0:.1f}s")
+            if cfg.model.center_items:  # once: the table is frozen, and checkpoints keep it centred
+                table = table - table.mean(dim=0)
             run = RunState(table=table, updates=(torch.zeros(0, dtype=torch.long), torch.zeros(0, table.shape[1])))
         else:
             run = restore(system, cfg, resumed, sampler, log)
@@ -268,7 +273,7 @@ def train(cfg: Config, log=print, resume: str = "auto") -> dict:
             run.write_back(results)
 
             validating = bool(cfg.eval.valid_every and step % cfg.eval.valid_every == 0) or step == steps
-            if validating or step % cfg.recpo.refresh_every == 0:
+            if trained_items and (validating or step % cfg.recpo.refresh_every == 0):
                 t_sync, record["table_refresh_row_cos"] = refresh_table(system, run)
                 record["time_sync_s"] += t_sync
 
@@ -291,7 +296,7 @@ def train(cfg: Config, log=print, resume: str = "auto") -> dict:
         bar.close()
 
         # The final model's own item table, as inference would precompute it.
-        if run.table_version != steps:
+        if trained_items and run.table_version != steps:
             refresh_table(system, run)
         test = evaluate_split(system, run, "test")
         metrics.log(steps, {f"test/{k}": v for k, v in test.items() if isinstance(v, float)})

@@ -28,6 +28,8 @@ def test_defaults_are_the_papers():
     assert (cfg.recpo.eps_low, cfg.recpo.eps_high, cfg.recpo.kl_coef) == (0.2, 0.28, 0.0)
     assert cfg.model.tau == 0.02 and cfg.model.lora.r == 4 and cfg.model.lora.alpha == 128
     assert cfg.learner.lr == 1e-5 and cfg.learner.prompts_per_step == 12 and cfg.data.max_history == 20
+    assert cfg.model.item_table == "trained"  # the item side is trained through the shared weights, as in the paper
+    assert load_config(data=MINIMAL, overrides=["model.item_table=frozen"]).recpo.refresh_every == 50  # unused
 
 
 def test_rating_scale_default_and_override():
@@ -115,6 +117,8 @@ def test_hash_is_stable_and_sensitive():
           "learner.prompts_per_step=4"], "warmup.prompts_per_step (5) must be a multiple of cluster.learner.num_workers"),
         (["warmup.steps=-1"], "warmup.steps: Input should be greater than or equal to 0"),
         (["eval.max_new_tokens=-1"], "eval.max_new_tokens: Input should be greater than or equal to 0"),
+        (["model.item_table=fixed"], "model.item_table: Input should be 'trained' or 'frozen'"),
+        (["model.center_items=true"], "center_items needs item_table 'frozen'"),
     ],
 )
 def test_warmup_and_step_settings_are_checked(overrides, expected):

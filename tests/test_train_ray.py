@@ -181,3 +181,45 @@ def test_warmup_steps_then_recpo(tiny_model_dir, tmp_path):
     valid = [r for r in records if "valid/ndcg@10" in r]
     assert [(r["step"], r["valid/item_table_version"]) for r in valid] == [(3, 3)]
     assert json.loads((tmp_path / "eval_test.json").read_text())["item_table_version"] == 3
+
+
+@pytest.mark.ray
+def test_frozen_item_table_is_the_initial_one_throughout(tiny_model_dir, tiny_model, tmp_path):
+    """model.item_table frozen (and centred): the table encoded at start, minus its mean row, is the one every step,
+    validation, test, checkpoint and export uses (no refresh; nothing written back), while the weights do train."""
+    from safetensors.torch import load_file
+
+    from r2ec.data.prepare import prepare_from_config
+    from r2ec.evaluate import item_prompt_ids
+    from r2ec.export import ExportError, export_checkpoint, load_item_table
+    from r2ec.prompts import PromptBuilder
+    from r2ec.train import train
+
+    cfg = tiny_cfg(tiny_model_dir, tmp_path / "run", "model.item_table=frozen", "model.center_items=true",
+                   "warmup.steps=2", "warmup.prompts_per_step=4", "learner.max_steps=1", "cluster.rollout.num_workers=1",
+                   "cluster.local_num_cpus=3", "eval.max_samples=4", "eval.valid_max_samples=4",
+                   "eval.valid_at_start=true", "run.checkpoint_every=3")  # refresh_every 2 in tiny.yaml: unused
+    train(cfg)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "phase" in r]
+    assert len(steps) == 3 and all("table_refresh_row_cos" not in r for r in steps)
+    assert all(r["grad_norm"] > 0 for r in steps)
+    assert steps[0]["time_sync_s"] == 0.0 and steps[1]["time_sync_s"] == 0.0  # no refresh needs the weights
+    assert steps[2]["reward_max_abs_diff_rollout_vs_learner"] < 1e-4
+    assert [r["valid/item_table_version"] for r in records if "valid/ndcg@10" in r] == [0, 0]
+    assert json.loads((tmp_path / "run" / "eval_test.json").read_text())["item_table_version"] == 0
+
+    prepared = prepare_from_config(cfg.data)
+    builder = PromptBuilder.from_config(cfg.data.prompt, cfg.model.answer_marker)
+    initial = tiny_model.encode_items(item_prompt_ids(builder, tiny_model.tokenizer, prepared.items))
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000003"
+    saved = load_file(str(ckpt / "item_table.safetensors"))
+    centred = initial.float() - initial.float().mean(dim=0)
+    torch.testing.assert_close(saved["h_items"], centred, atol=1e-4, rtol=1e-4)
+    assert saved["updates_idx"].numel() == 0
+
+    with pytest.raises(ExportError, match="model.item_table 'frozen'"):
+        export_checkpoint(ckpt, tmp_path / "re-encoded", reencode_items=True, log=lambda *_: None)
+    out = export_checkpoint(ckpt, tmp_path / "export", log=lambda *_: None)
+    torch.testing.assert_close(load_item_table(out / "rec_head" / "item_table.safetensors")[0], saved["h_items"])
+    assert json.loads((out / "r2ec.json").read_text())["item_table"]["source"] == "checkpoint"
