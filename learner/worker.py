@@ -113,6 +113,12 @@ class _PolicyNet(torch.nn.Module):
         return [c.token_ids for c in self.dual.generate(prompt_ids, max_new_tokens, synced_gpus=synced)]
 
 
+def chain_positions(prompt_len: int, chain_len: int) -> slice:
+    """Where a chain's tokens sit on chain_forward's (N, L) log-prob grid: position t predicts token t + 1, so chain
+    token j of a prompt of length P is at t = P - 1 + j."""
+    return slice(prompt_len - 1, prompt_len - 1 + chain_len)
+
+
 class LearnerWorker:
     """One DeepSpeed data-parallel rank of the RecPO learner (see the module docstring for the step)."""
 
@@ -508,7 +514,7 @@ class LearnerWorker:
             logp, _, h = self.engine("chain", prompts, chains)
             h_T[rows] = h.float().cpu()
             for i, (r, p, c) in enumerate(zip(rows, prompts, chains, strict=True)):
-                out[r, :len(c)] = logp[i, len(p) - 1:len(p) - 1 + len(c)].float().cpu()
+                out[r, :len(c)] = logp[i, chain_positions(len(p), len(c))].float().cpu()
         return out
 
     def _stage0_grad_norm(self) -> float | None:
@@ -522,14 +528,14 @@ class LearnerWorker:
     def _align_chain_tokens(self, rows: list[int], prompts: list[list[int]], chains: list[list[int]],
                             shape: tuple[int, ...], logp_mask: torch.Tensor, logp: torch.Tensor
                             ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Loss mask and a rollout-grid logp (N, L) on chain_forward's grid: position t predicts token t+1, so chain
-        token j of a prompt of length P sits at t = P - 1 + j. Only tokens the rollout sampled are trained."""
+        """Loss mask and a rollout-grid logp (N, L) on chain_forward's grid (``chain_positions``). Only tokens the
+        rollout sampled are trained."""
         mask = torch.zeros(shape, dtype=torch.float32)
         out = torch.zeros(shape, dtype=torch.float32)
         for i, (r, p, c) in enumerate(zip(rows, prompts, chains, strict=True)):
-            n, start = len(c), len(p) - 1
-            mask[i, start:start + n] = logp_mask[r, :n].float()
-            out[i, start:start + n] = logp[r, :n].float()
+            n, at = len(c), chain_positions(len(p), len(c))
+            mask[i, at] = logp_mask[r, :n].float()
+            out[i, at] = logp[r, :n].float()
         return mask.to(self.device), out.to(self.device)
 
     # ------------------------------------------------------------------------------------------ inference helpers

@@ -97,7 +97,9 @@ def _item_table_key(model_cfg, prompt_ids: list[list[int]]) -> str:
             if f.is_file():
                 st = f.stat()
                 h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    h.update(json.dumps(model_cfg.model_dump(mode="json"), sort_keys=True).encode())
+    # only what changes the encodings (not tau or how training treats the table)
+    h.update(json.dumps(model_cfg.model_dump(mode="json", include={"name_or_path", "dtype", "answer_marker", "lora"}),
+                        sort_keys=True).encode())
     for ids in prompt_ids:
         h.update(b"|" + ",".join(map(str, ids)).encode())
     return h.hexdigest()[:16]
@@ -181,10 +183,7 @@ def _model_scorer(model, builder: PromptBuilder, h_items: torch.Tensor, titles: 
     @torch.no_grad()
     def score_batch(rows, earlier, target):
         prompts = [user_prompt_ids(builder, model.tokenizer, r, titles) for r in rows]
-        if max_new_tokens == 0:
-            chains = [model.finish_chain([]) for _ in prompts]
-        else:
-            chains = model.generate(prompts, max_new_tokens=max_new_tokens)
+        chains = model.generate(prompts, max_new_tokens=max_new_tokens)  # 0: the marker alone, nothing generated
         h_user = model.user_hidden(prompts, [c.token_ids for c in chains])
         scores = model.item_scores(h_user, h_items, earlier.to(h_items.device), target.to(h_items.device),
                                    items_unit=True)
