@@ -281,9 +281,10 @@ def pickle_files(folder: Path) -> list[Path]:
 
 @dataclass(frozen=True)
 class Compat:
-    """What must match for a checkpoint to continue a run: base model, catalogue, LoRA shape, hidden size, and the
+    """What must match for a checkpoint to continue a run: base model, catalogue, LoRA shape, hidden size, the
     train split (the sampler's saved position indexes into it; a split built from other data or under another order
-    rule would silently continue on other samples)."""
+    rule would silently continue on other samples), and how the item table was built (a trained table continued as
+    a frozen one, or the reverse, would be neither)."""
 
     base_model: str
     catalogue_sha256: str
@@ -291,10 +292,13 @@ class Compat:
     lora: dict | None
     hidden_size: int
     train_split_sha256: str | None = None  # None: a checkpoint written before the train split was recorded
+    # how the saved item table was built: "trained", "frozen" or "frozen-centred" (model.item_table, center_items);
+    # a checkpoint written before the choice existed holds a trained table
+    item_table: str = "trained"
 
     def differences(self, other: Compat) -> list[str]:
         out = []
-        for field in ("base_model", "num_items", "catalogue_sha256", "lora", "hidden_size"):
+        for field in ("base_model", "num_items", "catalogue_sha256", "lora", "hidden_size", "item_table"):
             a, b = getattr(self, field), getattr(other, field)
             if a != b:
                 out.append(f"{field}: checkpoint {b!r}, this run {a!r}")

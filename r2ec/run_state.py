@@ -74,7 +74,8 @@ def compat_of(cfg: Config, item_ids: list[str], hidden_size: int | None,
                   num_items=len(item_ids),
                   lora=({"r": lora.r, "alpha": lora.alpha, "target_modules": sorted(lora.target_modules)}
                         if lora.enabled else None),
-                  hidden_size=hidden_size or 0, train_split_sha256=train_split_sha256)
+                  hidden_size=hidden_size or 0, train_split_sha256=train_split_sha256,
+                  item_table=cfg.model.item_table + ("-centred" if cfg.model.center_items else ""))
 
 
 def write_driver_state(folder: Path, cfg: Config, state: dict[str, Any], table: torch.Tensor,

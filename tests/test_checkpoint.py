@@ -144,6 +144,14 @@ def test_compat_refuses_another_train_split_and_checkpoints_that_did_not_record_
     assert "not recorded" in " ".join(new.differences(old))
 
 
+def test_compat_refuses_another_item_table_rule_and_older_checkpoints_hold_a_trained_table():
+    frozen = ck.Compat("base", "aaa", 10, None, 64, item_table="frozen-centred")
+    old = ck.Compat(**{k: v for k, v in ck.Compat("base", "aaa", 10, None, 64).__dict__.items() if k != "item_table"})
+    assert old.item_table == "trained"
+    assert "item_table: checkpoint 'trained', this run 'frozen-centred'" in " ".join(frozen.differences(old))
+    assert frozen.differences(frozen) == []
+
+
 def test_rng_states_round_trip_through_json():
     random.seed(1)
     np.random.seed(2)
