@@ -183,7 +183,10 @@ def _model_scorer(model, builder: PromptBuilder, h_items: torch.Tensor, titles: 
     @torch.no_grad()
     def score_batch(rows, earlier, target):
         prompts = [user_prompt_ids(builder, model.tokenizer, r, titles) for r in rows]
-        chains = model.generate(prompts, max_new_tokens=max_new_tokens)  # 0: the marker alone, nothing generated
+        if max_new_tokens == 0:  # the marker alone; the generator is not called at all
+            chains = [model.finish_chain([]) for _ in prompts]
+        else:
+            chains = model.generate(prompts, max_new_tokens=max_new_tokens)
         h_user = model.user_hidden(prompts, [c.token_ids for c in chains])
         scores = model.item_scores(h_user, h_items, earlier.to(h_items.device), target.to(h_items.device),
                                    items_unit=True)
