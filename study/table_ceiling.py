@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m study.table_ceiling --config configs/quickstart.yaml --out outputs/study/table_ceiling.json
+    python -m study.table_ceiling --config configs/quickstart.yaml --valid-samples 128 --out outputs/study/table_ceiling.json
 
 The quickest thing a recommender trained on a few hundred users can learn is what all users share: which items are
 popular. Through the rec_head (``cos(h, H_V[v]) / tau``), "the same for every user" is one user state u. This
@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--config", default="configs/quickstart.yaml")
     p.add_argument("--taus", type=float, nargs="+", default=[0.02, 0.05, 0.1])
     p.add_argument("--iters", type=int, default=300)
+    p.add_argument("--valid-samples", type=int, default=None,
+                   help="size of the user-stratified validation subset (default: the config's eval.valid_max_samples)")
     p.add_argument("--out", default="outputs/study/table_ceiling.json")
     args = p.parse_args(argv)
 
@@ -77,7 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
     del model
 
     targets = torch.as_tensor(train["target_item_idx"], dtype=torch.long)
-    rows = [valid[i] for i in EvalSubset.of(prepared, "valid", cfg.eval.valid_max_samples, cfg.eval).indices]
+    size = args.valid_samples or cfg.eval.valid_max_samples
+    rows = [valid[i] for i in EvalSubset.of(prepared, "valid", size, cfg.eval).indices]
     history = history_tensor([prepared.earlier_items_of(r["user_id"], r["position"]) for r in rows])
     target = torch.as_tensor([r["target_item_idx"] for r in rows], dtype=torch.long)
 
