@@ -154,6 +154,8 @@ def evaluate(cfg, split: Literal["valid", "test"] | None = None, baseline: Liter
         builder = PromptBuilder.from_config(cfg.data.prompt, cfg.model.answer_marker)
         h_items = zero_shot_item_table(model, cfg.model, item_prompt_ids(builder, model.tokenizer, prepared.items),
                                        cfg.eval.item_batch_size, cache_root() / "item_tables", log)
+        if cfg.model.center_items:  # the table a frozen, centred run starts from (r2ec/train.py): cosine sees it
+            h_items = h_items - h_items.mean(dim=0)
         method, batch_size = "zero-shot" if not cfg.model.lora.enabled else "model", cfg.eval.batch_size
     else:
         raise ValueError(f"unknown baseline {baseline!r}; expected 'popularity' or none")

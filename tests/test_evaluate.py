@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from r2ec.cli import main
 from r2ec.config import load_config
@@ -204,3 +205,25 @@ def test_compare_refuses_evaluations_of_different_samples(interleaved_config, tm
     assert len(err.splitlines()) == 1 and "name other samples" in err and "someone-else" in err
     assert main(["compare", str(tmp_path / "pop"), str(tmp_path / "nowhere")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_zero_shot_eval_scores_against_the_centred_table_when_configured(data_config, tmp_path, monkeypatch):
+    """A run with model.center_items starts from the centred table, so its zero-shot evaluation must rank against the
+    same table: cosine scores change when the mean row is removed."""
+    import r2ec.evaluate as ev
+
+    seen = []
+    real = ev._model_scorer
+
+    def spy(model, builder, h_items, *args):
+        seen.append(h_items.detach().clone())
+        return real(model, builder, h_items, *args)
+
+    monkeypatch.setattr(ev, "_model_scorer", spy)
+    raw = load_config(data_config, ["eval.max_samples=3", "eval.max_new_tokens=0"])
+    centred = load_config(data_config, ["eval.max_samples=3", "eval.max_new_tokens=0", "model.item_table=frozen",
+                                        "model.center_items=true"])
+    evaluate(raw, split="valid", log=lambda *_: None)
+    evaluate(centred, split="valid", log=lambda *_: None)
+    assert seen[1].mean(dim=0).abs().max() < 1e-5 < seen[0].mean(dim=0).abs().max()
+    assert torch.allclose(seen[1], seen[0] - seen[0].mean(dim=0))
