@@ -131,8 +131,11 @@ def curves(root: Path, img: Path) -> None:
     ax = axes[3]
     for name, records in runs.items():
         valid = [r for r in records if "valid/ndcg@10" in r]
-        if valid:
-            ax.plot([r["step"] for r in valid], [r["valid/ndcg@10"] for r in valid], "o-", label=name)
+        cfg = root / name / "config.json"
+        if valid:  # a warm-up-only run validates without reasoning (eval.max_new_tokens 0): say so in the legend
+            quiet = cfg.is_file() and json.loads(cfg.read_text())["eval"]["max_new_tokens"] == 0
+            ax.plot([r["step"] for r in valid], [r["valid/ndcg@10"] for r in valid], "o-",
+                    label=name + (" (without reasoning)" if quiet else " (with reasoning)"))
     ax.set_title("validation NDCG@10")
     ax.set_xlabel("step")
     ax.legend()

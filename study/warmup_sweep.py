@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m study.warmup_sweep --config configs/quickstart.yaml --steps 36 \\
+    python -m study.warmup_sweep --config configs/quickstart.yaml --steps 36 --valid-every 12 \\
         --vary warmup.lr=1e-3,2e-3,4e-3 --vary model.tau=0.05,0.1 --out outputs/study/warmup_sweep.json
 
 Every combination of the ``--vary`` values (dotted config keys, as ``--set``) is one point. Each point runs, in its
@@ -45,8 +45,9 @@ def points(vary: list[str]) -> list[list[str]]:
     return [list(p) for p in itertools.product(*axes)] if axes else [[]]
 
 
-def run_point(config: str, overrides: list[str], steps: int) -> dict:
-    """One point, in this process: warm-up steps and the validation before and after. Returns its record."""
+def run_point(config: str, overrides: list[str], steps: int, valid_every: int | None = None) -> dict:
+    """One point, in this process: warm-up steps and the validation before and after (and every ``valid_every``
+    steps, NDCG@10 only, into the log). Returns its record."""
     from transformers import AutoTokenizer
 
     from learner.worker import LearnerWorker
@@ -109,6 +110,10 @@ def run_point(config: str, overrides: list[str], steps: int) -> dict:
         m = worker.warmup_step(WarmupShard([p + marker for p in prompts], earlier, target, users, *no_updates)).metrics
         log.append({"step": step, "loss_item": m["loss_item"], "target_rank_mean": m["target_rank_mean"],
                     "grad_norm": m["grad_norm"], "diag_score_std": m["diag_score_std"]})
+        if valid_every and step % valid_every == 0 and step < steps:
+            t_valid = time.perf_counter()
+            log[-1]["valid_ndcg@10"] = float(ndcg_at_k(valid_ranks(), 10).mean())
+            t1 += time.perf_counter() - t_valid  # train_seconds counts the steps only
     train_s = time.perf_counter() - t1
     after = valid_ranks()
     names = ["ndcg@10", "hit@10", "hit@20"]
@@ -130,11 +135,12 @@ def run_point(config: str, overrides: list[str], steps: int) -> dict:
 
 def format_row(r: dict) -> str:
     d = r["differences"]["ndcg@10"]
+    curve = " ".join(f"{x['step']}: {x['valid_ndcg@10']:.4f}" for x in r["log"] if "valid_ndcg@10" in x)
     lo, hi = d["ci95"]
     star = " *" if lo > 0 or hi < 0 else ""
     return (f"| {' '.join(r['overrides']) or '(config)'} | {r['loss_item_first']:.2f} -> {r['loss_item_last5']:.2f} | "
             f"{r['ndcg@10_before']:.4f} -> {r['ndcg@10_after']:.4f} | {d['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}]{star} | "
-            f"{r['hit@20_before']:.4f} -> {r['hit@20_after']:.4f} | {r['train_seconds']:.0f} s |")
+            f"{r['hit@20_before']:.4f} -> {r['hit@20_after']:.4f} | {curve or '-'} | {r['train_seconds']:.0f} s |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,22 +149,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, required=True, help="warm-up steps per point")
     p.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2",
                    help="a dotted config key and the values to try (repeatable: the points are every combination)")
+    p.add_argument("--valid-every", type=int, help="also validate every N steps (NDCG@10 into the point's log)")
     p.add_argument("--out", required=True, help="JSON file with every point's record")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one point (JSON overrides) and write --out
     args = p.parse_args(argv)
     if args.one is not None:
-        Path(args.out).write_text(json.dumps(run_point(args.config, json.loads(args.one), args.steps)) + "\n")
+        Path(args.out).write_text(json.dumps(run_point(args.config, json.loads(args.one), args.steps,
+                                                    args.valid_every)) + "\n")
         return 0
     results = []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     print("| point | item loss, step 1 -> mean of last 5 | valid NDCG@10 before -> after | difference [paired 95%] "
-          "| valid Hit@20 before -> after | steps |\n| --- | --- | --- | --- | --- | --- |", flush=True)
+          "| valid Hit@20 before -> after | valid NDCG@10 on the way | steps |\n"
+          "| --- | --- | --- | --- | --- | --- | --- |", flush=True)
     for overrides in points(args.vary):
         with tempfile.TemporaryDirectory() as tmp:  # a process per point: one torch.distributed group each
             one = Path(tmp) / "point.json"
+            every = ["--valid-every", str(args.valid_every)] if args.valid_every else []
             subprocess.run([sys.executable, "-m", "study.warmup_sweep", "--config", args.config, "--steps",
-                            str(args.steps), "--one", json.dumps(overrides), "--out", str(one)], check=True)
+                            str(args.steps), *every, "--one", json.dumps(overrides), "--out", str(one)], check=True)
             results.append(json.loads(one.read_text()))
         print(format_row(results[-1]), flush=True)
         out.write_text(json.dumps({"config": args.config, "steps": args.steps, "points": results}, indent=1) + "\n")

@@ -35,11 +35,12 @@ def test_a_sweep_runs_its_points_and_pairs_before_with_after(tmp_path, tiny_mode
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     out = tmp_path / "sweep.json"
     subprocess.run([sys.executable, "-m", "study.warmup_sweep", "--config", str(tmp_path / "cfg.json"), "--steps",
-                    "3", "--vary", "warmup.lr=1e-2,1e-1", "--out", str(out)], check=True, timeout=600)
+                    "3", "--valid-every", "2", "--vary", "warmup.lr=1e-2,1e-1", "--out", str(out)], check=True, timeout=600)
     result = json.loads(out.read_text())
     assert [p["lr"] for p in result["points"]] == [1e-2, 1e-1]
     for p in result["points"]:
         assert p["valid_samples"] == 5 and len(p["log"]) == 3 and p["center_items"]
+        assert [r["step"] for r in p["log"] if "valid_ndcg@10" in r] == [2]  # the last step's is ndcg@10_after
         d = p["differences"]["ndcg@10"]
         assert d["mean"] == pytest.approx(p["ndcg@10_after"] - p["ndcg@10_before"])
         assert d["ci95"][0] <= d["mean"] <= d["ci95"][1]
