@@ -165,7 +165,8 @@ def evaluate(cfg, split: Literal["valid", "test"] | None = None, baseline: Liter
     else:
         score_batch = _model_scorer(model, builder, h_items, titles, cfg.eval.max_new_tokens)
 
-    return rank_split(prepared, subset, batch_size, cfg.eval.ks, out_dir, method, score_batch)
+    return rank_split(prepared, subset, batch_size, cfg.eval.ks, out_dir, method, score_batch,
+                      reasoned=pop is None and cfg.eval.max_new_tokens > 0)
 
 
 def fixed_scorer(item_scores: torch.Tensor):
@@ -224,7 +225,7 @@ def evaluate_export(cfg, model_dir: str | Path, split: Literal["valid", "test"] 
     source = exported.meta.get("source", {})
     return rank_split(prepared, subset, cfg.eval.batch_size, cfg.eval.ks, Path(cfg.run.output_dir), "r2ec-export",
                       score_batch, {"model": str(model_dir), "step": source.get("step"),
-                                    "config_hash": source.get("config_hash")})
+                                    "config_hash": source.get("config_hash")}, reasoned=cfg.eval.max_new_tokens > 0)
 
 
 ScoreBatch = Callable[[list[dict], torch.Tensor, torch.Tensor], tuple[torch.Tensor, list[dict | None]]]
@@ -258,8 +259,12 @@ class EvalSubset:
 
 
 def format_metrics(result: dict) -> str:
-    """``hit@5=0.0123 ndcg@5=...``: the point metrics of an evaluation result on one line (intervals left out)."""
-    return " ".join(f"{k}={v:.4f}" for k, v in result.items() if is_point_metric(k))
+    """``hit@5=0.0123 ndcg@5=...``: the point metrics of an evaluation result on one line (intervals left out), and
+    the share of distinct reasoning chains when the evaluation reasoned."""
+    line = " ".join(f"{k}={v:.4f}" for k, v in result.items() if is_point_metric(k))
+    if "reasoning_distinct_frac" in result:
+        line += f"  (distinct chains {result['reasoning_distinct_frac']:.3f})"
+    return line
 
 
 def user_intervals(ranks: torch.Tensor, user_ids: list[str], ks: list[int], resamples: int, seed: int) -> dict:
@@ -276,10 +281,12 @@ def user_intervals(ranks: torch.Tensor, user_ids: list[str], ks: list[int], resa
 
 
 def rank_split(prepared, subset: EvalSubset, batch_size: int, ks: list[int], out_dir: Path, method: str,
-               score_batch: ScoreBatch, extra: dict | None = None) -> dict:
+               score_batch: ScoreBatch, extra: dict | None = None, reasoned: bool = False) -> dict:
     """The evaluation loop shared by every scorer: ``score_batch(rows, earlier (B, H), target (B,))`` returns
     full-catalogue scores (B, V) with the history already masked, and per-row reasoning (or None). Writes
-    ``eval_<split>.json`` and ``eval_<split>_samples.jsonl`` under ``out_dir``; returns the metrics dict."""
+    ``eval_<split>.json`` and ``eval_<split>_samples.jsonl`` under ``out_dir``; returns the metrics dict.
+    ``reasoned``: the scorer generated its chains (``eval.max_new_tokens`` > 0), so the result reports the share
+    of distinct chains (an evaluation without reasoning has the bare marker for every user by construction)."""
     from tqdm import tqdm
 
     split, indices = subset.split, subset.indices
@@ -289,6 +296,7 @@ def rank_split(prepared, subset: EvalSubset, batch_size: int, ks: list[int], out
     out_dir.mkdir(parents=True, exist_ok=True)
     acc, ranks = RankingAccumulator(ks), []
     seen: dict[str, list] = {"sample_id": [], "user_id": [], "target_item_id": []}
+    chains: list[str] = []  # every reasoning chain: how many differ tells a collapsed language model at a glance
     samples_path = out_dir / f"eval_{split}_samples.jsonl"
     start = time.perf_counter()
     n = len(indices)
@@ -310,6 +318,7 @@ def rank_split(prepared, subset: EvalSubset, batch_size: int, ks: list[int], out
                 if rs is not None:
                     rec["reasoning"] = rs["text"]
                     rec["appended_marker"] = rs["appended_marker"]
+                    chains.append(rs["text"])
                 for key in seen:
                     seen[key].append(rec[key])
                 fout.write(json.dumps(rec) + "\n")
@@ -320,5 +329,7 @@ def rank_split(prepared, subset: EvalSubset, batch_size: int, ks: list[int], out
     result = {**metrics, "method": method, "split": split, "num_items": len(item_ids),
               "samples_sha256": samples_sha256(seen["sample_id"], seen["user_id"], seen["target_item_id"]),
               "subset": subset.describe(), "seconds": round(time.perf_counter() - start, 2), **(extra or {})}
+    if reasoned and chains:  # 1.0: every sample reasoned differently; 1/N: one chain for every user (collapsed)
+        result["reasoning_distinct_frac"] = len(set(chains)) / len(chains)
     _write_json_atomic(out_dir / f"eval_{split}.json", result)
     return result

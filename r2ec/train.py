@@ -147,6 +147,8 @@ def recpo_record(cfg: Config, rollout: Rollout, results: list[StepResult], timin
                                                       for r in results),
         "weight_version": rollout.weight_version,
         "chains_with_appended_marker": float(rollout.appended_marker.float().mean()),
+        # 1.0: every chain of the step differs; 1/N: one chain for all users, so every group's advantages are 0
+        "chains_distinct": len({tuple(c) for c in rollout.chain_ids}) / len(rollout),
         "time_generate_s": rollout.timings.get("generate", 0.0) / workers,
         "time_hidden_s": rollout.timings.get("hidden", 0.0) / workers,
         **timings,
@@ -200,7 +202,8 @@ def train(cfg: Config, log=print, resume: str = "auto") -> dict:
 
         batch = cfg.eval.batch_size * cfg.cluster.rollout.num_workers
         return rank_split(prepared, subsets[split], batch, cfg.eval.ks, out_dir, "r2ec", score_batch,
-                          {"step": run.step, "item_table_version": run.table_version})
+                          {"step": run.step, "item_table_version": run.table_version},
+                          reasoned=cfg.eval.max_new_tokens > 0)
 
     def refresh_table(system: System, run: RunState) -> tuple[float, float]:
         """Re-encode the whole catalogue with the current weights (on the rollout engines, brought to them first);

@@ -39,6 +39,7 @@ def test_popularity_baseline_writes_metrics_consistent_with_ranks(data_config, t
     result = evaluate(cfg, split="test", baseline="popularity", log=lambda *_: None)
     on_disk = json.loads((tmp_path / "out" / "eval_test.json").read_text())
     assert KEYS <= set(on_disk) and on_disk == result and result["method"] == "popularity"
+    assert "reasoning_distinct_frac" not in result  # no reasoning, no share of distinct chains
     ranks = _ranks(tmp_path / "out" / "eval_test_samples.jsonl")
     assert len(ranks) == result["num_samples"] == 5  # 50 samples -> 40 / 5 / 5
     # Hand-derived: test = u9's samples; its first target is i28 with i00 (earlier) masked. Train targets give
@@ -56,6 +57,8 @@ def test_zero_shot_model_writes_reasoning(data_config, tmp_path):
     for rec in lines:
         assert rec["reasoning"].endswith("<answer>") and len(rec["top10_item_ids"]) == 10
         assert 1 <= rec["target_rank"] <= 30
+    # how many users got a chain of their own: a collapsed generator shows as 1/N
+    assert result["reasoning_distinct_frac"] == len({rec["reasoning"] for rec in lines}) / 3
     # the item table is cached by weights + prompts: a second run reuses it and gives the same ranks
     again = evaluate(cfg, split="valid", log=lambda *_: None)
     assert again["ndcg@20"] == result["ndcg@20"]
@@ -223,7 +226,7 @@ def test_zero_shot_eval_scores_against_the_centred_table_when_configured(data_co
     raw = load_config(data_config, ["eval.max_samples=3", "eval.max_new_tokens=0"])
     centred = load_config(data_config, ["eval.max_samples=3", "eval.max_new_tokens=0", "model.item_table=frozen",
                                         "model.center_items=true"])
-    evaluate(raw, split="valid", log=lambda *_: None)
+    assert "reasoning_distinct_frac" not in evaluate(raw, split="valid", log=lambda *_: None)  # no reasoning
     evaluate(centred, split="valid", log=lambda *_: None)
     assert seen[1].mean(dim=0).abs().max() < 1e-5 < seen[0].mean(dim=0).abs().max()
     assert torch.allclose(seen[1], seen[0] - seen[0].mean(dim=0))

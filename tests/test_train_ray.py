@@ -131,9 +131,11 @@ def test_train_end_to_end_with_lora(tiny_model_dir, tmp_path):
             assert math.isfinite(r[key]), key
         assert r["reward_max_abs_diff_rollout_vs_learner"] < 1e-4
         assert r["alarm_logp_abs_diff_mean"] < 1e-4  # LoRA merged on the learner == the engine's weights
+        assert 1 / 16 <= r["chains_distinct"] <= 1  # 4 users x G = 4 chains: 1/16 would mean one chain for all
     # every validation scores against a table encoded with the weights it validates (not a stale one)
     valid = [r for r in records if "valid/ndcg@10" in r]
     assert [(r["step"], r["valid/item_table_version"]) for r in valid] == [(1, 1), (2, 2)]
+    assert all(0 < r["valid/reasoning_distinct_frac"] <= 1 for r in valid)
     assert any("test/hit@20" in r for r in records)
     for split in ("valid", "test"):
         saved = json.loads((tmp_path / f"eval_{split}.json").read_text())
