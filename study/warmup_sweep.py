@@ -12,6 +12,8 @@ sampler from ``run.seed``) against the zero-shot item table (frozen, centred whe
 ranks the validation subset of the config (``eval.valid_max_samples``, user-stratified, history masked) without
 reasoning (h at prompt + answer marker, the representation the warm-up trains) before the first step and after the
 last. The difference after - before gets a paired 95% user-bootstrap interval (the same users drawn for both).
+Before and after, it also counts the distinct greedy 16-token chains of the first 32 validation users: a warm-up that
+moves validation by collapsing the reasoning (one chain for everyone) shows there.
 Only the validation split is read: settings chosen here are reported on test elsewhere.
 
 Deviation from ``r2ec train``: the learner rank runs at ZeRO-0 whatever ``learner.zero_stage`` says (one rank, so
@@ -32,6 +34,8 @@ import time
 from pathlib import Path
 
 import torch
+
+CHAIN_USERS, CHAIN_TOKENS = 32, 16  # the generation check: greedy chains of the first validation users
 
 
 def points(vary: list[str]) -> list[list[str]]:
@@ -99,8 +103,13 @@ def run_point(config: str, overrides: list[str], steps: int, valid_every: int | 
                                          vtarget[lo:hi]))
         return torch.cat(ranks)
 
+    def distinct_chains() -> int:
+        """Distinct greedy continuations (CHAIN_TOKENS tokens) of the first CHAIN_USERS validation prompts: the item
+        loss trains the LoRA weights that also write the reasoning, and can collapse it (docs/training.md)."""
+        return len({tuple(c) for c in worker.greedy(vprompts[:CHAIN_USERS], CHAIN_TOKENS)})
+
     t0 = time.perf_counter()
-    before = valid_ranks()
+    before, chains_before = valid_ranks(), distinct_chains()
     sampler, users, log = EpochSampler(len(train), cfg.run.seed), cfg.warmup.prompts_per_step, []
     no_updates = (torch.zeros(0, dtype=torch.long), torch.zeros(0, table.shape[1]))
     t1 = time.perf_counter()
@@ -115,7 +124,7 @@ def run_point(config: str, overrides: list[str], steps: int, valid_every: int | 
             log[-1]["valid_ndcg@10"] = float(ndcg_at_k(valid_ranks(), 10).mean())
             t1 += time.perf_counter() - t_valid  # train_seconds counts the steps only
     train_s = time.perf_counter() - t1
-    after = valid_ranks()
+    after, chains_after = valid_ranks(), distinct_chains()
     names = ["ndcg@10", "hit@10", "hit@20"]
     user, user_ids = user_codes([r["user_id"] for r in vrows])
     diff = per_sample_metrics(after, names) - per_sample_metrics(before, names)
@@ -126,6 +135,8 @@ def run_point(config: str, overrides: list[str], steps: int, valid_every: int | 
         "item_negatives": cfg.warmup.item_negatives, "center_items": cfg.model.center_items,
         "valid_samples": len(vrows), "valid_users": len(user_ids),
         "ndcg@10_before": float(ndcg_at_k(before, 10).mean()), "ndcg@10_after": float(ndcg_at_k(after, 10).mean()),
+        "distinct_chains_before": chains_before, "distinct_chains_after": chains_after,
+        "chain_check": {"users": min(CHAIN_USERS, len(vrows)), "max_new_tokens": CHAIN_TOKENS},
         "hit@20_before": float(hit_at_k(before, 20).mean()), "hit@20_after": float(hit_at_k(after, 20).mean()),
         "differences": {n: {"mean": float(diff[:, j].mean()), "ci95": ci[j]} for j, n in enumerate(names)},
         "loss_item_first": log[0]["loss_item"], "loss_item_last5": sum(r["loss_item"] for r in last) / len(last),
@@ -140,7 +151,9 @@ def format_row(r: dict) -> str:
     star = " *" if lo > 0 or hi < 0 else ""
     return (f"| {' '.join(r['overrides']) or '(config)'} | {r['loss_item_first']:.2f} -> {r['loss_item_last5']:.2f} | "
             f"{r['ndcg@10_before']:.4f} -> {r['ndcg@10_after']:.4f} | {d['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}]{star} | "
-            f"{r['hit@20_before']:.4f} -> {r['hit@20_after']:.4f} | {curve or '-'} | {r['train_seconds']:.0f} s |")
+            f"{r['hit@20_before']:.4f} -> {r['hit@20_after']:.4f} | {curve or '-'} | "
+            f"{r['distinct_chains_before']} -> {r['distinct_chains_after']} of {r['chain_check']['users']} | "
+            f"{r['train_seconds']:.0f} s |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     print("| point | item loss, step 1 -> mean of last 5 | valid NDCG@10 before -> after | difference [paired 95%] "
-          "| valid Hit@20 before -> after | valid NDCG@10 on the way | steps |\n"
-          "| --- | --- | --- | --- | --- | --- | --- |", flush=True)
+          "| valid Hit@20 before -> after | valid NDCG@10 on the way | distinct greedy chains before -> after | steps |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
     for overrides in points(args.vary):
         with tempfile.TemporaryDirectory() as tmp:  # a process per point: one torch.distributed group each
             one = Path(tmp) / "point.json"

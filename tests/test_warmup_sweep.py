@@ -41,9 +41,11 @@ def test_a_sweep_runs_its_points_and_pairs_before_with_after(tmp_path, tiny_mode
     for p in result["points"]:
         assert p["valid_samples"] == 5 and len(p["log"]) == 3 and p["center_items"]
         assert [r["step"] for r in p["log"] if "valid_ndcg@10" in r] == [2]  # the last step's is ndcg@10_after
+        assert 1 <= p["distinct_chains_before"] <= 5 and 1 <= p["distinct_chains_after"] <= 5
         d = p["differences"]["ndcg@10"]
         assert d["mean"] == pytest.approx(p["ndcg@10_after"] - p["ndcg@10_before"])
         assert d["ci95"][0] <= d["mean"] <= d["ci95"][1]
     # both points start from the same weights and table: the same ranks before the first step
     assert result["points"][0]["ndcg@10_before"] == result["points"][1]["ndcg@10_before"]
     assert result["points"][0]["log"][0]["loss_item"] == result["points"][1]["log"][0]["loss_item"]
+    assert result["points"][0]["distinct_chains_before"] == result["points"][1]["distinct_chains_before"]
