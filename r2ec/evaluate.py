@@ -44,7 +44,7 @@ from r2ec.algo.metrics import (
     target_rank,
     topk_items,
 )
-from r2ec.algo.recpo import unit_rows
+from r2ec.algo.recpo import centred_rows, unit_rows
 from r2ec.data.sampler import stratified_subset
 from r2ec.data.samples import samples_sha256
 from r2ec.prompts import PromptBuilder, render_item, render_user
@@ -155,7 +155,7 @@ def evaluate(cfg, split: Literal["valid", "test"] | None = None, baseline: Liter
         h_items = zero_shot_item_table(model, cfg.model, item_prompt_ids(builder, model.tokenizer, prepared.items),
                                        cfg.eval.item_batch_size, cache_root() / "item_tables", log)
         if cfg.model.center_items:  # the table a frozen, centred run starts from (r2ec/train.py): cosine sees it
-            h_items = h_items - h_items.mean(dim=0)
+            h_items = centred_rows(h_items)
         method, batch_size = "zero-shot" if not cfg.model.lora.enabled else "model", cfg.eval.batch_size
     else:
         raise ValueError(f"unknown baseline {baseline!r}; expected 'popularity' or none")

@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 from r2ec.algo.metrics import mask_history
-from r2ec.algo.recpo import cosine_scores, unit_rows
+from r2ec.algo.recpo import centred_rows, cosine_scores, unit_rows
 from r2ec.config import Config
 from r2ec.evaluate import EvalSubset, format_metrics, history_tensor, item_prompt_ids, rank_split, user_prompt_ids
 from r2ec.protocol import Rollout, StepResult, TrainShard, WarmupShard
@@ -260,7 +260,7 @@ def train(cfg: Config, log=print, resume: str = "auto") -> dict:
             table = system.encode_items(item_prompts)
             log(f"item table: {len(item_prompts)} items encoded in {time.perf_counter() - t0:.1f}s")
             if cfg.model.center_items:  # once: the table is frozen, and checkpoints keep it centred
-                table = table - table.mean(dim=0)
+                table = centred_rows(table)
             run = RunState(table=table, updates=(torch.zeros(0, dtype=torch.long), torch.zeros(0, table.shape[1])))
         else:
             run = restore(system, cfg, resumed, sampler, log)

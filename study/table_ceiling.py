@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoTokenizer
 
     from r2ec.algo.metrics import mask_history, ndcg_at_k, target_rank
-    from r2ec.algo.recpo import cosine_scores
+    from r2ec.algo.recpo import centred_rows, cosine_scores
     from r2ec.assets import cache_root, resolve
     from r2ec.config import LoraConfig, load_config
     from r2ec.data.prepare import prepare_from_config
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"config": args.config, "model": cfg.model.name_or_path, "valid_samples": len(rows),
               "popularity": ranked(popularity), "rows": []}
     print(f"popularity: {result['popularity']}")
-    for name, table in (("raw", raw), ("centred", raw - raw.mean(dim=0))):
+    for name, table in (("raw", raw), ("centred", centred_rows(raw))):
         for tau in args.taus:
             u, loss = fit_shared_state(table, targets, tau, args.iters, 4096, cfg.run.seed)
             row = {"table": name, "tau": tau, "table_pairwise_cos": pairwise_cos(table), "train_loss": loss,

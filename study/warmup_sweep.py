@@ -57,6 +57,7 @@ def run_point(config: str, overrides: list[str], steps: int, valid_every: int | 
     from learner.worker import LearnerWorker
     from r2ec.algo.bootstrap import user_bootstrap_ci, user_codes
     from r2ec.algo.metrics import hit_at_k, ndcg_at_k, per_sample_metrics, target_rank
+    from r2ec.algo.recpo import centred_rows
     from r2ec.assets import cache_root, resolve
     from r2ec.config import LoraConfig, load_config
     from r2ec.data.prepare import prepare_from_config
@@ -85,7 +86,7 @@ def run_point(config: str, overrides: list[str], steps: int, valid_every: int | 
     table = zero_shot_item_table(worker.dual, base_cfg, item_prompts, cfg.eval.item_batch_size,
                                  cache_root() / "item_tables", log=lambda *_: None)
     if cfg.model.center_items:
-        table = table - table.mean(dim=0)
+        table = centred_rows(table)
     worker.set_items(item_prompts, table)
 
     subset = EvalSubset.of(prepared, "valid", cfg.eval.valid_max_samples, cfg.eval)

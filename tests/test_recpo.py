@@ -10,6 +10,7 @@ from r2ec.algo.recpo import (
     RewardOutput,
     TokenLossOutput,
     catalogue_item_loss,
+    centred_rows,
     compute_advantages,
     cosine_scores,
     fused_reward,
@@ -535,3 +536,8 @@ def test_catalogue_item_loss_without_history_on_the_batch_targets_equals_item_lo
     h_user, h_items, labels, adv, relabel = _random_items(3)
     got = catalogue_item_loss(h_user, h_items, labels, torch.full((len(labels), 1), -1), adv, relabel, 0.1)
     assert got.item() == pytest.approx(item_loss(h_user, h_items, labels, adv, relabel, 0.1).item(), abs=1e-12)
+
+
+def test_centred_rows_subtracts_the_mean_row():
+    x = torch.tensor([[1.0, 2.0], [3.0, 6.0]])
+    assert torch.equal(centred_rows(x), torch.tensor([[-1.0, -2.0], [1.0, 2.0]]))  # mean row (2, 4), by hand

@@ -61,6 +61,12 @@ def _resolve_normaliser(default_count: torch.Tensor, normaliser: Normaliser) -> 
     return normaliser
 
 
+def centred_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows minus their mean row: (N, d) -> (N, d). ``model.center_items`` (not in the paper): cosine scores against
+    a nearly collinear zero-shot table then rank by what sets the items apart (docs/results.md)."""
+    return x - x.mean(dim=0)
+
+
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
     """Rows L2-normalised (eps 1e-8), in at least float32: (N, d) -> (N, d).
 
