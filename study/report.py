@@ -8,7 +8,9 @@ intervals of differences:
   every test user), the one every method can afford, the LLM methods included; each method minus popularity;
 * the questions the study asks, each a paired comparison on that subset: warm-up + RecPO minus zero-shot, minus
   SASRec, and minus warm-up only (the paper's claim that reasoning helps);
-* the full test split, for the methods cheap enough to rank all of it.
+* the full test split, for the methods cheap enough to rank all of it;
+* the training runs' collapse diagnostics (docs/training.md): RecPO steps with no advantage left, distinct chains
+  per step, distinct chains and validation NDCG@10 per validation, distinct chains of the test evaluation.
 
 A method whose evaluation is missing, or was computed on other samples, is listed as such and left out; ``r2ec
 compare`` refuses to mix them. Draws the training curves (warm-up loss, RecPO reward and R_d, validation NDCG@10 vs
@@ -92,7 +94,9 @@ def main() -> None:
         full = table(root, FULL, ev.ci_resamples, ev.ci_seed)
     except CompareError as e:
         raise SystemExit(f"study.report: {e}") from None
-    Path(args.out).write_text(json.dumps({"subset": subset, "pairs": pairs, "full": full}, indent=1) + "\n")
+    diag = diagnostics(root)
+    Path(args.out).write_text(json.dumps({"subset": subset, "pairs": pairs, "full": full, "diagnostics": diag},
+                                         indent=1) + "\n")
     print(f"-> {args.out}")
     curves(root, Path(args.img))
 
@@ -101,10 +105,53 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
+TRAINED = ("warmup", "recpo", "warmup-recpo")
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def diagnostics(root: Path) -> dict[str, dict]:
+    """Per training run, what tells a learning run from a collapsed one: how many RecPO steps had (almost) no
+    advantage left (``adv_abs_mean`` 0 or below .005: every chain of every group scored alike), the share of distinct
+    chains per RecPO step (``chains_distinct``, mean and minimum), and per validation its NDCG@10 and share of
+    distinct chains; then the test evaluation's share of distinct chains. A figure the run did not log is None."""
+    out: dict[str, dict] = {}
+    print("\nTraining diagnostics (collapse: no advantage left, one chain for every user)\n")
+    for name in TRAINED:
+        records = _read_jsonl(root / name / "metrics.jsonl")
+        if not records:
+            continue
+        rl = [r for r in records if r.get("phase", "recpo") == "recpo" and "adv_abs_mean" in r]
+        adv = [r["adv_abs_mean"] for r in rl]
+        distinct = [r["chains_distinct"] for r in rl if "chains_distinct" in r]
+        test = root / name / "eval_test.json"
+        test_distinct = json.loads(test.read_text()).get("reasoning_distinct_frac") if test.is_file() else None
+        d = out[name] = {
+            "recpo_steps": len(rl),
+            "adv_zero_steps": sum(a == 0 for a in adv),
+            "adv_below_0.005_steps": sum(a < 0.005 for a in adv),
+            "chains_distinct_mean": sum(distinct) / len(distinct) if distinct else None,
+            "chains_distinct_min": min(distinct) if distinct else None,
+            "valid": [{"step": r["step"], "ndcg@10": r["valid/ndcg@10"],
+                       "reasoning_distinct_frac": r.get("valid/reasoning_distinct_frac")}
+                      for r in records if "valid/ndcg@10" in r],
+            "test_reasoning_distinct_frac": test_distinct,
+        }
+        print(f"{name}: {d['recpo_steps']} RecPO steps, adv_abs_mean 0 in {d['adv_zero_steps']} and < .005 in "
+              f"{d['adv_below_0.005_steps']}; distinct chains per step mean {_fmt(d['chains_distinct_mean'])}, "
+              f"min {_fmt(d['chains_distinct_min'])}; test distinct chains {_fmt(test_distinct)}")
+        for v in d["valid"]:
+            print(f"  valid step {v['step']}: NDCG@10 {v['ndcg@10']:.4f}, distinct chains "
+                  f"{_fmt(v['reasoning_distinct_frac'])}")
+    return out
+
+
 def curves(root: Path, img: Path) -> None:
     """Warm-up loss, RecPO reward and R_d per step (5-step moving averages) and validation NDCG@10 of the training
     methods, against the global step, as one PNG."""
-    runs = {name: _read_jsonl(root / name / "metrics.jsonl") for name in ("warmup", "recpo", "warmup-recpo")}
+    runs = {name: _read_jsonl(root / name / "metrics.jsonl") for name in TRAINED}
     if not any(runs.values()):
         print(f"(no metrics.jsonl under {root}; no curves drawn)")
         return

@@ -45,3 +45,23 @@ def test_warmup_recpo_resumes_the_warmup_run_then_its_own(tmp_path):
     (own / "latest").write_text("step-00000105\n")
     cmd = command()
     assert cmd[cmd.index("--resume") + 1] == "auto"
+
+
+def test_report_diagnostics_count_steps_without_advantage_and_distinct_chains(tmp_path):
+    from study.report import diagnostics
+
+    run = tmp_path / "warmup-recpo"
+    run.mkdir()
+    records = [{"step": 0, "valid/ndcg@10": 0.01, "valid/reasoning_distinct_frac": 0.5},
+               {"step": 1, "phase": "warmup", "loss_item": 9.0},  # a warm-up step has no advantages: not counted
+               {"step": 2, "phase": "recpo", "adv_abs_mean": 0.0, "chains_distinct": 0.25},
+               {"step": 3, "phase": "recpo", "adv_abs_mean": 0.004, "chains_distinct": 0.75},
+               {"step": 4, "phase": "recpo", "adv_abs_mean": 0.7, "chains_distinct": 1.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run / "eval_test.json").write_text(json.dumps({"reasoning_distinct_frac": 0.125}))
+    d = diagnostics(tmp_path)["warmup-recpo"]
+    assert (d["recpo_steps"], d["adv_zero_steps"], d["adv_below_0.005_steps"]) == (3, 1, 2)
+    assert abs(d["chains_distinct_mean"] - 2 / 3) < 1e-12 and d["chains_distinct_min"] == 0.25
+    assert d["valid"] == [{"step": 0, "ndcg@10": 0.01, "reasoning_distinct_frac": 0.5}]
+    assert d["test_reasoning_distinct_frac"] == 0.125
+    assert set(diagnostics(tmp_path)) == {"warmup-recpo"}  # runs without metrics are left out
