@@ -10,7 +10,7 @@ CONFIG ?= configs/quickstart.yaml
 export OMP_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv assets prepare train test bench study lint rollout-cpu clean
+.PHONY: venv assets prepare train test check bench study lint rollout-cpu clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ train: rollout-cpu prepare
 # Every tier (unit, ray, vllm, slow) runs; the vLLM tier needs the CPU build.
 test: rollout-cpu assets
 	$(PY) -m pytest -q
+
+# While working: lint + the fast tier (pure maths, config, data, tiny models in-process; no Ray cluster, no vLLM
+# engine, no real assets). `make test` runs every tier before a commit.
+check: venv
+	$(VENV)/bin/ruff check r2ec rollout learner tests bench study
+	$(PY) -m pytest -q -m "not slow and not ray and not vllm"
 
 # Bench-only dependencies (TRL as the peer, matplotlib for the curves); nothing under r2ec/ imports them.
 $(VENV)/.bench: $(VENV)/.rollout-cpu
