@@ -33,6 +33,13 @@ def test_rec_head_scoring_quick(tmp_path):
     assert all(r["total_s"] > 0 and r["plain_matmul_gflops"] > 0 for r in rows)
 
 
+def test_chain_logits_quick(tmp_path):
+    record = _run("chain_logits.py", tmp_path)
+    assert [r["variant"] for r in record["rows"]] == ["all_positions", "chain_only"]
+    assert record["settings"]["max_abs_logp_diff"] < 1e-4  # chain-only logits give the same log-probs
+    assert all(r["fwd_bwd_s"] > 0 for r in record["rows"])
+
+
 @pytest.mark.slow
 def test_weight_sync_quick(tmp_path):
     rows = _run("weight_sync.py", tmp_path, "--no-vllm")["rows"]
