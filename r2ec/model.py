@@ -12,6 +12,8 @@ Deviations from the paper / official code:
 - A chain that ends without the marker (EOS or length cut) gets the marker's tokens appended (as the paper says);
   a chain that contains it is cut right after the token that completes it.
 - Scores use cosine similarity (as the official code), not the paper's plain inner product.
+- Models whose attention soft-caps its logits (Gemma-2) load with eager attention (``attention_for``): the SDPA
+  default would silently drop the cap that vLLM applies when sampling.
 - Optionally (``model.item_table: frozen``, ``model.center_items``; the driver applies them) H_V stays the initial
   weights' encodings, minus their mean row, instead of following the trained weights.
 """
@@ -25,6 +27,17 @@ import torch
 
 from r2ec.algo.metrics import mask_history, topk_items
 from r2ec.algo.recpo import cosine_scores
+
+
+def attention_for(path: str) -> str | None:
+    """The attention implementation to load ``path`` with: "eager" where the architecture soft-caps attention logits
+    (Gemma-2's ``attn_logit_softcapping``), because transformers' SDPA and flash paths skip the cap that vLLM's
+    sampler applies, which would make the learner's log-probs and h_T disagree with the rollout's; otherwise None
+    (transformers' default, SDPA where supported)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    return "eager" if getattr(config, "attn_logit_softcapping", None) else None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -143,7 +156,8 @@ class DualHeadModel:
 
         path = resolve(cfg.name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype),
+                                                     attn_implementation=attention_for(path))
         if cfg.lora.enabled:
             from peft import LoraConfig, get_peft_model
 
@@ -179,22 +193,25 @@ class DualHeadModel:
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One forward pass over prompt + chain giving both heads' inputs for the RecPO step.
 
-        Returns logp (B, L-1): log-prob of token t+1 given tokens <= t; mask (B, L-1) float, 1 where token t+1
-        belongs to the chain; h_T (B, d) at the chain's last token. The LM head runs on the hidden states
-        directly, so logits are computed once and never for padding beyond the batch's longest sequence.
+        Returns logp (B, L-1): log-prob of token t+1 given tokens <= t, 0 where token t+1 is not a chain token;
+        mask (B, L-1) float, 1 where token t+1 belongs to the chain; h_T (B, d) at the chain's last token. The LM
+        head runs only on the hidden states that predict chain tokens: the (B, L, vocab) fp32 logits of the whole
+        sequence, prompt included, would be most of the step's memory for long prompts and a large vocabulary.
         """
         seqs = [list(p) + list(c) for p, c in zip(prompt_ids, chains, strict=True)]
         ids, attn, pos = pad_batch(seqs, self.pad_id, "right", self.device)
         h = self.hidden_states(ids, attn, pos)
         h_T = h[torch.arange(h.shape[0], device=h.device), last_token_index(attn)]
-        logits = self.model.get_output_embeddings()(h[:, :-1]).float()
+        mask = torch.zeros(ids.shape[0], ids.shape[1] - 1, device=h.device)
+        for i, (p, c) in enumerate(zip(prompt_ids, chains, strict=True)):
+            mask[i, len(p) - 1: len(p) - 1 + len(c)] = 1.0
+        at = mask.bool()
+        logits = self.model.get_output_embeddings()(h[:, :-1][at]).float()  # (N_chain_tokens, vocab)
         softcap = getattr(self.model.config, "final_logit_softcapping", None)
         if softcap:  # Gemma-2 caps its logits inside the causal-LM forward, which we bypass here
             logits = torch.tanh(logits / softcap) * softcap
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        mask = torch.zeros_like(logp)
-        for i, (p, c) in enumerate(zip(prompt_ids, chains, strict=True)):
-            mask[i, len(p) - 1: len(p) - 1 + len(c)] = 1.0
+        chain_logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:][at][:, None]).squeeze(-1)
+        logp = torch.zeros(mask.shape, dtype=chain_logp.dtype, device=h.device).masked_scatter(at, chain_logp)
         return logp, mask, h_T
 
     @torch.no_grad()

@@ -8,6 +8,7 @@ a randomly initialised Llama-type decoder (head_dim 32, the smallest that vLLM's
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -46,22 +47,29 @@ def build_tokenizer(vocab_size: int = 512):
 
 
 def build_tiny_model(out_dir: str | Path, hidden_size: int = 64, num_layers: int = 2, seed: int = 0,
-                     tie_word_embeddings: bool = True) -> Path:
-    """Save a random tiny Llama + tokenizer as a normal HF folder and return its path."""
+                     tie_word_embeddings: bool = True, arch: Literal["llama", "gemma2"] = "llama") -> Path:
+    """Save a random tiny Llama (or Gemma-2, whose attention and final logits are soft-capped, here with caps small
+    enough to bind on random weights) + tokenizer as a normal HF folder and return its path."""
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, Gemma2Config, GenerationConfig, LlamaConfig
 
     out = Path(out_dir)
     tokenizer = build_tokenizer()
-    config = LlamaConfig(
+    shape = dict(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=hidden_size // 32, num_key_value_heads=hidden_size // 32,
         head_dim=32, max_position_embeddings=2048, tie_word_embeddings=tie_word_embeddings,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    if arch == "gemma2":
+        config = Gemma2Config(**shape, attn_logit_softcapping=0.5, final_logit_softcapping=5.0,
+                              query_pre_attn_scalar=32, sliding_window=16,
+                              initializer_range=0.2)  # attention scores large enough for the cap to bind
+    else:
+        config = LlamaConfig(**shape)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(out)

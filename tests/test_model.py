@@ -139,8 +139,10 @@ def test_chain_forward_matches_the_causal_lm(tiny_model):
             seq = torch.tensor([p + c])
             ref = torch.log_softmax(tiny_model.model(input_ids=seq).logits[0, :-1].float(), -1)
             ref = ref.gather(-1, seq[0, 1:, None]).squeeze(-1)
-            torch.testing.assert_close(logp[i, : len(ref)], ref, atol=1e-5, rtol=1e-5)
             assert mask[i].sum() == len(c) and mask[i, len(p) - 1] == 1 and mask[i, len(p) - 2] == 0
+            at = mask[i, : len(ref)].bool()  # the LM head runs only where a chain token is predicted
+            torch.testing.assert_close(logp[i, : len(ref)][at], ref[at], atol=1e-5, rtol=1e-5)
+            assert not logp[i][~mask[i].bool()].any()
         torch.testing.assert_close(h_T, tiny_model.user_hidden(users, chains), atol=1e-5, rtol=1e-5)
 
 
@@ -172,3 +174,31 @@ def test_recpo_gradients_reach_lora_through_both_heads(tiny_model_dir):
     g_item = lora_grads(item_loss(h_T, h_items, torch.tensor([0, 1]), adv, torch.tensor([True, True])))
     assert sum(g_tok.values()) > 0 and sum(g_item.values()) > 0
     assert any("lora_A" in n and v > 0 for n, v in g_item.items())
+
+
+def test_gemma2_loads_with_eager_attention_and_keeps_its_softcaps(tmp_path):
+    """Gemma-2 soft-caps attention logits; transformers' SDPA path skips the cap (vLLM's sampler applies it), so the
+    learner must load such models with eager attention or its log-probs and h_T differ from the rollout's."""
+    from transformers import AutoModelForCausalLM
+
+    from r2ec.config import ModelConfig
+    from r2ec.model import DualHeadModel
+    from r2ec.testing import build_tiny_model
+
+    path = build_tiny_model(tmp_path / "gemma2", arch="gemma2")
+    dual = DualHeadModel.from_config(ModelConfig(name_or_path=str(path)))
+    assert dual.model.config._attn_implementation == "eager"
+    prompt, chain = [5, 9, 13, 17, 21, 25, 29, 33], [40, 41, 42] + dual.marker_ids
+    seq = torch.tensor([prompt + chain])
+
+    def ref_logp(model):
+        with torch.no_grad():
+            logits = model(input_ids=seq).logits[0, :-1].float()  # the causal-LM forward applies both caps
+        return torch.log_softmax(logits, -1).gather(-1, seq[0, 1:, None]).squeeze(-1)
+
+    with torch.no_grad():
+        logp, mask, _ = dual.chain_forward([prompt], [chain])
+    at = mask[0].bool()
+    torch.testing.assert_close(logp[0][at], ref_logp(dual.model)[at], atol=1e-5, rtol=1e-5)
+    sdpa = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+    assert not torch.allclose(ref_logp(sdpa)[at], logp[0][at], atol=1e-3)  # the cap binds: SDPA would differ
