@@ -168,7 +168,9 @@ class VllmConfig(_Section):
         "core kept for its scheduler process: a single thread on a 2-core machine), 'all' = every core this process "
         "may run on, a list such as '0-1', or 'nobind'. Rollout and learner take turns within a step, so a "
         "one-machine CPU run may give the engine every core (docs/performance.md)")
-    enforce_eager: bool = Field(True, description="no CUDA graphs; the CPU build requires it")
+    enforce_eager: bool = Field(
+        True, description="true: no CUDA graphs (the CPU build requires it); false (GPU only): CUDA graphs for "
+        "decode-only batches, while prefill, where the hidden-state capture runs, stays eager (no torch.compile)")
     enable_prefix_caching: bool = Field(True, description="makes the hidden-state prefill of prompt+chain cheap")
     max_model_len: int = Field(4096, ge=64, description="prompt + chain tokens per sequence")
     block_size: int | None = Field(
@@ -202,7 +204,11 @@ class LearnerConfig(_Section):
         "clip binds from the second update on); weights are synced once after the last")
     weight_decay: float = Field(0.0, ge=0)
     sync_bucket_mb: int = Field(256, ge=1, description="weight broadcast bucket size")
-    timeout_s: float = Field(900, gt=0, description="every learner call and weight sync fails after this long")
+    timeout_s: float = Field(900, gt=0, description="every learner call fails after this long")
+    sync_timeout_s: float = Field(
+        300, gt=0, description="a weight sync (joining its group, or every bucket of one broadcast) fails on each "
+        "member after this long, and a rollout worker lost in it is then replaced; NCCL's own watchdog, which kills "
+        "the process, is set well beyond it. At most learner.timeout_s"),
 
 
 # --------------------------------------------------------------------------------------------------- recpo
@@ -282,7 +288,7 @@ class EvalConfig(_Section):
 # --------------------------------------------------------------------------------------------------- cluster
 class RolloutWorkersConfig(_Section):
     num_workers: int = Field(1, ge=1)
-    gpus_per_worker: float = Field(0, ge=0, description="GPUs per worker; with tensor parallelism, per TP rank")
+    gpus_per_worker: float = Field(0, ge=0, description="GPUs per worker, 0 or 1; with tensor parallelism, per TP rank")
     cpus_per_worker: float = Field(1, ge=0)
     tensor_parallel_size: int = Field(1, ge=1)
     max_restarts: int = Field(3, ge=0, description="rollout workers restarted after dying, per run, before failing")
@@ -290,7 +296,7 @@ class RolloutWorkersConfig(_Section):
 
 class LearnerWorkersConfig(_Section):
     num_workers: int = Field(1, ge=1, description="DeepSpeed data-parallel ranks")
-    gpus_per_worker: float = Field(0, ge=0)
+    gpus_per_worker: float = Field(0, ge=0, description="GPUs per rank, 0 or 1")
     cpus_per_worker: float = Field(1, ge=0)
     omp_threads: int = Field(1, ge=1, description="OMP_NUM_THREADS of each learner rank (CPU training)")
 
@@ -303,6 +309,18 @@ class ClusterConfig(_Section):
         None, ge=1, description="embedded local Ray only: logical CPUs it advertises (None = the machine's cores)")
     object_store_mb: int = Field(1024, ge=64, description="embedded local Ray only: object store size")
     placement_timeout_s: float = Field(60, gt=0, description="fail when the workers cannot be placed this fast")
+
+    @model_validator(mode="after")
+    def _whole_gpus(self) -> ClusterConfig:
+        for name, section in (("rollout", self.rollout), ("learner", self.learner)):
+            if section.gpus_per_worker not in (0, 1):
+                raise ValueError(
+                    f"cluster.{name}.gpus_per_worker is {section.gpus_per_worker:g}; it must be 0 (CPU) or 1: every "
+                    "rollout worker (with vLLM tensor parallelism, every TP rank) and every learner rank joins the "
+                    "NCCL weight-sync group on a GPU of its own. NCCL refuses two ranks on one GPU ('Duplicate GPU "
+                    "detected'), vLLM's tensor parallelism needs exactly one GPU per bundle, and a rank uses only "
+                    "one GPU")
+        return self
 
 
 # --------------------------------------------------------------------------------------------------- run
@@ -345,6 +363,10 @@ class Config(_Section):
                 f"cluster.learner.num_workers ({ranks})")
         if self.learner.max_steps == 0 and not self.warmup.steps:
             raise ValueError("learner.max_steps is 0 and warmup.steps is 0: nothing to train")
+        if self.learner.sync_timeout_s > self.learner.timeout_s:
+            raise ValueError(
+                f"learner.sync_timeout_s ({self.learner.sync_timeout_s:g}) must not exceed learner.timeout_s "
+                f"({self.learner.timeout_s:g}): the driver stops waiting for a sync after learner.timeout_s")
         if self.rollout.engine == "hf" and self.cluster.rollout.tensor_parallel_size > 1:
             raise ValueError("cluster.rollout.tensor_parallel_size > 1 needs rollout.engine 'vllm'")
         return self

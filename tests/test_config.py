@@ -132,3 +132,12 @@ def test_warmup_only_run_and_no_reasoning_eval_are_valid():
                                                "learner.prompts_per_step=12", "learner.mini_batches=3"])
     assert (cfg.learner.max_steps, cfg.warmup.steps, cfg.eval.max_new_tokens) == (0, 3, 0)
     assert load_config(data=MINIMAL).warmup.steps == 0  # off by default (the paper has no warm-up)
+
+
+@pytest.mark.parametrize("section", ["rollout", "learner"])
+@pytest.mark.parametrize("gpus", [0.5, 2])
+def test_a_rank_owns_exactly_one_gpu(section, gpus):
+    """Fractional GPUs would put two NCCL ranks on one GPU, which NCCL refuses at the first weight sync."""
+    with pytest.raises(ConfigError, match=rf"cluster.{section}.gpus_per_worker is {gpus:g}; it must be 0 \(CPU\) or 1"):
+        load_config(data=MINIMAL, overrides=[f"cluster.{section}.gpus_per_worker={gpus}"])
+    assert load_config(data=MINIMAL, overrides=[f"cluster.{section}.gpus_per_worker=1"])
