@@ -43,8 +43,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
         cuda = [_unb64(s) for s in state["cuda"]]
         if len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
-        else:  # another GPU layout per process: restore the generator this rank uses (cuda:0)
-            torch.cuda.set_rng_state(cuda[0], 0)
+        else:  # another GPU layout per process: restore the generator of the GPU this rank uses
+            torch.cuda.set_rng_state(cuda[0], torch.cuda.current_device())
 
 
 def seed_all(seed: int) -> None:

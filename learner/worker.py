@@ -133,8 +133,8 @@ class LearnerWorker:
         if learner_cfg.prompts_per_step % world_size:
             raise ValueError(f"learner.prompts_per_step ({learner_cfg.prompts_per_step}) must be a multiple of the "
                              f"learner world size ({world_size})")
-        if device not in ("cpu", "cuda"):
-            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        if device not in ("cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
         import deepspeed
 
         self.model_cfg, self.learner_cfg, self.recpo_cfg = model_cfg, learner_cfg, recpo_cfg
@@ -143,10 +143,14 @@ class LearnerWorker:
         self.zero3 = learner_cfg.zero_stage == 3
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0", MASTER_ADDR=master_addr,
                           MASTER_PORT=str(master_port))
-        if device == "cuda":  # one GPU per rank: the driver's placement makes it cuda:0 of this process
-            torch.cuda.set_device(0)
-        self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
-        backend, timeout = ("nccl" if device == "cuda" else "gloo"), datetime.timedelta(seconds=learner_cfg.timeout_s)
+        # One GPU per rank: "cuda:N" is the one Ray assigned, in this process's numbering (the Ray layer resolves it:
+        # r2ec.driver.local_cuda_index); plain "cuda" is cuda:0, right when Ray narrowed CUDA_VISIBLE_DEVICES to it.
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", self.device.index or 0)
+            torch.cuda.set_device(self.device)
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=learner_cfg.timeout_s)
         if not torch.distributed.is_initialized():
             # Our own store, listening on MASTER_ADDR only (torch's env:// store would listen on every interface);
             # DeepSpeed then finds the process group initialised and uses it.
@@ -667,11 +671,18 @@ class LearnerWorker:
                     self._sync = None
                 self._sync = (info, open_group(info, 0))
             device = self.device if info.backend == "nccl" else torch.device("cpu")
-            return send(self._sync[1], self.weight_metas(), weights, bucket_bytes, device=device)
+            return send(self._sync[1], self.weight_metas(), weights, bucket_bytes, device=device,
+                        timeout_s=info.timeout_s)
         except Exception:
-            # A receiver died before or during the broadcast. Under ZeRO-3 the other ranks are gathering all the
-            # same: go through the remaining gathers with them, so the learner ranks stay in step and the driver
-            # can redo the sync on a new group.
+            # A receiver died before or during the broadcast, or the sync timed out or was aborted by the driver.
+            # The group is spent: abort it now rather than leave NCCL's watchdog a communicator to time out on.
+            # Under ZeRO-3 the other ranks are gathering all the same: go through the remaining gathers with them,
+            # so the learner ranks stay in step and the driver can redo the sync on a new group.
+            if self._sync is not None:
+                from r2ec.weight_sync import close_group
+
+                close_group(self._sync[1])
+                self._sync = None
             if self.zero3:
                 for _ in weights:
                     pass

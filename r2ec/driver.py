@@ -35,7 +35,7 @@ import torch
 
 from r2ec.config import Config
 from r2ec.protocol import Rollout, StepResult, TrainShard, WarmupShard
-from r2ec.weight_sync import SyncGroup
+from r2ec.weight_sync import SyncGroup, request_abort
 
 
 class ClusterError(RuntimeError):
@@ -63,6 +63,48 @@ def chunk_seed(seed: int, chunk: int) -> int:
     """A sampling seed for chunk ``chunk`` of a call seeded ``seed`` (well mixed, so nearby seeds never collide)."""
     digest = hashlib.sha256(f"{seed}:{chunk}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def check_weight_versions(versions: Sequence[int], workers: Sequence[int], expected: int) -> None:
+    """Every chunk of a step's rollout must come from the weights the step is defined on (RecPO's old policy is the
+    sampler's; a chunk from other weights would be trained on with the wrong ratio). ``versions[j]`` is the weight
+    version worker ``workers[j]`` reported with chunk j."""
+    for v, w in zip(versions, workers, strict=True):
+        if v != expected:
+            raise ClusterError(f"rollout worker {w} sampled with the weights of version {v}, expected version "
+                               f"{expected} (the weights after step {expected}): its weight sync was lost")
+
+
+def local_cuda_index(gpu_ids: Sequence, visible: str | None) -> int:
+    """This process's CUDA index of the first GPU Ray assigned it (``ray.get_gpu_ids()``). Ray normally narrows
+    CUDA_VISIBLE_DEVICES to the assigned GPUs (index 0); with RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1 every GPU
+    stays visible and the assigned one is wherever its id sits in that list (its id itself when the list is unset)."""
+    if not gpu_ids:
+        raise ClusterError("a GPU worker started without a GPU assigned by Ray (ray.get_gpu_ids() is empty)")
+    gpu = str(gpu_ids[0])
+    if not visible:
+        return int(gpu)
+    shown = [v.strip() for v in visible.split(",")]
+    if gpu not in shown:
+        raise ClusterError(f"Ray assigned GPU {gpu}, which CUDA_VISIBLE_DEVICES={visible!r} hides from this process")
+    return shown.index(gpu)
+
+
+def _on_assigned_gpu(cls: type) -> type:
+    """``cls`` (a plain worker class taking ``device``) as a Ray actor class whose device "cuda" becomes "cuda:N",
+    the GPU Ray assigned to the actor, resolved inside the actor's process."""
+
+    class Actor(cls):
+        def __init__(self, *args, device: str, **kwargs):
+            import ray
+
+            gpu_ids = ray.get_gpu_ids()  # none for a vLLM worker with tensor parallelism: vLLM places its own ranks
+            if device == "cuda" and gpu_ids:
+                device = f"cuda:{local_cuda_index(gpu_ids, os.environ.get('CUDA_VISIBLE_DEVICES'))}"
+            super().__init__(*args, device=device, **kwargs)
+
+    Actor.__name__ = Actor.__qualname__ = cls.__name__
+    return Actor
 
 
 def connect(cfg: Config, log: Callable[[str], Any] = print) -> bool:
@@ -313,13 +355,13 @@ class System:
                                               60, "probing the learner node for free ports")
         self._sync_addr = (master_addr, sync_port)
         learner_env = {"OMP_NUM_THREADS": str(lr.omp_threads), "TOKENIZERS_PARALLELISM": "false", **net_env}
-        Learner = ray.remote(LearnerWorker)
+        Learner = ray.remote(_on_assigned_gpu(LearnerWorker))
         self.learners = [
             Learner.options(num_cpus=lr.cpus_per_worker, num_gpus=lr.gpus_per_worker,
                             scheduling_strategy=on(learner_pg, rank), runtime_env={"env_vars": learner_env},
                             name=f"learner-{rank}").remote(
-                cfg.model, cfg.learner, cfg.recpo, rank, lr.num_workers, master_addr, ds_port, self.device,
-                cfg.run.seed, load_universal=self.load_universal, warmup_cfg=cfg.warmup)
+                cfg.model, cfg.learner, cfg.recpo, rank, lr.num_workers, master_addr, ds_port, device=self.device,
+                seed=cfg.run.seed, load_universal=self.load_universal, warmup_cfg=cfg.warmup)
             for rank in range(lr.num_workers)
         ]
 
@@ -351,12 +393,13 @@ class System:
 
         cfg, r = self.cfg, self.cfg.cluster.rollout
         gpus = r.gpus_per_worker if r.tensor_parallel_size == 1 else 0  # with TP, vLLM's own workers take them
-        return ray.remote(RolloutWorker).options(
+        return ray.remote(_on_assigned_gpu(RolloutWorker)).options(
             num_cpus=r.cpus_per_worker, num_gpus=gpus,
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=self._rollout_pgs[i],
                                                                  placement_group_bundle_index=0),
             runtime_env={"env_vars": self._rollout_env}, name=f"rollout-{i}").remote(
-            cfg.model, cfg.rollout, cfg.run.seed, self.device, i, r.tensor_parallel_size)
+            cfg.model, cfg.rollout, cfg.run.seed, device=self.device, worker_index=i,
+            tensor_parallel_size=r.tensor_parallel_size)
 
     # ------------------------------------------------------------------------------------------ rollout faults
     @property
@@ -449,8 +492,9 @@ class System:
             raise _RolloutsLost({e.index: e.reason}) from e
 
     # ------------------------------------------------------------------------------------------ rollout side
-    def _spread(self, method: str, chunks: Sequence[tuple], what: str) -> list:
-        """Run ``method(*chunk)`` for every chunk on the least-busy rollout worker; results in chunk order.
+    def _spread(self, method: str, chunks: Sequence[tuple], what: str) -> tuple[list, list[int]]:
+        """Run ``method(*chunk)`` for every chunk on the least-busy rollout worker; the results in chunk order and the
+        index of the worker that computed each.
 
         A worker that dies is replaced (:meth:`_recover`) and its chunk goes back to the queue; chunks already done
         by others are kept, so every chunk is computed and counted once."""
@@ -458,6 +502,7 @@ class System:
 
         timeout = self.cfg.rollout.timeout_s
         results: list = [None] * len(chunks)
+        workers = [-1] * len(chunks)
         pending: dict = {}  # ref -> (worker, chunk, the worker's incarnation when the chunk was sent)
         todo = list(range(len(chunks)))
         idle = list(range(len(self.rollouts)))
@@ -473,34 +518,37 @@ class System:
             w, j, incarnation = pending.pop(ref)
             try:
                 results[j] = get(ref, timeout, f"rollout worker {w} ({what})", [f"rollout worker {w}"])
+                workers[j] = w
             except WorkerDied as e:
                 todo.insert(0, j)  # its seed is fixed by the driver: the same result wherever it runs next
                 # A recovery in between (a sync finds dead workers itself) may have replaced this one already.
                 if incarnation == self._incarnation[w]:
                     self._recover({w: e.reason}, what)
             idle.append(w)
-        return results
+        return results, workers
 
     def _chunks(self, n: int, size: int) -> list[slice]:
         return [slice(lo, min(n, lo + size)) for lo in range(0, n, size)]
 
-    def generate(self, prompt_ids: list[list[int]], group_size: int, seed: int) -> Rollout:
-        """G chains per prompt. Chunk j is sampled with ``chunk_seed(seed, j)`` whichever worker takes it, so a
-        step's rollout depends on the weights, the prompts and ``seed`` only."""
+    def generate(self, prompt_ids: list[list[int]], group_size: int, seed: int, weight_version: int) -> Rollout:
+        """G chains per prompt, every one sampled by weights of ``weight_version`` (else a ClusterError naming the
+        worker). Chunk j is sampled with ``chunk_seed(seed, j)`` whichever worker takes it, so a step's rollout
+        depends on the weights, the prompts and ``seed`` only."""
         chunks = self._chunks(len(prompt_ids), self.cfg.rollout.batch_size)
-        parts = self._spread("generate", [(prompt_ids[s], group_size, chunk_seed(seed, j))
-                                          for j, s in enumerate(chunks)], "generate")
+        parts, workers = self._spread("generate", [(prompt_ids[s], group_size, chunk_seed(seed, j))
+                                                   for j, s in enumerate(chunks)], "generate")
+        check_weight_versions([p.weight_version for p in parts], workers, weight_version)
         return Rollout.concat(parts)
 
     def greedy(self, prompt_ids: list[list[int]], max_new_tokens: int) -> tuple[list, torch.Tensor]:
         chunks = self._chunks(len(prompt_ids), self.cfg.eval.batch_size)
-        parts = self._spread("greedy", [(prompt_ids[s], max_new_tokens) for s in chunks], "greedy generation")
+        parts, _ = self._spread("greedy", [(prompt_ids[s], max_new_tokens) for s in chunks], "greedy generation")
         return [c for chains, _ in parts for c in chains], torch.cat([h for _, h in parts])
 
     def encode_items(self, item_prompt_ids: list[list[int]]) -> torch.Tensor:
         size = self.cfg.eval.item_batch_size
         chunks = [(item_prompt_ids[lo:lo + size],) for lo in range(0, len(item_prompt_ids), size)]
-        return torch.cat(self._spread("encode_items", chunks, "item encoding"))
+        return torch.cat(self._spread("encode_items", chunks, "item encoding")[0])
 
     # ------------------------------------------------------------------------------------------ learner side
     def _learner_get(self, refs: list, what: str) -> list:
@@ -581,7 +629,7 @@ class System:
                 addr, port = self._sync_addr
                 self._sync_port_used = True
             backend = "nccl" if self.device == "cuda" else "gloo"
-            info = SyncGroup(addr, port, 1 + sum(ranks), backend, timeout)
+            info = SyncGroup(addr, port, 1 + sum(ranks), backend, self.cfg.learner.sync_timeout_s)
             if self._weight_metas is None:
                 self._weight_metas = self._learner_get([self.learners[0].weight_metas.remote()],
                                                        "learner rank 0 weight_metas")[0]
@@ -595,13 +643,13 @@ class System:
         send = [a.broadcast_weights.remote(s.info if rank == 0 else None, bucket)
                 for rank, a in enumerate(self.learners)]
         recv = [a.receive_weights.remote(s.metas, bucket, version) for a in self.rollouts]
-        results = self._await_sync(send, joins, recv, timeout)
+        results = self._await_sync(s.info, send, joins, recv, timeout)
         sent, got = results[send[0]], [results[r] for r in recv]
         if any(g != sent for g in got):
             raise ClusterError(f"weight sync checksum mismatch: learner sent {sent!r}, rollout workers got {got}")
         return sent
 
-    def _await_sync(self, send: list, joins: list, recv: list, timeout: float) -> dict:
+    def _await_sync(self, info: SyncGroup, send: list, joins: list, recv: list, timeout: float) -> dict:
         """Wait for every call of one sync; results by ref. Fail-fast on a dead learner rank. A dead rollout worker
         raises ``_RolloutsLost``, once the learner ranks are done with the broadcast and the survivors had a grace
         period to finish: any still waiting then sits in a group that will not complete (gloo's broadcast leaves
@@ -614,6 +662,7 @@ class System:
         dead: dict[int, str] = {}
         errors: list[BaseException] = []
         finished_send = set()
+        aborted: list = []
         send_done_at: float | None = None
         # The group's own timeout bounds every collective inside; the slack lets a timed-out member report back.
         deadline = time.monotonic() + timeout + _SYNC_GRACE_S
@@ -643,6 +692,10 @@ class System:
                 if kind != "learner" and is_death(e):
                     call = "join_sync_group" if kind == "join" else "receive_weights"
                     dead.setdefault(i, f"{_reason(e)} (in {call})")
+                    if not aborted:
+                        # Learner rank 0 and the other receivers may be waiting on the dead member (on NCCL until
+                        # the sync timeout): ask every member to give up now, so the sync is redone at once.
+                        aborted.append(request_abort(info))
                 else:
                     # Maybe a consequence (a broadcast to a member that just died fails): decided below.
                     errors.append(e)

@@ -115,7 +115,8 @@ def rl_step(system, cfg: Config, prompts: list[list[int]], earlier: torch.Tensor
     """One RecPO step across the system: rollout, learner step, weight broadcast. Returns the rollout, the
     ranks' StepResults and the step's timings."""
     t = time.perf_counter()
-    rollout = system.generate(prompts, cfg.recpo.group_size, seed=rollout_seed(cfg.run.seed, version))
+    rollout = system.generate(prompts, cfg.recpo.group_size, seed=rollout_seed(cfg.run.seed, version),
+                              weight_version=version - 1)  # the rollout of step k samples the weights after k-1
     t_rollout = time.perf_counter() - t
     t = time.perf_counter()
     shards = make_shards(prompts, rollout, earlier, target, len(system.learners), cfg.recpo.group_size, updates)

@@ -12,6 +12,13 @@ Integer addition is exact and order-free, so the value does not depend on thread
 does), and any changed bit changes it. The driver compares the checksums after a sync, so a torn or stale update is
 caught rather than trained on.
 
+Every collective is waited for by polling (``wait_work``), never inside one blocking C++ call, so a sync can end
+early: at its own deadline (``SyncGroup.timeout_s``, ``learner.sync_timeout_s``), or when the driver asks every
+member to give up (``request_abort``: a flag in the group's store, which each member's poll reads) because a member
+died. On NCCL this matters: ``work.wait()`` returns at once and the next host read of the buffer blocks until the
+NCCL watchdog's timeout kills the process; the group is built with a backend timeout well beyond the sync's own, so
+the sync gives up and aborts the group (``close_group``) first.
+
 A group is never repaired: when a rollout worker is replaced, the driver hands every member a new ``SyncGroup`` (a
 fresh port, so no old store or connection can be reached by mistake) and each member drops its old group with
 :func:`close_group` before joining the new one.
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import datetime
 import socket
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -56,7 +64,51 @@ class SyncGroup:
     master_port: int
     world_size: int  # 1 + every rollout model process
     backend: str  # "gloo" or "nccl"
-    timeout_s: float
+    timeout_s: float  # the deadline of one sync (joining, or sending every bucket) on each member
+
+
+# The backend's own timeout (NCCL's watchdog kills the process when it fires) is kept well beyond the sync's.
+def _backend_timeout(timeout_s: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=2 * timeout_s + 60)
+
+
+ABORT_KEY = "r2ec/abort"  # set in a group's store by request_abort: every member's wait gives up
+_ABORT_POLL_S = 0.25
+# Each open group's store (by id(group)), and the groups close_group closed: those are never freed, because the
+# destructor of a gloo group aborted with a collective pending waits out the backend timeout (one per failed sync).
+_stores: dict[int, dist.Store] = {}
+_spent: list[dist.ProcessGroup] = []
+
+
+def wait_work(group: dist.ProcessGroup, work, deadline: float, what: str) -> None:
+    """Wait for a collective of ``group`` until ``deadline`` (``time.monotonic``) by polling. Raises TimeoutError at
+    the deadline, RuntimeError once the driver asked the group to give up (``request_abort``), and the collective's
+    own error when it fails (a member died)."""
+    store = _stores.get(id(group))
+    next_check = time.monotonic() + _ABORT_POLL_S
+    while not work.is_completed():
+        now = time.monotonic()
+        if now >= deadline:
+            raise TimeoutError(f"weight sync: {what} did not complete within the sync timeout")
+        if store is not None and now >= next_check:
+            next_check = now + _ABORT_POLL_S
+            if store.check([ABORT_KEY]):
+                raise RuntimeError(f"weight sync: {what} was aborted (a member of the group was lost)")
+        time.sleep(0.001)
+    work.wait()
+
+
+def request_abort(info: SyncGroup, timeout_s: float = 10.0) -> bool:
+    """Ask every member of the group ``info`` to give up its current collective (their ``wait_work`` raises within
+    a fraction of a second). Best effort: returns False when the group's store cannot be reached (its host, learner
+    rank 0, has already dropped the group)."""
+    try:
+        store = dist.TCPStore(info.master_addr, info.master_port, is_master=False,
+                              timeout=datetime.timedelta(seconds=timeout_s))
+        store.set(ABORT_KEY, "1")
+        return True
+    except Exception:  # noqa: BLE001 - nothing to abort if the store is gone
+        return False
 
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -93,15 +145,19 @@ def bound_store(host: str, port: int, world_size: int, is_master: bool, timeout:
 
 def open_group(info: SyncGroup, rank: int) -> dist.ProcessGroup:
     """Join the broadcast group as ``rank``; blocks until all ``world_size`` members have joined."""
-    timeout = datetime.timedelta(seconds=info.timeout_s)
-    store = bound_store(info.master_addr, info.master_port, info.world_size, rank == 0, timeout)
+    timeout = _backend_timeout(info.timeout_s)
+    store = bound_store(info.master_addr, info.master_port, info.world_size, rank == 0,
+                        datetime.timedelta(seconds=info.timeout_s))
     if info.backend == "gloo":
-        return dist.ProcessGroupGloo(store, rank, info.world_size, timeout)
-    if info.backend == "nccl":
+        group = dist.ProcessGroupGloo(store, rank, info.world_size, timeout)
+    elif info.backend == "nccl":
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = timeout
-        return dist.ProcessGroupNCCL(store, rank, info.world_size, opts)
-    raise ValueError(f"weight-sync backend must be 'gloo' or 'nccl', got {info.backend!r}")
+        group = dist.ProcessGroupNCCL(store, rank, info.world_size, opts)
+    else:
+        raise ValueError(f"weight-sync backend must be 'gloo' or 'nccl', got {info.backend!r}")
+    _stores[id(group)] = store
+    return group
 
 
 def close_group(group: dist.ProcessGroup | None) -> None:
@@ -112,6 +168,8 @@ def close_group(group: dist.ProcessGroup | None) -> None:
     group that is already broken may raise here, and it is being thrown away either way."""
     if group is None:
         return
+    _spent.append(group)
+    _stores.pop(id(group), None)
     try:
         group.abort()
     except Exception:  # noqa: BLE001 - the group is discarded whatever abort says
@@ -134,10 +192,12 @@ def plan_buckets(metas: Sequence[TensorMeta], bucket_bytes: int) -> list[list[in
 
 
 def send(group: dist.ProcessGroup, metas: Sequence[TensorMeta], tensors: Iterable[tuple[str, torch.Tensor]],
-         bucket_bytes: int, device: torch.device | str = "cpu") -> int:
-    """Rank 0: broadcast ``tensors`` (yielded in ``metas`` order) bucket by bucket. Returns the checksum.
+         bucket_bytes: int, device: torch.device | str = "cpu", timeout_s: float = 900) -> int:
+    """Rank 0: broadcast ``tensors`` (yielded in ``metas`` order) bucket by bucket, all within ``timeout_s``.
+    Returns the checksum.
 
     ``tensors`` may be a generator that gathers ZeRO-3 shards lazily: only one bucket is held at a time."""
+    deadline = time.monotonic() + timeout_s
     it = iter(tensors)
     checksum = 0
     for bucket in plan_buckets(metas, bucket_bytes):
@@ -149,7 +209,7 @@ def send(group: dist.ProcessGroup, metas: Sequence[TensorMeta], tensors: Iterabl
                 raise RuntimeError(f"weight sync: expected {m.name} {m.shape}, got {name} {tuple(t.shape)}")
             flat.append(t.detach().to(device=device, dtype=m.torch_dtype).reshape(-1))
         buf = torch.cat(flat)
-        group.broadcast(buf, 0).wait()
+        wait_work(group, group.broadcast(buf, 0), deadline, "sending the weights")
         checksum = (checksum + bits_checksum(buf)) % _MOD
     if next(it, None) is not None:
         raise RuntimeError("weight sync: more tensors than metas")
@@ -157,16 +217,18 @@ def send(group: dist.ProcessGroup, metas: Sequence[TensorMeta], tensors: Iterabl
 
 
 def receive(group: dist.ProcessGroup, metas: Sequence[TensorMeta], bucket_bytes: int,
-            device: torch.device | str = "cpu", checksum: list[int] | None = None
+            device: torch.device | str = "cpu", checksum: list[int] | None = None, timeout_s: float = 900
             ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Ranks 1..: yield ``(name, tensor)`` as buckets arrive (feed it straight to a weight loader).
+    """Ranks 1..: yield ``(name, tensor)`` as buckets arrive (feed it straight to a weight loader), every bucket
+    within ``timeout_s`` of the first request.
 
     When ``checksum`` is a list, the running checksum is stored in ``checksum[0]``."""
+    deadline = time.monotonic() + timeout_s
     total = 0
     for bucket in plan_buckets(metas, bucket_bytes):
         ms = [metas[i] for i in bucket]
         buf = torch.empty(sum(m.numel for m in ms), dtype=ms[0].torch_dtype, device=device)
-        group.broadcast(buf, 0).wait()
+        wait_work(group, group.broadcast(buf, 0), deadline, "receiving the weights")
         total = (total + bits_checksum(buf)) % _MOD
         if checksum is not None:
             checksum[:] = [total]

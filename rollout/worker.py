@@ -25,7 +25,8 @@ def build_engine(model_cfg, rollout_cfg, seed: int, device: str, tensor_parallel
     if rollout_cfg.engine == "vllm":
         from rollout.vllm_engine import VllmEngine
 
-        return VllmEngine(model_cfg, rollout_cfg, seed, device, tensor_parallel_size=tensor_parallel_size)
+        # vLLM places itself on the GPUs CUDA_VISIBLE_DEVICES shows (Ray narrows it to the assigned ones)
+        return VllmEngine(model_cfg, rollout_cfg, seed, device.split(":")[0], tensor_parallel_size=tensor_parallel_size)
     if tensor_parallel_size != 1:
         raise ValueError("the hf rollout engine has no tensor parallelism")
     from rollout.hf_engine import HFEngine

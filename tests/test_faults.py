@@ -138,6 +138,14 @@ def _await_dead(name: str) -> None:
         time.sleep(0.1)
 
 
+def test_a_chunk_from_other_weights_is_refused_naming_its_worker():
+    from r2ec.driver import check_weight_versions
+
+    check_weight_versions([4, 4, 4], [0, 1, 0], expected=4)
+    with pytest.raises(ClusterError, match="rollout worker 1 sampled with the weights of version 3, expected version 4"):
+        check_weight_versions([4, 3, 4], [0, 1, 0], expected=4)
+
+
 @pytest.mark.ray
 def test_rollout_restarts_are_events_and_bounded(tiny_model_dir, data_dir, tmp_path, fresh_names, monkeypatch):
     import ray
@@ -152,15 +160,18 @@ def test_rollout_restarts_are_events_and_bounded(tiny_model_dir, data_dir, tmp_p
     with System(cfg, "cpu", log=print) as system:
         before = system.encode_items(items)
         system.sync_weights(version=7)
-        chains = system.generate(prompts, group_size=2, seed=11)
+        chains = system.generate(prompts, group_size=2, seed=11, weight_version=7)
         ray.kill(ray.get_actor("rollout-0"), no_restart=True)
         _await_dead("rollout-0")  # ray.kill is asynchronous: the next call must be the one that meets the death
         after = system.encode_items(items)  # its one chunk goes to worker 0: replaced, re-synced, re-issued
         assert (after - before).abs().max() < 1e-5  # version 7 is the learner's untrained weights
         assert system.weight_version == 7
         # The replacement samples exactly what the dead worker did: seeds are the driver's, per chunk.
-        again = system.generate(prompts, group_size=2, seed=11)
+        again = system.generate(prompts, group_size=2, seed=11, weight_version=7)
         assert again.chain_ids == chains.chain_ids and again.weight_version == chains.weight_version == 7
+        with pytest.raises(ClusterError, match=r"rollout worker \d sampled with the weights of version 7, expected "
+                                               r"version 8"):
+            system.generate(prompts, group_size=2, seed=11, weight_version=8)
         [event] = system.drain_events()
         assert event["worker"] == 0 and event["call"] == "item encoding" and event["cause"] == "died"
         assert event["deaths"] == 1 and event["restart_s"] > 0 and "ray.kill" in event["reason"]
@@ -244,7 +255,7 @@ def test_vllm_engine_rejoins_a_rebuilt_sync_group(tiny_model_dir, tiny_model):
         box.append((group, send(group, metas, iter(state.items()), 64 * 1024)))
 
     engine = VllmEngine(ModelConfig(name_or_path=str(tiny_model_dir)), RolloutConfig(), seed=0, device="cpu",
-                        llm_kwargs=dict(max_num_batched_tokens=512, max_num_seqs=4, max_model_len=512))
+                        extra_llm_kwargs=dict(max_num_batched_tokens=512, max_num_seqs=4, max_model_len=512))
     try:
         old = None
         for _ in range(2):  # the first group, then the rebuilt one on a fresh port

@@ -43,7 +43,7 @@ def engine(tiny_model_dir):
     from rollout.vllm_engine import VllmEngine
 
     eng = VllmEngine(ModelConfig(name_or_path=str(tiny_model_dir)), RolloutConfig(), seed=0, device="cpu",
-                     llm_kwargs=dict(max_num_batched_tokens=MAX_LEN, max_num_seqs=16, max_model_len=MAX_LEN))
+                     extra_llm_kwargs=dict(max_num_batched_tokens=MAX_LEN, max_num_seqs=16, max_model_len=MAX_LEN))
     yield eng
     eng.close()
 
@@ -58,7 +58,7 @@ def chunked_engine(tiny_model_dir):
 
     rollout_cfg = RolloutConfig(vllm={"block_size": 32})
     eng = VllmEngine(ModelConfig(name_or_path=str(tiny_model_dir)), rollout_cfg, seed=0, device="cpu",
-                     llm_kwargs=dict(enable_chunked_prefill=True, max_num_batched_tokens=CHUNK_BUDGET, max_num_seqs=16,
+                     extra_llm_kwargs=dict(enable_chunked_prefill=True, max_num_batched_tokens=CHUNK_BUDGET, max_num_seqs=16,
                                      max_model_len=MAX_LEN))
     yield eng
     eng.close()
@@ -158,6 +158,46 @@ def test_cpu_engine_prefills_whole_sequences(engine):
     # Seeded requests on the CPU build must never be chunk-prefilled (vLLM would rewind their CPU generator).
     sched = engine.llm.llm_engine.vllm_config.scheduler_config
     assert not sched.enable_chunked_prefill and sched.max_num_batched_tokens >= MAX_LEN
+    assert sched.async_scheduling is False  # the hook reads the runner's per-step state: no step prepared ahead
+
+
+def test_rows_the_hook_missed_are_prefilled_again_without_the_cache(engine, tiny_model, seqs, monkeypatch):
+    """Under decode CUDA graphs (GPU, enforce_eager: false) a fully cached sequence's 1-token prefill can replay a
+    graph, where the hook does not run. Simulated here by dropping rows 1 and 4 from the first capture's result."""
+    with torch.no_grad():
+        ref = tiny_model.last_hidden(seqs).float()
+    engine.last_hidden(seqs)  # everything cached from here on
+    real_rpc, calls = engine._rpc, []
+
+    def rpc(method, *args, **kwargs):
+        out = real_rpc(method, *args, **kwargs)
+        if method == "r2ec_begin_capture":
+            calls.append(len(args[0]))  # how many sequences this armed prefill covers
+        if method == "r2ec_end_capture" and len(calls) == 1:
+            raw, filled = out[0]
+            out = [(raw, [ok and i not in (1, 4) for i, ok in enumerate(filled)])]
+        return out
+
+    monkeypatch.setattr(engine, "_rpc", rpc)
+    h = engine.last_hidden(seqs)
+    assert calls == [len(seqs), 2]  # one armed prefill of every sequence, one of the two missed ones
+    assert (h - ref).abs().max().item() < TOL
+    cached = engine.last_num_cached_tokens
+    assert cached[1] == cached[4] == 0 and cached[0] > 0, cached  # the second prefill read no cache
+
+
+def test_llm_kwargs_decode_graphs_on_gpu_only():
+    from r2ec.config import ModelConfig, VllmConfig
+    from rollout.vllm_engine import llm_kwargs
+
+    model = ModelConfig(name_or_path="m")
+    eager = llm_kwargs("m", model, VllmConfig(), 0, "cpu", 1)
+    assert eager["enforce_eager"] and "compilation_config" not in eager and eager["async_scheduling"] is False
+    graphs = llm_kwargs("m", model, VllmConfig(enforce_eager=False), 0, "cuda", 1)
+    assert graphs["compilation_config"] == {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}
+    assert not graphs["enforce_eager"] and graphs["async_scheduling"] is False
+    with pytest.raises(ValueError, match="enforce_eager: false needs a GPU"):
+        llm_kwargs("m", model, VllmConfig(enforce_eager=False), 0, "cpu", 1)
 
 
 # ------------------------------------------------------------------------------------------------- sampling

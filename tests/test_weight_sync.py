@@ -75,3 +75,67 @@ def test_bits_checksum_is_exact_and_order_free():
     u[1234] = torch.nextafter(u[1234], torch.tensor(float("inf")))  # one ulp anywhere changes it
     assert bits_checksum(u) != bits_checksum(t)
     assert bits_checksum(t.to(torch.bfloat16)) != bits_checksum(t.to(torch.bfloat16) * 2)
+
+
+def _stalled_group(timeout_s: float):
+    """A 2-member gloo group whose receiver (joined from a thread of this process) never receives."""
+    import threading
+
+    info = SyncGroup("127.0.0.1", _free_port(), world_size=2, backend="gloo", timeout_s=timeout_s)
+    joined: list = []
+    t = threading.Thread(target=lambda: joined.append(open_group(info, 1)), daemon=True)
+    t.start()
+    group = open_group(info, 0)
+    t.join(timeout=30)
+    assert joined
+    return info, group, joined[0]  # the caller keeps the peer: a freed peer closes its connections
+
+
+BIG = 16 * 2**20  # 64 MB of float32: more than the sockets buffer, so the send blocks until the peer receives
+
+
+def test_a_sync_that_cannot_finish_fails_at_its_own_timeout():
+    """A receiver that stops taking buckets (a rollout worker stuck or dead on NCCL) must not block the learner until
+    the backend's timeout: the sender polls and gives up at the sync's own deadline."""
+    import time
+
+    from r2ec.weight_sync import close_group
+
+    _info, group, _peer = _stalled_group(timeout_s=60)
+    t = time.monotonic()
+    with pytest.raises(TimeoutError, match="sending the weights did not complete within the sync timeout"):
+        send(group, [TensorMeta("w", "float32", (BIG,))], iter([("w", torch.zeros(BIG))]), bucket_bytes=2**30,
+             timeout_s=2)
+    assert time.monotonic() - t < 30
+    t = time.monotonic()
+    close_group(group)  # as the learner does after a failed sync; the spent group is kept, not destroyed
+    assert time.monotonic() - t < 10
+
+
+def test_a_blocked_sync_gives_up_when_the_driver_requests_an_abort():
+    import threading
+    import time
+
+    from r2ec.weight_sync import close_group, request_abort
+
+    info, group, _peer = _stalled_group(timeout_s=600)
+    outcome: list = []
+
+    def sender():
+        try:
+            send(group, [TensorMeta("w", "float32", (BIG,))], iter([("w", torch.zeros(BIG))]), bucket_bytes=2**30,
+                 timeout_s=600)
+            outcome.append("sent")
+        except Exception as e:  # noqa: BLE001 - the abort's error is the expected outcome
+            outcome.append(e)
+
+    th = threading.Thread(target=sender, daemon=True)
+    th.start()
+    time.sleep(1.0)
+    assert not outcome  # still waiting in the broadcast
+    t = time.monotonic()
+    assert request_abort(info)  # what the driver does when a rollout worker dies mid-sync
+    th.join(timeout=60)
+    assert outcome and isinstance(outcome[0], RuntimeError) and "aborted" in str(outcome[0]), outcome
+    assert time.monotonic() - t < 10
+    close_group(group)
