@@ -10,7 +10,7 @@ CONFIG ?= configs/quickstart.yaml
 export OMP_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv assets prepare train test check bench study lint rollout-cpu clean
+.PHONY: venv assets prepare train test check bench study lint rollout-cpu gpu-wheels clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -64,6 +64,7 @@ bench: $(VENV)/.bench assets
 	$(PY) bench/latency.py
 	$(PY) bench/trl_grpo.py
 	$(PY) bench/item_encoding.py
+	$(PY) bench/chain_logits.py
 
 # The quality study on MovieLens-100k (docs/results.md): every method as its own resumable step (study/run.py keeps each
 # finished method's small result under study/results/ and skips it on a re-run), then the tables and the curves.
@@ -72,8 +73,21 @@ bench: $(VENV)/.bench assets
 study: $(VENV)/.bench assets
 	$(PY) -m study.run
 
+# The wheels bench/gpu_check.py needs on a stock PyTorch image without network (docs/gpu.md): DeepSpeed built as a
+# py3-none-any wheel, pydantic and the small packages both need. Needs PyPI here. The compiled ones are fetched for
+# the GPU image's Python (GPU_PY) and x86-64 Linux.
+GPU_PY ?= 3.12
+gpu-wheels: venv
+	rm -rf gpu-wheels && mkdir -p gpu-wheels
+	$(PIP) wheel -q --no-deps -w gpu-wheels deepspeed==0.19.8
+	$(PIP) download -q --no-deps -d gpu-wheels pydantic==2.14.3 annotated-types==0.8.0 typing-inspection==0.4.5 \
+		typing-extensions==4.16.0 hjson==3.1.0 py-cpuinfo==9.0.0 einops==0.8.2
+	$(PIP) download -q --no-deps -d gpu-wheels --only-binary=:all: --python-version $(GPU_PY) \
+		--platform manylinux2014_x86_64 pydantic-core==2.50.4 msgpack==1.2.4 ninja==1.13.2 psutil==7.2.2 PyYAML==6.0.3
+	du -sh gpu-wheels && ls gpu-wheels
+
 lint: venv
 	$(VENV)/bin/ruff check r2ec rollout learner tests bench study
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) outputs .pytest_cache gpu-wheels

@@ -208,7 +208,7 @@ class LearnerConfig(_Section):
     sync_timeout_s: float = Field(
         300, gt=0, description="a weight sync (joining its group, or every bucket of one broadcast) fails on each "
         "member after this long, and a rollout worker lost in it is then replaced; NCCL's own watchdog, which kills "
-        "the process, is set well beyond it. At most learner.timeout_s"),
+        "the process, is set well beyond it. At most learner.timeout_s")
 
 
 # --------------------------------------------------------------------------------------------------- recpo

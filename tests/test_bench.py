@@ -41,6 +41,23 @@ def test_chain_logits_quick(tmp_path):
 
 
 @pytest.mark.slow
+def test_gpu_check_cpu_dry_run(tmp_path):
+    """bench/gpu_check.py --device cpu --quick: every phase passes (the learner resumes exactly, the alarms stay at
+    float32 levels, the perf phase measures something)."""
+    out = tmp_path / "gpu_check.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--quick",
+                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert list(record["phases"]) == ["env", "checksum", "learner", "rl_step", "perf"]
+    assert all(p["status"] == "PASS" for p in record["phases"].values())
+    names = {r["name"] for p in record["phases"].values() for r in p["rows"]}
+    assert {"checksum.bfloat16", "learner.zero2.resume_weight_diff", "rl_step.alarm_h_T_max_diff",
+            "perf.learner_fwd_bwd.chain_only", "perf.rec_head.items10000"} <= names
+
+
+@pytest.mark.slow
 def test_weight_sync_quick(tmp_path):
     rows = _run("weight_sync.py", tmp_path, "--no-vllm")["rows"]
     assert {r["receivers"] for r in rows} == {1, 2}
