@@ -156,7 +156,13 @@ def _rollout(model, users, G: int, seed: int, device: str):
 
 
 def phase_learner(args, checks: Checks) -> None:
+    import os
+
     import torch
+
+    if args.device == "cuda":  # exact resume needs deterministic kernels (cuBLAS reductions, scatter-adds)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
     with tempfile.TemporaryDirectory(prefix="r2ec-gpu-check-") as tmp:
         model, recpo, users = _tiny_setup(args, Path(tmp))
@@ -172,12 +178,13 @@ def phase_learner(args, checks: Checks) -> None:
                 a.train_step(_shard(users, r, recpo.group_size))
             ckpt = Path(tmp) / f"zero{zero}"
             a.save_checkpoint(str(ckpt))
+            table_at_save = a.table.clone()  # the learner writes re-encoded targets into its table (driver state)
             third = a.train_step(_shard(users, rollouts[2], recpo.group_size)).metrics
             w_a = a.trainable_state_dict()
             del a
             b = _learner(args, model, recpo, zero)
             b.load_checkpoint(str(ckpt))
-            b.set_items(users["items"], table)
+            b.set_items(users["items"], table_at_save)
             again = b.train_step(_shard(users, rollouts[2], recpo.group_size)).metrics
             w_b = b.trainable_state_dict()
             del b
