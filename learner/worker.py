@@ -671,8 +671,7 @@ class LearnerWorker:
                     self._sync = None
                 self._sync = (info, open_group(info, 0))
             device = self.device if info.backend == "nccl" else torch.device("cpu")
-            return send(self._sync[1], self.weight_metas(), weights, bucket_bytes, device=device,
-                        timeout_s=info.timeout_s)
+            return send(self._sync[1], self.weight_metas(), weights, bucket_bytes, device=device)
         except Exception:
             # A receiver died before or during the broadcast, or the sync timed out or was aborted by the driver.
             # The group is spent: abort it now rather than leave NCCL's watchdog a communicator to time out on.

@@ -74,9 +74,10 @@ def _backend_timeout(timeout_s: float) -> datetime.timedelta:
 
 ABORT_KEY = "r2ec/abort"  # set in a group's store by request_abort: every member's wait gives up
 _ABORT_POLL_S = 0.25
-# Each open group's store (by id(group)), and the groups close_group closed: those are never freed, because the
-# destructor of a gloo group aborted with a collective pending waits out the backend timeout (one per failed sync).
-_stores: dict[int, dist.Store] = {}
+# Each open group's store and sync timeout (by id(group)), and the groups close_group closed: those are never freed,
+# because the destructor of a gloo group aborted with a collective pending waits out the backend timeout (one per
+# failed sync).
+_open: dict[int, tuple[dist.Store, float]] = {}
 _spent: list[dist.ProcessGroup] = []
 
 
@@ -84,7 +85,7 @@ def wait_work(group: dist.ProcessGroup, work, deadline: float, what: str) -> Non
     """Wait for a collective of ``group`` until ``deadline`` (``time.monotonic``) by polling. Raises TimeoutError at
     the deadline, RuntimeError once the driver asked the group to give up (``request_abort``), and the collective's
     own error when it fails (a member died)."""
-    store = _stores.get(id(group))
+    store = _open[id(group)][0] if id(group) in _open else None
     next_check = time.monotonic() + _ABORT_POLL_S
     while not work.is_completed():
         now = time.monotonic()
@@ -96,6 +97,14 @@ def wait_work(group: dist.ProcessGroup, work, deadline: float, what: str) -> Non
                 raise RuntimeError(f"weight sync: {what} was aborted (a member of the group was lost)")
         time.sleep(0.001)
     work.wait()
+
+
+def _sync_timeout(group: dist.ProcessGroup, timeout_s: float | None) -> float:
+    if timeout_s is not None:
+        return timeout_s
+    if id(group) not in _open:
+        raise ValueError("weight sync: a group not opened by open_group (or already closed) needs an explicit timeout_s")
+    return _open[id(group)][1]
 
 
 def request_abort(info: SyncGroup, timeout_s: float = 10.0) -> bool:
@@ -156,7 +165,7 @@ def open_group(info: SyncGroup, rank: int) -> dist.ProcessGroup:
         group = dist.ProcessGroupNCCL(store, rank, info.world_size, opts)
     else:
         raise ValueError(f"weight-sync backend must be 'gloo' or 'nccl', got {info.backend!r}")
-    _stores[id(group)] = store
+    _open[id(group)] = (store, info.timeout_s)
     return group
 
 
@@ -169,7 +178,7 @@ def close_group(group: dist.ProcessGroup | None) -> None:
     if group is None:
         return
     _spent.append(group)
-    _stores.pop(id(group), None)
+    _open.pop(id(group), None)
     try:
         group.abort()
     except Exception:  # noqa: BLE001 - the group is discarded whatever abort says
@@ -192,12 +201,12 @@ def plan_buckets(metas: Sequence[TensorMeta], bucket_bytes: int) -> list[list[in
 
 
 def send(group: dist.ProcessGroup, metas: Sequence[TensorMeta], tensors: Iterable[tuple[str, torch.Tensor]],
-         bucket_bytes: int, device: torch.device | str = "cpu", timeout_s: float = 900) -> int:
-    """Rank 0: broadcast ``tensors`` (yielded in ``metas`` order) bucket by bucket, all within ``timeout_s``.
-    Returns the checksum.
+         bucket_bytes: int, device: torch.device | str = "cpu", timeout_s: float | None = None) -> int:
+    """Rank 0: broadcast ``tensors`` (yielded in ``metas`` order) bucket by bucket, all within ``timeout_s`` (None:
+    the group's own sync timeout, ``SyncGroup.timeout_s``). Returns the checksum.
 
     ``tensors`` may be a generator that gathers ZeRO-3 shards lazily: only one bucket is held at a time."""
-    deadline = time.monotonic() + timeout_s
+    deadline = time.monotonic() + _sync_timeout(group, timeout_s)
     it = iter(tensors)
     checksum = 0
     for bucket in plan_buckets(metas, bucket_bytes):
@@ -217,13 +226,13 @@ def send(group: dist.ProcessGroup, metas: Sequence[TensorMeta], tensors: Iterabl
 
 
 def receive(group: dist.ProcessGroup, metas: Sequence[TensorMeta], bucket_bytes: int,
-            device: torch.device | str = "cpu", checksum: list[int] | None = None, timeout_s: float = 900
+            device: torch.device | str = "cpu", checksum: list[int] | None = None, timeout_s: float | None = None
             ) -> Iterator[tuple[str, torch.Tensor]]:
     """Ranks 1..: yield ``(name, tensor)`` as buckets arrive (feed it straight to a weight loader), every bucket
-    within ``timeout_s`` of the first request.
+    within ``timeout_s`` of the first request (None: the group's own sync timeout).
 
     When ``checksum`` is a list, the running checksum is stored in ``checksum[0]``."""
-    deadline = time.monotonic() + timeout_s
+    deadline = time.monotonic() + _sync_timeout(group, timeout_s)
     total = 0
     for bucket in plan_buckets(metas, bucket_bytes):
         ms = [metas[i] for i in bucket]

@@ -66,7 +66,6 @@ class HFEngine:
         close_group(self._group)
         self._group = None
         self._group = open_group(info, first_rank)
-        self._sync_timeout_s = info.timeout_s
 
     @torch.no_grad()
     def receive_weights(self, metas: Sequence[TensorMeta], bucket_bytes: int) -> int:
@@ -75,8 +74,7 @@ class HFEngine:
         # state_dict() lists tied weights under both names (sharing storage), so lm_head.weight has a home.
         params = self.model.model.state_dict(keep_vars=True)
         box, unknown = [0], []
-        for name, t in receive(self._group, metas, bucket_bytes, device=self.model.device, checksum=box,
-                               timeout_s=self._sync_timeout_s):
+        for name, t in receive(self._group, metas, bucket_bytes, device=self.model.device, checksum=box):
             if name in params:
                 params[name].data.copy_(t)
             else:  # keep draining the broadcast so the sender is not left hanging, then fail

@@ -144,7 +144,6 @@ class R2ecWorkerExtension:
         close_group(getattr(self, "_r2ec_group", None))
         self._r2ec_group = None
         self._r2ec_group = open_group(SyncGroup(**info), rank)
-        self._r2ec_sync_timeout_s = float(info["timeout_s"])
         return rank
 
     def r2ec_receive_weights(self, metas: Sequence[tuple[str, str, Sequence[int]]], bucket_bytes: int) -> float:
@@ -156,8 +155,7 @@ class R2ecWorkerExtension:
             raise RuntimeError("r2ec: receive_weights before join_sync_group")
         ms = [TensorMeta(name, dtype, tuple(shape)) for name, dtype, shape in metas]
         checksum = [0]
-        stream = receive(group, ms, bucket_bytes, device=self.device, checksum=checksum,  # type: ignore[attr-defined]
-                         timeout_s=self._r2ec_sync_timeout_s)
+        stream = receive(group, ms, bucket_bytes, device=self.device, checksum=checksum)  # type: ignore[attr-defined]
         counted = _Counted(stream)
         try:
             self.reload_weights(weights_iterator=counted, is_checkpoint_format=True)  # type: ignore[attr-defined]
