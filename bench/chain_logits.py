@@ -75,7 +75,9 @@ def _forward(dual, variant: str, prompts, chains):
     return dual.chain_forward(prompts, chains)
 
 
-def _step(dual, variant: str, prompts, chains) -> None:
+def fwd_bwd(dual, variant: str, prompts, chains) -> None:
+    """One forward + backward of the micro-batch with ``variant``'s logits (a loss on the chain log-probs and h_T,
+    as the token and item terms use them), gradients dropped, the device synchronised."""
     logp, mask, h_T = _forward(dual, variant, prompts, chains)
     ((logp * mask).sum() / mask.sum() + h_T.float().pow(2).mean()).backward()
     dual.model.zero_grad(set_to_none=True)
@@ -86,13 +88,13 @@ def _step(dual, variant: str, prompts, chains) -> None:
 def measure_one(args) -> dict:
     """One variant in this process: median forward + backward seconds and peak memory growth (MB)."""
     dual, prompts, chains = _load(args)
-    _step(dual, args.variant, prompts, chains)  # warm-up: allocator and kernels
+    fwd_bwd(dual, args.variant, prompts, chains)  # warm-up: allocator and kernels
     if dual.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
         base = _rss_mb()
-    seconds = timeit(lambda: _step(dual, args.variant, prompts, chains), repeat=args.repeat, warmup=0)
+    seconds = timeit(lambda: fwd_bwd(dual, args.variant, prompts, chains), repeat=args.repeat, warmup=0)
     if dual.device.type == "cuda":
         peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:  # ru_maxrss also covers the warm-up run, which allocated what the measured runs reuse

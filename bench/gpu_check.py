@@ -247,7 +247,7 @@ def _sync(device: str) -> None:
 def phase_perf(args, checks: Checks) -> None:
     import torch
 
-    from bench.chain_logits import all_positions_logp
+    from bench.chain_logits import VARIANTS, fwd_bwd
     from r2ec.algo.metrics import topk_items
     from r2ec.algo.recpo import cosine_scores, unit_rows
 
@@ -273,25 +273,19 @@ def phase_perf(args, checks: Checks) -> None:
     batch, chain_len = (2, 8) if args.quick else (8, 640)
     prompts = torch.randint(0, vocab, (batch, prompt_len), generator=g).tolist()
     chains = torch.randint(0, vocab, (batch, chain_len), generator=g).tolist()
-    for variant in ("all_positions", "chain_only"):
-        logp = mask = h_T = None
+    for variant in VARIANTS:
         if args.device == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         try:
             t = time.perf_counter()
-            logp, mask, h_T = (all_positions_logp(dual, prompts, chains) if variant == "all_positions"
-                               else dual.chain_forward(prompts, chains))
-            ((logp * mask).sum() / mask.sum() + h_T.float().pow(2).mean()).backward()
-            dual.model.zero_grad(set_to_none=True)
-            _sync(args.device)
+            fwd_bwd(dual, variant, prompts, chains)
             seconds = round(time.perf_counter() - t, 3)
             peak = round((torch.cuda.max_memory_allocated() - base) / 2**30, 2) if args.device == "cuda" else None
             checks.add(f"perf.learner_fwd_bwd.{variant}", True, {"seconds": seconds, "peak_gib": peak})
         except torch.OutOfMemoryError as e:
             checks.add(f"perf.learner_fwd_bwd.{variant}", False, None, f"out of memory: {str(e)[:120]}")
-        del logp, mask, h_T
     dual.model.eval()
 
     # rec_head scoring over the catalogue against the plain matmul of the same shapes.
