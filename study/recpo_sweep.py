@@ -8,7 +8,8 @@ NDCG@10 at every validation and the share of distinct greedy chains; the last va
 reference with a user-bootstrap 95% interval (``r2ec.compare``: the runs must have validated on the same samples);
 and over the RecPO steps: the range of ``adv_abs_mean``, the smallest share of distinct sampled chains, the mean
 sampled chain length, the share of chains that needed the marker appended (no ``<answer>`` of their own), the mean
-reward of the first and the last 5 steps, and the median gradient norm and step time. ``--out`` keeps it as JSON.
+reward of the first and the last 5 steps, and the median gradient norm and step time; the JSON (``--out``) also keeps
+the first step's item loss and item-term gradient norm.
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ def summarise(run: Path) -> dict:
     if not rl:
         raise SystemExit(f"{run}/metrics.jsonl: no RecPO step recorded")
     valid = [r for r in records if "valid/ndcg@10" in r]
-    samples = json.loads((run / "eval_valid.json").read_text()).get("num_samples") if valid else None
+    if not valid or not (run / "eval_valid.json").is_file():
+        raise SystemExit(f"{run}: no validation recorded (metrics.jsonl has no valid/ndcg@10, or eval_valid.json is "
+                         "missing); the sweep compares runs on validation")
+    samples = json.loads((run / "eval_valid.json").read_text()).get("num_samples")
 
     def mean(key: str, rows: list[dict]) -> float | None:
         vals = [r[key] for r in rows if key in r]
@@ -52,6 +56,7 @@ def summarise(run: Path) -> dict:
         "appended_marker_frac": mean("chains_with_appended_marker", rl),
         "reward_first5": mean("reward_mean", rl[:5]), "reward_last5": mean("reward_mean", rl[-5:]),
         "grad_norm_median": statistics.median(r["grad_norm"] for r in rl),
+        "loss_item_first": rl[0].get("loss_item"), "grad_norm_item_first": rl[0].get("grad_norm_item"),
         "step_s_median": statistics.median(r["time_step_s"] for r in rl),
     }
 
