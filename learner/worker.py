@@ -32,7 +32,8 @@ DeepSpeed usage the driver must respect:
   unequal shards cannot deadlock. For the same reason ``train_step``, ``chain_states``, ``encode_items``,
   ``greedy``, ``fingerprint``, ``full_state_dict``, ``trainable_state_dict`` and ``broadcast_weights`` must be
   called on EVERY rank at the same time under ZeRO-3 (``train_step`` also under ZeRO-1/2 with world size > 1).
-- ``weight_metas`` and ``sync_address`` are local (rank 0 answers).
+- ``weight_metas`` and ``sync_address`` are local (rank 0 answers). ``pack_weights`` (colocated mode) runs on every
+  rank, collective under ZeRO-3.
 - ``save_checkpoint`` and ``load_checkpoint`` are collective on every ZeRO stage. A checkpoint written by W ranks
   is loaded by W ranks as is (bit-exact resume, RNG states included); by another number of ranks only after
   ``learner.universal.to_universal`` and with ``load_universal=True`` (see that module for what it supports).
@@ -83,6 +84,7 @@ from r2ec.algo.recpo import RewardOutput, compute_advantages, fused_reward, rela
 from r2ec.config import LearnerConfig, ModelConfig, RecPOConfig, WarmupConfig
 from r2ec.model import DualHeadModel
 from r2ec.protocol import StepResult, TrainShard, WarmupShard
+from r2ec.weight_share import pack
 from r2ec.weight_sync import SyncGroup, TensorMeta, bound_store, open_group, send
 
 
@@ -641,6 +643,12 @@ class LearnerWorker:
                     pass
             return {}
         return {name: t.cpu().clone() for name, t in self._full_weights(merged)}
+
+    def pack_weights(self, buf: torch.Tensor) -> int:
+        """Colocated mode: the full merged weights, as ``weight_metas`` lists them, into the flat buffer ``buf``
+        (``r2ec.weight_share``'s layout) for this rank's own rollout engine; returns the buffer's checksum. Every rank
+        packs (each feeds its own engine); collective under ZeRO-3, like ``broadcast_weights``."""
+        return pack(buf, self.weight_metas(), self._full_weights())
 
     def sync_address(self) -> tuple[str, int]:
         """Address for the weight-sync group's store: MASTER_ADDR (rank 0's node) and a port free right now."""

@@ -140,9 +140,11 @@ def check_resources(cfg: Config) -> None:
     import ray
 
     r, lr = cfg.cluster.rollout, cfg.cluster.learner
+    rollout_share = 0 if cfg.cluster.colocate else 1  # colocated engines run on the learner ranks' resources
     need = {
-        "CPU": r.num_workers * r.cpus_per_worker + lr.num_workers * lr.cpus_per_worker,
-        "GPU": r.num_workers * r.tensor_parallel_size * r.gpus_per_worker + lr.num_workers * lr.gpus_per_worker,
+        "CPU": rollout_share * r.num_workers * r.cpus_per_worker + lr.num_workers * lr.cpus_per_worker,
+        "GPU": rollout_share * r.num_workers * r.tensor_parallel_size * r.gpus_per_worker
+        + lr.num_workers * lr.gpus_per_worker,
     }
     have = ray.cluster_resources()
     for res, amount in need.items():
@@ -355,33 +357,52 @@ class System:
                                               60, "probing the learner node for free ports")
         self._sync_addr = (master_addr, sync_port)
         learner_env = {"OMP_NUM_THREADS": str(lr.omp_threads), "TOKENIZERS_PARALLELISM": "false", **net_env}
-        Learner = ray.remote(_on_assigned_gpu(LearnerWorker))
-        self.learners = [
-            Learner.options(num_cpus=lr.cpus_per_worker, num_gpus=lr.gpus_per_worker,
-                            scheduling_strategy=on(learner_pg, rank), runtime_env={"env_vars": learner_env},
-                            name=f"learner-{rank}").remote(
-                cfg.model, cfg.learner, cfg.recpo, rank, lr.num_workers, master_addr, ds_port, device=self.device,
-                seed=cfg.run.seed, load_universal=self.load_universal, warmup_cfg=cfg.warmup)
-            for rank in range(lr.num_workers)
-        ]
-
-        r = c.rollout
         self._rollout_env = {"TOKENIZERS_PARALLELISM": "false", **net_env,
                              "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
                              "VLLM_CPU_KVCACHE_SPACE": str(cfg.rollout.vllm.cpu_kvcache_space_gib)}
-        for i in range(r.num_workers):
-            # One group per worker: its tensor-parallel ranks must sit together, workers may spread out.
-            pg = _placement_group([{"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker}] * r.tensor_parallel_size,
-                                  "PACK", c.placement_timeout_s, f"rollout worker {i}")
-            self._pgs.append(pg)
-            self._rollout_pgs.append(pg)
-            self._incarnation.append(0)
-            self.rollouts.append(self._start_rollout(i))
+        if c.colocate:
+            # One actor per learner rank, holding the rank and its rollout engine (r2ec/colocated.py): it is learner
+            # rank r and rollout worker r at once.
+            from r2ec.colocated import ColocatedWorker
+
+            Colocated = ray.remote(_on_assigned_gpu(ColocatedWorker))
+            self.learners = [
+                Colocated.options(num_cpus=lr.cpus_per_worker, num_gpus=lr.gpus_per_worker,
+                                  scheduling_strategy=on(learner_pg, rank),
+                                  runtime_env={"env_vars": {**self._rollout_env, **learner_env}},
+                                  name=f"colocated-{rank}").remote(
+                    cfg.model, cfg.rollout, cfg.learner, cfg.recpo, rank, lr.num_workers, master_addr, ds_port,
+                    device=self.device, seed=cfg.run.seed, load_universal=self.load_universal, warmup_cfg=cfg.warmup)
+                for rank in range(lr.num_workers)
+            ]
+            self.rollouts = list(self.learners)
+            self._incarnation = [0] * lr.num_workers
+        else:
+            Learner = ray.remote(_on_assigned_gpu(LearnerWorker))
+            self.learners = [
+                Learner.options(num_cpus=lr.cpus_per_worker, num_gpus=lr.gpus_per_worker,
+                                scheduling_strategy=on(learner_pg, rank), runtime_env={"env_vars": learner_env},
+                                name=f"learner-{rank}").remote(
+                    cfg.model, cfg.learner, cfg.recpo, rank, lr.num_workers, master_addr, ds_port, device=self.device,
+                    seed=cfg.run.seed, load_universal=self.load_universal, warmup_cfg=cfg.warmup)
+                for rank in range(lr.num_workers)
+            ]
+            for i in range(c.rollout.num_workers):
+                # One group per worker: its tensor-parallel ranks must sit together, workers may spread out.
+                pg = _placement_group([{"CPU": c.rollout.cpus_per_worker, "GPU": c.rollout.gpus_per_worker}]
+                                      * c.rollout.tensor_parallel_size, "PACK", c.placement_timeout_s,
+                                      f"rollout worker {i}")
+                self._pgs.append(pg)
+                self._rollout_pgs.append(pg)
+                self._incarnation.append(0)
+                self.rollouts.append(self._start_rollout(i))
+        r = c.rollout
         get([a.ready.remote() for a in self.rollouts], cfg.rollout.timeout_s, "starting the rollout workers",
             [f"rollout worker {i}" for i in range(r.num_workers)])
         get([a.ready.remote() for a in self.learners], cfg.learner.timeout_s, "starting the learner ranks")
-        self.log(f"ray: {r.num_workers} rollout worker(s) ({cfg.rollout.engine}) and {lr.num_workers} learner "
-                 f"rank(s) (ZeRO-{cfg.learner.zero_stage}) up in {time.perf_counter() - t0:.1f}s")
+        layout = "colocated in the learner ranks" if c.colocate else "own processes"
+        self.log(f"ray: {r.num_workers} rollout worker(s) ({cfg.rollout.engine}, {layout}) and {lr.num_workers} "
+                 f"learner rank(s) (ZeRO-{cfg.learner.zero_stage}) up in {time.perf_counter() - t0:.1f}s")
 
     def _start_rollout(self, i: int):
         """Create rollout worker ``i`` on its placement group (not waited for): at start-up, and to replace a dead
@@ -419,6 +440,9 @@ class System:
         self._recover({i: reason}, call)
 
     def _recover(self, dead: dict[int, str], call: str) -> None:
+        if self.cfg.cluster.colocate:  # the dead rollout worker was a learner rank too: no replacing it mid-run
+            i, reason = next(iter(dead.items()))
+            raise _learner_died(i, call, reason)
         self._replace_rollouts(dead, call)
         if self._weight_version is not None:  # before any sync, a new worker's initial weights are current
             self._sync_weights(self._weight_version)
@@ -597,8 +621,21 @@ class System:
         """Broadcast learner rank 0's full weights to every rollout engine; verify the checksums agree.
 
         A rollout worker that dies during the sync is replaced and the sync redone for every worker on a new
-        group (bounded by ``cluster.rollout.max_restarts``); a learner rank that dies fails the run at once."""
+        group (bounded by ``cluster.rollout.max_restarts``); a learner rank that dies fails the run at once.
+        Colocated, each learner rank hands its own engine the weights instead (r2ec/colocated.py)."""
+        if self.cfg.cluster.colocate:
+            return self._sync_colocated(version)
         return self._sync_weights(version)
+
+    def _sync_colocated(self, version: int) -> int:
+        pairs = self._learner_get([a.sync_weights.remote(version) for a in self.learners],
+                                  "colocated weight hand-off")
+        for rank, (sent, got) in enumerate(pairs):
+            if sent != got:
+                raise ClusterError(f"colocated weight hand-off checksum mismatch on learner rank {rank}: the learner "
+                                   f"wrote {sent!r}, its rollout engine read {got!r}")
+        self._weight_version = version
+        return pairs[0][0] or 0
 
     def _sync_weights(self, version: int) -> int:
         while True:

@@ -4,13 +4,19 @@ Sampling is ``generate`` with left padding; the behaviour log-probs and h_T of t
 extra forward pass over prompt + chain (``DualHeadModel.chain_forward``), which is exactly what the learner
 computes, so with equal weights the rollout/learner mismatch alarms read ~0.
 
-The engine always serves the plain base model: the learner broadcasts full (LoRA-merged) weights, so the engine
-never needs peft. Weights arrive over the broadcast group of :mod:`r2ec.weight_sync` and are copied in place.
+The engine serves the plain base model: the learner broadcasts full (LoRA-merged) weights, so the engine never needs
+peft. Weights arrive over the broadcast group of :mod:`r2ec.weight_sync` and are copied in place.
+
+Colocated (``cluster.colocate``), the engine is built on the learner's own ``DualHeadModel`` instead (``model=``):
+it samples with the learner's module as it is (LoRA unmerged, the learner's dtype), so there is nothing to receive.
+Each call runs in eval mode and restores the module's mode afterwards, and sampling seeds a forked RNG, so the
+learner's own random stream is the one it would have without the engine.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -20,37 +26,62 @@ from rollout.engine import Completion, Sampling
 
 
 class HFEngine:
-    def __init__(self, model_cfg, rollout_cfg, seed: int, device: str):
-        base_cfg = model_cfg.model_copy(update={"lora": model_cfg.lora.model_copy(update={"enabled": False})})
-        self.model = DualHeadModel.from_config(base_cfg, device)
+    def __init__(self, model_cfg, rollout_cfg, seed: int, device: str, model: DualHeadModel | None = None):
+        self.shared = model is not None  # the colocated learner's own module (see the module docstring)
+        if model is None:
+            base_cfg = model_cfg.model_copy(update={"lora": model_cfg.lora.model_copy(update={"enabled": False})})
+            model = DualHeadModel.from_config(base_cfg, device)
+        self.model = model
         self.batch_size = rollout_cfg.batch_size
         self._group = None
+
+    @classmethod
+    def sharing(cls, model: DualHeadModel, rollout_cfg) -> HFEngine:
+        """An engine on ``model`` itself (the colocated learner's): its weights are always the learner's."""
+        return cls(None, rollout_cfg, 0, str(model.device), model=model)
 
     @property
     def num_sync_ranks(self) -> int:
         return 1
 
-    @torch.no_grad()
+    @contextlib.contextmanager
+    def _inference(self) -> Iterator[None]:
+        """Eval mode (no dropout, no gradient checkpointing) and no autograd; the module's mode is restored after."""
+        module = self.model.model
+        training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            module.train(training)
+
     def sample(self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: Sampling) -> list[Completion]:
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
         m = self.model
-        expanded = [list(p) for p in prompt_ids for _ in range(n)]  # grouped: prompt i -> rows i*n .. i*n+n-1
-        out: list[Completion] = []
-        step = max(1, self.batch_size * n)
-        for lo in range(0, len(expanded), step):
-            out.extend(Completion(c, None) for c in m.generate_raw(
-                expanded[lo:lo + step], sampling.max_new_tokens, do_sample=sampling.temperature > 0,
-                temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p))
+        devices = [m.device] if m.device.type == "cuda" else []
+        with self._inference(), torch.random.fork_rng(devices=devices):
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
+            expanded = [list(p) for p in prompt_ids for _ in range(n)]  # grouped: prompt i -> rows i*n .. i*n+n-1
+            out: list[Completion] = []
+            step = max(1, self.batch_size * n)
+            for lo in range(0, len(expanded), step):
+                out.extend(Completion(c, None) for c in m.generate_raw(
+                    expanded[lo:lo + step], sampling.max_new_tokens, do_sample=sampling.temperature > 0,
+                    temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p))
         return out
 
-    @torch.no_grad()
     def last_hidden(self, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
-        return self.model.encode_items(seqs, batch_size=self.batch_size).cpu()
+        with self._inference():
+            return self.model.encode_items(seqs, batch_size=self.batch_size).cpu()
 
-    @torch.no_grad()
     def chain_states(self, prompt_ids: Sequence[Sequence[int]], chains: Sequence[Sequence[int]]
                      ) -> tuple[torch.Tensor, list[list[float]]]:
+        with self._inference():
+            return self._chain_states(prompt_ids, chains)
+
+    def _chain_states(self, prompt_ids: Sequence[Sequence[int]], chains: Sequence[Sequence[int]]
+                      ) -> tuple[torch.Tensor, list[list[float]]]:
         h_T, logps = [], []
         for lo in range(0, len(chains), self.batch_size):
             p, c = prompt_ids[lo:lo + self.batch_size], chains[lo:lo + self.batch_size]
@@ -60,7 +91,12 @@ class HFEngine:
                 logps.append(row[m.bool()].tolist())
         return torch.cat(h_T), logps
 
+    def _not_shared(self, what: str) -> None:
+        if self.shared:
+            raise RuntimeError(f"{what}: this engine shares the colocated learner's module, there is nothing to receive")
+
     def join_sync_group(self, info: SyncGroup, first_rank: int) -> None:
+        self._not_shared("join_sync_group")
         # A second join means the driver rebuilt the group (a rollout worker was replaced): let go of the old one
         # first, so its connections to a dead member are closed rather than left to time out.
         close_group(self._group)
@@ -69,6 +105,7 @@ class HFEngine:
 
     @torch.no_grad()
     def receive_weights(self, metas: Sequence[TensorMeta], bucket_bytes: int) -> int:
+        self._not_shared("receive_weights")
         if self._group is None:
             raise RuntimeError("receive_weights before join_sync_group")
         # state_dict() lists tied weights under both names (sharing storage), so lm_head.weight has a home.

@@ -21,6 +21,11 @@ How each part works:
 - Weights: ``join_sync_group`` / ``receive_weights`` run ``r2ec.weight_sync.receive`` inside each vLLM worker
   (rank ``first_rank + tp_rank``) and feed it to vLLM's in-place reload; the prefix cache is dropped afterwards
   because cached KV of old weights would give stale hidden states.
+- Colocated (``cluster.colocate``, built with ``colocated=True``): ``load_packed`` takes the learner's weights from
+  one flat buffer on the same host (``r2ec.weight_share``: a shared-memory file on CPU, a CUDA IPC handle on GPU)
+  into the same in-place reload. On GPU the engine is started with ``enable_sleep_mode`` and ``sleep`` / ``wake_up``
+  free its memory for the learner (level 1: KV cache dropped, weights offloaded to CPU memory and brought back);
+  the CPU build has no sleep mode (nothing to free: the learner and vLLM share the machine's memory).
 
 Deviations from the paper / official code (github YRYangang/RRec):
 - The official code also samples with vLLM, but colocated in the trainer process: it copies weights with a raw
@@ -51,7 +56,7 @@ EXTENSION = "rollout.vllm_ext.R2ecWorkerExtension"
 
 
 def llm_kwargs(model_path: str, model_cfg: ModelConfig, vcfg: VllmConfig, seed: int, device: str,
-               tensor_parallel_size: int) -> dict[str, Any]:
+               tensor_parallel_size: int, colocated: bool = False) -> dict[str, Any]:
     """The ``vllm.LLM`` arguments of an engine (pure: no vLLM needed).
 
     ``enforce_eager: false`` (GPU only) turns on CUDA graphs for decode-only batches and nothing else: no
@@ -73,6 +78,8 @@ def llm_kwargs(model_path: str, model_cfg: ModelConfig, vcfg: VllmConfig, seed: 
         kwargs["block_size"] = vcfg.block_size
     if device == "cuda":
         kwargs["gpu_memory_utilization"] = vcfg.gpu_memory_utilization
+        if colocated:
+            kwargs["enable_sleep_mode"] = True  # the learner trains on this GPU while the engine sleeps
     else:
         # Every sampled request carries its own seed (reproducible, batch-independent chains: what an exact
         # resume needs). When a seeded request's prefill is cut into chunks, vLLM rewinds that request's
@@ -120,7 +127,8 @@ class VllmEngine:
     """
 
     def __init__(self, model_cfg: ModelConfig, rollout_cfg: RolloutConfig, seed: int, device: str,
-                 tensor_parallel_size: int = 1, extra_llm_kwargs: dict[str, Any] | None = None):
+                 tensor_parallel_size: int = 1, extra_llm_kwargs: dict[str, Any] | None = None,
+                 colocated: bool = False):
         from r2ec.assets import resolve
 
         if device not in ("cpu", "cuda"):
@@ -128,7 +136,8 @@ class VllmEngine:
         if tensor_parallel_size > 1 and device != "cuda":
             raise ValueError("tensor_parallel_size > 1 needs device 'cuda'")
         vcfg = rollout_cfg.vllm
-        kwargs = llm_kwargs(resolve(model_cfg.name_or_path), model_cfg, vcfg, seed, device, tensor_parallel_size)
+        kwargs = llm_kwargs(resolve(model_cfg.name_or_path), model_cfg, vcfg, seed, device, tensor_parallel_size,
+                            colocated)
         if device == "cpu":
             # Read by the CPU platform when the engine is configured; without it the CPU build sizes the KV cache
             # from a share of the whole machine's memory.
@@ -146,6 +155,8 @@ class VllmEngine:
 
         kwargs.update(extra_llm_kwargs or {})
         self._tp = tensor_parallel_size
+        self._sleeps = bool(kwargs.get("enable_sleep_mode"))
+        self.asleep = False
         self._timeout_s = rollout_cfg.timeout_s
         self.llm = vllm.LLM(**kwargs)
         self._vllm = vllm
@@ -256,6 +267,31 @@ class VllmEngine:
         if len(set(checksums)) != 1:
             raise RuntimeError(f"weight sync: tensor-parallel ranks received different data {checksums}")
         return int(checksums[0])
+
+    def load_packed(self, source: dict[str, Any], metas: Sequence[TensorMeta]) -> int:
+        """Colocated: load the learner's weights from a same-host buffer (``r2ec.weight_share``; ``source`` says
+        where: ``{"file": path, "nbytes": n}`` or ``{"cuda_ipc": handle}``); returns the reader's checksum."""
+        plain = [(m.name, m.dtype, list(m.shape)) for m in metas]
+        checksums = self._rpc("r2ec_load_packed", source, plain)
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM could not reset its prefix cache after a weight update")
+        if len(set(checksums)) != 1:
+            raise RuntimeError(f"weight share: tensor-parallel ranks read different data {checksums}")
+        return int(checksums[0])
+
+    def sleep(self) -> None:
+        """Free the GPU for the colocated learner (KV cache dropped, weights to CPU memory); a no-op without sleep
+        mode (CPU)."""
+        if self._sleeps and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def wake_up(self, weights_only: bool = False) -> None:
+        """Bring back what ``sleep`` freed; ``weights_only``: the weights alone (load new ones before the KV cache
+        takes its memory back), a later ``wake_up()`` brings the rest."""
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"] if weights_only else None)
+            self.asleep = weights_only
 
     @property
     def num_sync_ranks(self) -> int:

@@ -170,6 +170,26 @@ class R2ecWorkerExtension:
         self._r2ec_refresh_tied_head()
         return checksum[0]
 
+    def r2ec_load_packed(self, source: dict[str, Any], metas: Sequence[tuple[str, str, Sequence[int]]]) -> int:
+        """Colocated: reload every weight from the learner's flat buffer on this host (``r2ec.weight_share``);
+        returns the checksum of the buffer as read here."""
+        from r2ec.weight_share import checksum, from_cuda_handle, open_file_buffer, views
+        from r2ec.weight_sync import TensorMeta
+
+        ms = [TensorMeta(name, dtype, tuple(shape)) for name, dtype, shape in metas]
+        if "file" in source:
+            buf = open_file_buffer(source["file"], int(source["nbytes"]))
+        else:
+            buf = from_cuda_handle(source["cuda_ipc"], self.device.index)  # type: ignore[attr-defined]
+        counted = _Counted(views(buf, ms))
+        self.reload_weights(weights_iterator=counted, is_checkpoint_format=True)  # type: ignore[attr-defined]
+        if counted.n != len(ms):
+            raise RuntimeError(f"r2ec: vLLM's weight loader took {counted.n} of the {len(ms)} tensors handed over")
+        self._r2ec_refresh_tied_head()
+        total = checksum(buf)
+        del buf  # the learner frees its buffer once this returns
+        return total
+
     def _r2ec_refresh_tied_head(self) -> None:
         model = self.model_runner.get_model()  # type: ignore[attr-defined]
         inner = model.get_language_model() if hasattr(model, "get_language_model") else model

@@ -21,12 +21,14 @@ from r2ec.weight_sync import SyncGroup, TensorMeta
 from rollout.engine import Completion, Engine, Sampling
 
 
-def build_engine(model_cfg, rollout_cfg, seed: int, device: str, tensor_parallel_size: int = 1) -> Engine:
+def build_engine(model_cfg, rollout_cfg, seed: int, device: str, tensor_parallel_size: int = 1,
+                 colocated: bool = False) -> Engine:
     if rollout_cfg.engine == "vllm":
         from rollout.vllm_engine import VllmEngine
 
         # vLLM places itself on the GPUs CUDA_VISIBLE_DEVICES shows (Ray narrows it to the assigned ones)
-        return VllmEngine(model_cfg, rollout_cfg, seed, device.split(":")[0], tensor_parallel_size=tensor_parallel_size)
+        return VllmEngine(model_cfg, rollout_cfg, seed, device.split(":")[0], tensor_parallel_size=tensor_parallel_size,
+                          colocated=colocated)
     if tensor_parallel_size != 1:
         raise ValueError("the hf rollout engine has no tensor parallelism")
     from rollout.hf_engine import HFEngine
@@ -35,14 +37,18 @@ def build_engine(model_cfg, rollout_cfg, seed: int, device: str, tensor_parallel
 
 
 class RolloutWorker:
+    """``engine``: a ready engine to use instead of building one (the colocated learner's shared-module HF engine);
+    ``colocated``: build a vLLM engine for the colocated mode (sleep mode on GPU, weights by ``load_packed``)."""
+
     def __init__(self, model_cfg, rollout_cfg, seed: int, device: str = "cpu", worker_index: int = 0,
-                 tensor_parallel_size: int = 1):
+                 tensor_parallel_size: int = 1, engine: Engine | None = None, colocated: bool = False):
         from r2ec.assets import resolve
 
         self.sampling_cfg = rollout_cfg.sampling
         self.seed = seed
         self.worker_index = worker_index
-        self.engine = build_engine(model_cfg, rollout_cfg, seed + 1000 * worker_index, device, tensor_parallel_size)
+        self.engine = engine if engine is not None else build_engine(
+            model_cfg, rollout_cfg, seed + 1000 * worker_index, device, tensor_parallel_size, colocated)
         self.finisher = ChainFinisher.from_pretrained(resolve(model_cfg.name_or_path), model_cfg.answer_marker)
         self.weight_version = 0
 
@@ -120,5 +126,11 @@ class RolloutWorker:
 
     def receive_weights(self, metas: Sequence[TensorMeta], bucket_bytes: int, version: int) -> int:
         checksum = self.engine.receive_weights(metas, bucket_bytes)
+        self.weight_version = version
+        return checksum
+
+    def load_packed(self, source: dict, metas: Sequence[TensorMeta], version: int) -> int:
+        """Colocated: the learner's weights from a same-host buffer (``r2ec.weight_share``); the reader's checksum."""
+        checksum = self.engine.load_packed(source, metas)
         self.weight_version = version
         return checksum
