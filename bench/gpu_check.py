@@ -15,12 +15,15 @@ Phases:
   losses and the LoRA weights must be equal.
 - ``rl_step``: one RL step in one process: the HF rollout engine samples G chains per user and the learner trains on
   them; the sampler/learner alarms (``alarm_h_T_max_diff``, ``alarm_logp_abs_diff_mean``) are reported at the
-  training dtype (bf16 on GPU) against loose bounds.
+  training dtype (bf16 on GPU) against loose bounds. Then the colocated mode (``r2ec.colocated.ColocatedWorker``,
+  HF engine on the learner's own module): two steps with a weight sync between them, the second step's alarms
+  against the same bounds and its rollout's weight version.
 - ``perf``: a model of the shape given by ``--shape`` (Qwen2.5-3B by default) with random weights: HF generate
   ms/token at batch 1/24/64; the learner's forward + backward time and peak memory with LM-head logits for every
-  position against chain positions only; rec_head scoring of 10k/100k/1M items against the device's own matmul rate.
-
-Not yet checked (the features do not exist yet): the colocated mode's RL step and its CUDA-IPC weight transfer.
+  position against chain positions only; rec_head scoring of 10k/100k/1M items against the device's own matmul rate;
+  the colocated full-weight hand-off (``r2ec.weight_share``, LoRA merged): packing the model into one buffer, then a
+  second process reading it through a CUDA IPC handle (a shared-memory file on CPU) and copying it into weights of
+  its own, checksums compared.
 
     python bench/gpu_check.py --out gpu_check.json            # on a GPU box: every phase, under 9 minutes
     python bench/gpu_check.py --device cpu --quick            # the CPU dry run (tiny shapes; make test runs it)
@@ -214,6 +217,35 @@ def phase_rl_step(args, checks: Checks) -> None:
         checks.add("rl_step.alarm_logp_abs_diff_mean", metrics["alarm_logp_abs_diff_mean"] < logp_bound,
                    metrics["alarm_logp_abs_diff_mean"], f"bound {logp_bound}")
         checks.add("rl_step.seconds", True, round(time.perf_counter() - t, 1))
+        del learner
+        _colocated_steps(args, checks, model, recpo, users, (h_bound, logp_bound))
+
+
+def _colocated_steps(args, checks: Checks, model, recpo, users, bounds: tuple[float, float]) -> None:
+    """Two RL steps of a colocated learner rank (HF engine on its module) with a weight sync in between."""
+    import socket
+
+    from r2ec.colocated import ColocatedWorker
+    from r2ec.config import LearnerConfig, RolloutConfig, SamplingConfig
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t = time.perf_counter()
+    rollout_cfg = RolloutConfig(engine="hf", batch_size=4, sampling=SamplingConfig(temperature=1.0, top_k=50,
+                                                                                   max_new_tokens=12))
+    learner_cfg = LearnerConfig(zero_stage=2, lr=1e-3, prompts_per_step=4, micro_batch_size=4, timeout_s=300,
+                                sync_timeout_s=60)
+    w = ColocatedWorker(model, rollout_cfg, learner_cfg, recpo, 0, 1, "127.0.0.1", port, device=args.device, seed=0)
+    w.set_items(users["items"], w.encode_items(users["items"]))
+    w.train_step(_shard(users, w.generate(users["prompts"], recpo.group_size, 11), recpo.group_size))
+    w.sync_weights(1)
+    rollout = w.generate(users["prompts"], recpo.group_size, 12)
+    metrics = w.train_step(_shard(users, rollout, recpo.group_size)).metrics
+    checks.add("rl_step.colocated.weight_version", rollout.weight_version == 1, rollout.weight_version)
+    for key, bound in zip(("alarm_h_T_max_diff", "alarm_logp_abs_diff_mean"), bounds, strict=True):
+        checks.add(f"rl_step.colocated.{key}", metrics[key] < bound, metrics[key], f"bound {bound}")
+    checks.add("rl_step.colocated.seconds", True, round(time.perf_counter() - t, 1))
 
 
 def _random_model(args):
@@ -310,6 +342,87 @@ def phase_perf(args, checks: Checks) -> None:
                    {"scoring_ms": round(1000 * scoring, 2), "matmul_tflops": round(flops / matmul / 1e12, 2),
                     "frac_of_matmul": round(matmul / scoring, 3)})
         del table
+    del h_user
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    _handoff(args, checks, dual)
+
+
+def _handoff_reader(conn, device: str) -> None:
+    """A second process, as a colocated vLLM engine is: map the learner's buffer, copy it into weights of its own."""
+    import torch
+
+    from r2ec.weight_share import checksum, from_cuda_handle, open_file_buffer, views
+
+    metas, nbytes = conn.recv()
+    own = {m.name: torch.empty(m.shape, dtype=m.torch_dtype, device=device) for m in metas}
+    conn.send("ready")
+    source = conn.recv()
+    _sync(device)
+    t = time.perf_counter()
+    buf = open_file_buffer(source["file"], nbytes) if "file" in source else from_cuda_handle(source["cuda_ipc"])
+    for name, view in views(buf, metas):
+        own[name].copy_(view)
+    total = checksum(buf)
+    _sync(device)
+    conn.send((total, time.perf_counter() - t))
+
+
+def _handoff(args, checks: Checks, dual) -> None:
+    """The colocated weight hand-off of the perf model: pack (LoRA merged), then another process reads it."""
+    import multiprocessing as mp
+    import os
+
+    import torch
+
+    from learner.weights import export_units, merged_lora_weight
+    from r2ec.weight_share import cuda_handle, file_buffer, layout, pack
+    from r2ec.weight_sync import meta_of
+
+    units = export_units(dual.model.get_base_model())
+    named = [(f"{u.prefix}.{local}" if u.prefix else local,
+              merged_lora_weight(u.module) if u.lora and local == "weight" else t)
+             for u in units for local, t in u.tensors()]
+    metas = [meta_of(name, t) for name, t in named]
+    _, nbytes = layout(metas)
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe()
+    reader = ctx.Process(target=_handoff_reader, args=(there, args.device))
+    reader.start()
+    try:
+        here.send((metas, nbytes))
+        if not here.poll(120) or here.recv() != "ready":
+            raise RuntimeError("the hand-off reader did not start within 120s")
+        path = None
+        _sync(args.device)
+        t = time.perf_counter()
+        if args.device == "cuda":
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=args.device)
+            sent = pack(buf, metas, iter(named))
+            _sync(args.device)
+            source = {"cuda_ipc": cuda_handle(buf)}
+        else:
+            buf, path = file_buffer(nbytes)
+            sent = pack(buf, metas, iter(named))
+            source = {"file": path, "nbytes": nbytes}
+        packed = time.perf_counter() - t
+        here.send(source)
+        if not here.poll(120):
+            raise RuntimeError("the hand-off reader did not answer within 120s")
+        got, read = here.recv()
+        total = time.perf_counter() - t
+        del buf
+        if path is not None:
+            os.remove(path)
+    finally:
+        reader.join(30)
+        if reader.is_alive():
+            reader.kill()
+    how = "cuda_ipc" if args.device == "cuda" else "shm_file"
+    checks.add(f"perf.weight_handoff.{how}.checksum_equal", got == sent, got == sent)
+    checks.add(f"perf.weight_handoff.{how}", True,
+               {"gib": round(nbytes / 2**30, 3), "pack_s": round(packed, 3), "read_and_copy_s": round(read, 3),
+                "total_s": round(total, 3)})
 
 
 PHASE_FUNCS = {"env": phase_env, "checksum": phase_checksum, "learner": phase_learner, "rl_step": phase_rl_step,

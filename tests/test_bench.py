@@ -54,7 +54,8 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     assert all(p["status"] == "PASS" for p in record["phases"].values())
     names = {r["name"] for p in record["phases"].values() for r in p["rows"]}
     assert {"checksum.bfloat16", "learner.zero2.resume_weight_diff", "rl_step.alarm_h_T_max_diff",
-            "perf.learner_fwd_bwd.chain_only", "perf.rec_head.items10000"} <= names
+            "perf.learner_fwd_bwd.chain_only", "perf.rec_head.items10000", "rl_step.colocated.alarm_h_T_max_diff",
+            "rl_step.colocated.weight_version", "perf.weight_handoff.shm_file.checksum_equal"} <= names
 
 
 @pytest.mark.slow
