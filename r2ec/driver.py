@@ -7,6 +7,10 @@ operations the training loop needs: generate, encode items, train a step (RecPO 
 Every remote call has a timeout (``rollout.timeout_s`` / ``learner.timeout_s``) and a timeout names the worker and
 the call.
 
+With ``cluster.colocate`` each learner rank's actor also holds that rank's rollout engine (``r2ec.colocated``): the
+same actor is learner rank r and rollout worker r, a weight sync is each rank handing its own engine the weights
+(no broadcast group), and a death of one is a learner rank's death.
+
 Work is spread across rollout workers by load: the batch is cut into chunks of ``rollout.batch_size`` prompts and
 each chunk goes to whichever worker finishes first (``ray.wait``), so a slow worker takes fewer chunks.
 

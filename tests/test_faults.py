@@ -1,5 +1,6 @@
 """Faults on a real local Ray cluster: a rollout worker killed mid-run is replaced and the run goes on unchanged; a
-learner rank killed mid-run fails the run in seconds, naming the rank; and (vLLM) a surviving engine re-joins a
+learner rank killed mid-run fails the run in seconds, naming the rank (a colocated actor, rollout worker and learner
+rank at once, too); and (vLLM) a surviving engine re-joins a
 rebuilt weight-sync group.
 
 One embedded Ray for the module (each start costs tens of seconds on a small machine); every System in it starts
@@ -226,6 +227,24 @@ def test_learner_rank_killed_mid_run_fails_fast_naming_it(tiny_model_dir, data_d
     assert "learner rank 1 died during learner train_step" in message
     assert "r2ec train --resume auto" in message
     assert elapsed < 60, elapsed
+    assert [r["step"] for r in _step_records(tmp_path)] == [1]
+
+
+@pytest.mark.ray
+def test_colocated_actor_killed_while_sampling_fails_the_run_as_a_learner_rank(tiny_model_dir, data_dir, tmp_path,
+                                                                              fresh_names, monkeypatch):
+    from r2ec.train import train
+
+    # Colocated, rollout worker 0 is learner rank 0: its death is not a rollout restart but a learner death.
+    killed: list = []
+    _kill_at("generate", 2, "colocated-0", monkeypatch, killed)
+    cfg = fault_cfg(tiny_model_dir, data_dir, tmp_path, "cluster.colocate=true", "cluster.rollout.num_workers=1",
+                    "cluster.learner.num_workers=1")
+    with pytest.raises(ClusterError) as info:
+        train(cfg, log=print)
+    message = str(info.value)
+    assert "learner rank 0 died during generate" in message and "r2ec train --resume auto" in message
+    assert time.monotonic() - killed[0][1] < 60
     assert [r["step"] for r in _step_records(tmp_path)] == [1]
 
 
