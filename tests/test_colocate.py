@@ -164,12 +164,13 @@ def test_colocated_hf_training_equals_separate_processes(tiny_model_dir, tmp_pat
 @pytest.mark.ray
 @pytest.mark.vllm
 def test_colocated_vllm_training_hands_weights_over_shared_memory(tiny_model_dir, tmp_path):
-    """vLLM inside the learner rank's process, LoRA merged into a shared-memory hand-off after every step: the
-    engine's log-probs and h_T stay those of the learner (the alarms), and the run trains end to end."""
+    """vLLM inside each of two learner ranks' processes (ZeRO-3: every rank gathers the full weights for its own
+    engine), LoRA merged into a shared-memory hand-off after every step: each engine's log-probs and h_T stay those of
+    the learner (the alarms), and the run trains end to end."""
     from r2ec.train import train
 
     cfg = _cfg(tiny_model_dir, tmp_path, "cluster.colocate=true", "rollout.engine=vllm", "model.lora.enabled=true",
-               "cluster.rollout.num_workers=1", "cluster.learner.num_workers=1", "cluster.local_num_cpus=2")
+               "learner.zero_stage=3")
     before = _handoff_files()
     result = train(cfg)
     steps = [r for r in _records(tmp_path) if "loss_token" in r]
