@@ -47,7 +47,7 @@ test: rollout-cpu assets
 # While working: lint + the fast tier (pure maths, config, data, tiny models in-process; no Ray cluster, no vLLM
 # engine, no real assets). `make test` runs every tier before a commit.
 check: lint
-	$(PY) -m pytest -q -m "not slow and not ray and not vllm"
+	$(PY) -m pytest -q -m "not slow and not ray and not vllm and not multirank"
 
 # Bench-only dependencies (TRL as the peer, matplotlib for the curves); nothing under r2ec/ imports them.
 $(VENV)/.bench: $(VENV)/.rollout-cpu

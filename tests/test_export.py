@@ -254,6 +254,7 @@ def test_keep_table_from_a_run_folder_and_no_silent_overwrite(z2, z2_export, wor
         export_checkpoint(z2["folder"], out, log=lambda *_: None)
 
 
+@pytest.mark.multirank
 def test_zero3_two_ranks_export_equals_the_learner(workspace, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 

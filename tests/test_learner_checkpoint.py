@@ -152,7 +152,7 @@ def _pickle_globals(path: Path) -> set[str]:
 
 
 # ---------------------------------------------------------------------------------------------- tests
-@pytest.mark.parametrize("name", list(RUNS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.multirank) if RUNS[n][0] > 1 else n for n in RUNS])
 def test_exact_resume(name, tiny_model_dir, steps, uninterrupted):
     from learner.universal import needs_universal, saved_world_size
 
@@ -185,6 +185,7 @@ UNIVERSAL = {"zero2-2to1": ("w2-zero2", 1), "zero3-lora-2to1": ("w2-zero3-lora",
              "zero3-lora-1to2": ("w1-zero3-lora", 2)}
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("case", list(UNIVERSAL))
 def test_resume_at_another_world_size_via_universal(case, tiny_model_dir, steps, uninterrupted, tmp_path):
     from learner.universal import UNIVERSAL_INFO, saved_world_size, to_universal
