@@ -2,7 +2,7 @@
 # Submit an r2ec training run to a Ray cluster as a Ray job.
 #
 # Usage:
-#   deploy/submit.sh [OPTIONS] CONFIG [--set KEY=VALUE ...]
+#   deploy/submit.sh [OPTIONS] CONFIG [--set KEY=VALUE [KEY=VALUE ...] ...]
 #
 # Runs, from the repository root:
 #   ray job submit --address ADDRESS --working-dir . --runtime-env RUNTIME_ENV \
@@ -123,9 +123,13 @@ while (($# > 0)); do
     case "$1" in
         --set)
             (($# >= 2)) || die "--set needs KEY=VALUE"
-            [[ "$2" == *=* ]] || die "--set expects KEY=VALUE with a dotted KEY, got '$2'"
-            train_args+=(--set "$2")
-            shift 2
+            shift
+            # one or more pairs: --set a.b=1 c.d=2 (as r2ec's own --set takes them)
+            while (($# > 0)) && [[ "$1" != -* ]]; do
+                [[ "$1" == *=* ]] || die "--set expects KEY=VALUE with a dotted KEY, got '$1'"
+                train_args+=(--set "$1")
+                shift
+            done
             ;;
         --set=*)
             [[ "${1#--set=}" == *=* ]] || die "--set expects KEY=VALUE with a dotted KEY, got '${1#--set=}'"

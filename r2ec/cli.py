@@ -1,6 +1,7 @@
 """The ``r2ec`` command line: ``assets``, ``prepare``, ``eval``, ``compare``, ``train``, ``export``, ``recommend``.
 
-Every command that takes ``--config`` also takes any number of ``--set key.path=value`` overrides. Errors in the
+Every command that takes ``--config`` also takes any number of ``key.path=value`` overrides, after one ``--set`` or
+several (``--set a.b=1 c.d=2 --set e.f=3``). Errors in the
 user's input (config, data files, missing assets) are printed as one line, ``r2ec: error: ...``, with exit code 2.
 """
 
@@ -13,8 +14,8 @@ import sys
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--config", required=required, help="YAML config file (see configs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted override, e.g. --set recpo.group_size=8 (repeatable)")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="dotted overrides, e.g. --set recpo.group_size=8 learner.lr=1e-4 (one flag or several)")
 
 
 def _parser() -> argparse.ArgumentParser:

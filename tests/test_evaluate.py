@@ -95,6 +95,16 @@ def test_cli_bad_config_is_reported(data_config, capsys):
     assert "recpo.group_size" in capsys.readouterr().err
 
 
+def test_cli_set_takes_several_pairs_after_one_flag(data_config, capsys):
+    from r2ec.cli import _parser
+
+    args = _parser().parse_args(["train", "--config", "c.yaml", "--set", "a.b=1", "c.d=2", "--set", "e.f=3"])
+    assert args.overrides == ["a.b=1", "c.d=2", "e.f=3"]
+    # both pairs of one flag reach the config: together they break a cross-field rule that neither breaks alone
+    assert main(["prepare", "--config", str(data_config), "--set", "recpo.group_size=2", "recpo.relabel_topk=3"]) == 2
+    assert "relabel_topk (3) cannot exceed group_size (2)" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------- user-stratified subsets, intervals, compare
 @pytest.fixture
 def interleaved_config(tmp_path, tiny_model_dir, monkeypatch):

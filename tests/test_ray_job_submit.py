@@ -56,8 +56,8 @@ def test_ray_job_submit_runs_a_short_training_job(tiny_model_dir, tmp_path):
         _wait_for_port(dash_port, head)
         job = subprocess.run(
             ["bash", str(ROOT / "deploy" / "submit.sh"), "--address", f"http://127.0.0.1:{dash_port}",
-             "configs/tiny.yaml", "--set", f"model.name_or_path={tiny_model_dir}",
-             "--set", f"run.output_dir={out_dir}", "--set", "learner.max_steps=1"],
+             "configs/tiny.yaml", "--set", f"model.name_or_path={tiny_model_dir}",  # several pairs after one flag
+             f"run.output_dir={out_dir}", "--set", "learner.max_steps=1"],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in (job.stdout + job.stderr).lower()
