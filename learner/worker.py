@@ -53,7 +53,10 @@ Deviations from the paper / official code (github YRYangang/RRec):
 - Warm-up steps and catalogue negatives are not in the paper (both off by default).
 - Appended answer-marker tokens (chains cut by length or EOS) are not policy actions and get no token loss
   (``rollout.logp_mask``); they still enter the forward pass that gives h_T.
-- No KL term and no reference model (the paper has none): ``recpo.kl_coef > 0`` raises ``NotImplementedError``.
+- A KL penalty (not in the paper, off by default): with ``recpo.kl_coef > 0`` the token term also gets
+  kl_coef x k3(pi_ref, pi_theta) on the sampled tokens, pi_ref being the model with its LoRA adapters disabled (the
+  weights the run started from, no copy): one extra no-grad forward per micro-batch. LoRA only (the config refuses
+  it for full fine-tuning, which would need a frozen copy of the model).
 - On CPU the learner always trains in float32 (the configured dtype is used on GPU); weights are broadcast in the
   configured ``model.dtype``, the dtype the rollout engines run.
 
@@ -80,7 +83,7 @@ from learner.item_term import item_term, score_std_mean, table_cosine_mean
 from learner.rng import rng_state, seed_all, set_rng_state
 from learner.weights import ExportUnit, export_units, full_shape, merged_lora_weight
 from r2ec.algo.metrics import ndcg_at_k
-from r2ec.algo.recpo import RewardOutput, compute_advantages, fused_reward, relabel_mask, token_loss
+from r2ec.algo.recpo import RewardOutput, compute_advantages, fused_reward, kl_penalty, relabel_mask, token_loss
 from r2ec.config import LearnerConfig, ModelConfig, RecPOConfig, WarmupConfig
 from r2ec.model import DualHeadModel
 from r2ec.protocol import StepResult, TrainShard, WarmupShard
@@ -127,11 +130,9 @@ class LearnerWorker:
     def __init__(self, model_cfg: ModelConfig, learner_cfg: LearnerConfig, recpo_cfg: RecPOConfig, rank: int,
                  world_size: int, master_addr: str, master_port: int, device: str, seed: int,
                  load_universal: bool = False, warmup_cfg: WarmupConfig | None = None):
-        if recpo_cfg.kl_coef > 0:
-            raise NotImplementedError(
-                "recpo.kl_coef > 0 needs a frozen reference model on every learner rank, which the learner does not "
-                "build (the paper trains without a KL term); set recpo.kl_coef to 0"
-            )
+        if recpo_cfg.kl_coef > 0 and not model_cfg.lora.enabled:
+            raise ValueError("recpo.kl_coef > 0 needs model.lora.enabled: the reference policy is the model with its "
+                             "adapters disabled")
         if learner_cfg.prompts_per_step % world_size:
             raise ValueError(f"learner.prompts_per_step ({learner_cfg.prompts_per_step}) must be a multiple of the "
                              f"learner world size ({world_size})")
@@ -345,6 +346,8 @@ class LearnerWorker:
             "time_train_s": t_train,
             "tokens_per_s_learner": local_tokens / max(t_train, 1e-9),
         }
+        if self.recpo_cfg.kl_coef > 0:  # this rank's share of the step's token-mean KL, like loss_token
+            metrics["loss_kl"] = sum(u["loss_kl"] for u in ups) / M
         if "grad_norm_token" in ups[0]:  # measurable at ZeRO-0 with one rank only (_grads_snapshot)
             for key in ("grad_norm_token", "grad_norm_item"):
                 metrics[key] = sum(u[key] for u in ups) / M
@@ -366,7 +369,8 @@ class LearnerWorker:
         self.engine.train()
         mbs = self.learner_cfg.micro_batch_size
         batches = [rows_all[lo:lo + mbs] for lo in range(0, len(rows_all), mbs)]
-        loss_token = clipped = logp_abs_diff = 0.0
+        loss_token = loss_kl = clipped = logp_abs_diff = 0.0
+        kl_coef = self.recpo_cfg.kl_coef
         for k in range(self._agree_max(len(batches))):
             self.engine.set_gradient_accumulation_boundary(False)
             if k < len(batches):
@@ -385,12 +389,18 @@ class LearnerWorker:
                                  eps_high=self.recpo_cfg.eps_high, num_tokens=num_tokens)
                 loss = out.loss
                 loss_token += float(out.loss.detach())
+                if kl_coef > 0:
+                    kl = kl_penalty(logp, self._ref_logp(prompts, chains), mask, num_tokens=num_tokens)
+                    loss = loss + kl_coef * kl
+                    loss_kl += float(kl.detach())
                 clipped += float(out.clip_frac) * num_tokens
                 if old_logp is None:  # else both come from the pass that computed pi_old
                     logp_abs_diff += float(((logp.detach().float() - logp_rollout).abs() * mask).sum())
                     h_T_learner[rows] = h_T.detach().float().cpu()
             else:  # padding micro-batch: keeps ZeRO's collectives in step with ranks that have more chains
                 logp, _, _ = self.engine("chain", *self._padding_chain())
+                if kl_coef > 0:
+                    self._ref_logp(*self._padding_chain())
                 loss = logp.sum() * 0.0
             # DeepSpeed averages gradients over ranks; x W turns the average of globally normalised shares into
             # their sum. scale_wrt_gas=False: the loss is normalised already.
@@ -413,7 +423,7 @@ class LearnerWorker:
 
         t0 = time.perf_counter()
         norms = self._optimizer_step(token_grads)
-        return {"loss_token": loss_token, "loss_item": term.loss_local, "clipped": clipped,
+        return {"loss_token": loss_token, "loss_kl": loss_kl, "loss_item": term.loss_local, "clipped": clipped,
                 "logp_abs_diff": logp_abs_diff, "items": term.items, "candidates": term.candidates,
                 "t_token": t_token, "t_item": t_item, "t_opt": time.perf_counter() - t0, **norms}
 
@@ -500,6 +510,13 @@ class LearnerWorker:
             grad_norm = self.engine.get_global_grad_norm()
         norms["grad_norm"] = float(grad_norm) if grad_norm is not None else nan
         return norms
+
+    @torch.no_grad()
+    def _ref_logp(self, prompts: list, chains: list) -> torch.Tensor:
+        """Log-probs (B, L-1) under the reference policy of the KL term: the same model with its LoRA adapters
+        disabled (peft's ``disable_adapter``), through the engine so ZeRO-3 gathers as for any forward."""
+        with self.dual.model.disable_adapter():
+            return self.engine("chain", prompts, chains)[0]
 
     @torch.no_grad()
     def _chain_logp(self, shard: TrainShard, h_T: torch.Tensor) -> torch.Tensor:

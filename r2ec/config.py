@@ -220,7 +220,10 @@ class RecPOConfig(_Section):
     eps_low: float = Field(0.2, ge=0, lt=1)
     eps_high: float = Field(0.28, ge=0)
     relabel_topk: int = Field(1, ge=1, description="item term on the top-k chains per group (paper 1, code 2)")
-    kl_coef: float = Field(0.0, ge=0, description="KL to a reference model; 0 = off (paper)")
+    kl_coef: float = Field(
+        0.0, ge=0, description="weight of a KL penalty to the reference policy, added to the token term (k3 "
+        "estimator, token mean); the reference is the model with its LoRA adapters disabled (one extra no-grad "
+        "forward per micro-batch, no extra weights), so it needs model.lora.enabled. 0 = off (the paper)")
     item_negatives: Literal["in_batch", "catalogue"] = Field(
         "in_batch", description="negatives of the item term: 'in_batch' = the step's other targets, gathered over "
         "the learner ranks (the paper's and the official code's); 'catalogue' = that in-batch term plus the user "
@@ -388,6 +391,11 @@ class Config(_Section):
                 f"({self.learner.timeout_s:g}): the driver stops waiting for a sync after learner.timeout_s")
         if self.rollout.engine == "hf" and self.cluster.rollout.tensor_parallel_size > 1:
             raise ValueError("cluster.rollout.tensor_parallel_size > 1 needs rollout.engine 'vllm'")
+        if self.recpo.kl_coef > 0 and not self.model.lora.enabled:
+            raise ValueError(
+                f"recpo.kl_coef ({self.recpo.kl_coef:g}) needs model.lora.enabled: the reference policy is the model "
+                "with its adapters disabled; full fine-tuning would need a frozen copy of the whole model on every "
+                "learner rank, which the learner does not build. Enable LoRA or set recpo.kl_coef to 0")
         if self.cluster.colocate and self.rollout.engine == "hf" and self.learner.zero_stage == 3:
             raise ValueError(
                 "cluster.colocate with rollout.engine 'hf' samples with the learner's own module, which ZeRO-3 "

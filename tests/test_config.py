@@ -141,3 +141,9 @@ def test_a_rank_owns_exactly_one_gpu(section, gpus):
     with pytest.raises(ConfigError, match=rf"cluster.{section}.gpus_per_worker is {gpus:g}; it must be 0 \(CPU\) or 1"):
         load_config(data=MINIMAL, overrides=[f"cluster.{section}.gpus_per_worker={gpus}"])
     assert load_config(data=MINIMAL, overrides=[f"cluster.{section}.gpus_per_worker=1"])
+
+
+def test_kl_coef_needs_lora():
+    with pytest.raises(ConfigError, match=r"recpo.kl_coef \(0.1\) needs model.lora.enabled"):
+        load_config(data=MINIMAL, overrides=["recpo.kl_coef=0.1"])
+    assert load_config(data=MINIMAL, overrides=["recpo.kl_coef=0.1", "model.lora.enabled=true"]).recpo.kl_coef == 0.1

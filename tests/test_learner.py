@@ -157,7 +157,17 @@ def _scenario_lora(worker, rank: int, payload: dict[str, Any]) -> dict[str, Any]
     return out
 
 
-SCENARIOS = {"step": _scenario_step, "lora": _scenario_lora}
+def _scenario_kl(worker, rank: int, payload: dict[str, Any]) -> dict[str, Any]:
+    step, users = payload["step"], payload["users"][rank]
+    worker.set_items(step["items"], step["table"])
+    first = worker.train_step(_shard(step, users)).metrics
+    after_first = worker.trainable_state_dict()
+    second = worker.train_step(_shard(step, users)).metrics
+    return {"first": first, "second": second, "after_first": after_first,
+            "after_second": worker.trainable_state_dict()}
+
+
+SCENARIOS = {"step": _scenario_step, "lora": _scenario_lora, "kl": _scenario_kl}
 
 
 def _rank_main(scenario: str, rank: int, world_size: int, port: int, cfgs: tuple, payload: dict, queue) -> None:
@@ -399,9 +409,26 @@ def test_lora_trains_only_adapters_and_broadcasts_the_merge(tiny_model_dir, step
     assert checksum == r0["checksum"]
 
 
-def test_kl_coef_is_rejected_before_anything_starts(tiny_model_dir):
+def test_kl_term_is_zero_at_the_reference_then_shapes_the_update(tiny_model_dir, step_data):
+    """recpo.kl_coef with LoRA: the reference is the model with its adapters disabled. At the first step the policy
+    is the reference (LoRA's B starts at zero), so the KL and its gradient are exactly zero and the step equals the
+    step without KL; after it the KL is positive and changes the next update."""
+    step, _ = step_data
+    model, learner, recpo = _configs(str(tiny_model_dir), 2, lora=True)
+    payload = {"step": step, "users": [list(range(USERS))]}
+    with_kl = _run_ranks("kl", 1, (model, learner, recpo.model_copy(update={"kl_coef": 0.5})), payload)[0]
+    without = _run_ranks("kl", 1, (model, learner, recpo), payload)[0]
+    assert with_kl["first"]["loss_kl"] == 0.0 and "loss_kl" not in without["first"]
+    assert with_kl["second"]["loss_kl"] > 0
+    for key in ("loss_token", "loss_item", "grad_norm"):
+        assert with_kl["first"][key] == without["first"][key], key
+    assert _max_diff(with_kl["after_first"], without["after_first"]) == 0.0
+    assert _max_diff(with_kl["after_second"], without["after_second"]) > 0
+
+
+def test_kl_coef_without_lora_is_refused(tiny_model_dir):
     from learner.worker import LearnerWorker
 
     model, learner, _ = _configs(str(tiny_model_dir), 2)
-    with pytest.raises(NotImplementedError, match="kl_coef"):
+    with pytest.raises(ValueError, match="kl_coef > 0 needs model.lora.enabled"):
         LearnerWorker(model, learner, RecPOConfig(kl_coef=0.1), 0, 1, "127.0.0.1", _free_port(), "cpu", 0)
