@@ -409,12 +409,13 @@ def test_lora_trains_only_adapters_and_broadcasts_the_merge(tiny_model_dir, step
     assert checksum == r0["checksum"]
 
 
-def test_kl_term_is_zero_at_the_reference_then_shapes_the_update(tiny_model_dir, step_data):
+@pytest.mark.parametrize("zero", [2, pytest.param(3, marks=pytest.mark.multirank)])
+def test_kl_term_is_zero_at_the_reference_then_shapes_the_update(tiny_model_dir, step_data, zero):
     """recpo.kl_coef with LoRA: the reference is the model with its adapters disabled. At the first step the policy
     is the reference (LoRA's B starts at zero), so the KL and its gradient are exactly zero and the step equals the
     step without KL; after it the KL is positive and changes the next update."""
     step, _ = step_data
-    model, learner, recpo = _configs(str(tiny_model_dir), 2, lora=True)
+    model, learner, recpo = _configs(str(tiny_model_dir), zero, lora=True)
     payload = {"step": step, "users": [list(range(USERS))]}
     with_kl = _run_ranks("kl", 1, (model, learner, recpo.model_copy(update={"kl_coef": 0.5})), payload)[0]
     without = _run_ranks("kl", 1, (model, learner, recpo), payload)[0]
