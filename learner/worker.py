@@ -80,13 +80,13 @@ import torch
 
 from learner.ds_config import build_ds_config, training_dtype
 from learner.item_term import item_term, score_std_mean, table_cosine_mean
-from learner.rng import rng_state, seed_all, set_rng_state
 from learner.weights import ExportUnit, export_units, full_shape, merged_lora_weight
 from r2ec.algo.metrics import ndcg_at_k
 from r2ec.algo.recpo import RewardOutput, compute_advantages, fused_reward, kl_penalty, relabel_mask, token_loss
 from r2ec.config import LearnerConfig, ModelConfig, RecPOConfig, WarmupConfig
 from r2ec.model import DualHeadModel
 from r2ec.protocol import StepResult, TrainShard, WarmupShard
+from r2ec.rng import rng_state, seed_all, set_rng_state
 from r2ec.weight_share import pack
 from r2ec.weight_sync import SyncGroup, TensorMeta, bound_store, open_group, send
 

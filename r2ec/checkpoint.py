@@ -94,8 +94,8 @@ def write_text_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+def write_json_atomic(path: Path, obj: Any, sort_keys: bool = True) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ writing

@@ -45,17 +45,12 @@ from r2ec.algo.metrics import (
     topk_items,
 )
 from r2ec.algo.recpo import centred_rows, unit_rows
+from r2ec.checkpoint import write_json_atomic
 from r2ec.data.sampler import stratified_subset
 from r2ec.data.samples import samples_sha256
 from r2ec.prompts import PromptBuilder, render_item, render_user
 
 TOP_N_LOGGED = 10
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def history_tensor(rows: list[list[int]]) -> torch.Tensor:
@@ -331,5 +326,5 @@ def rank_split(prepared, subset: EvalSubset, batch_size: int, ks: list[int], out
               "subset": subset.describe(), "seconds": round(time.perf_counter() - start, 2), **(extra or {})}
     if reasoned and chains:  # 1.0: every sample reasoned differently; 1/N: one chain for every user (collapsed)
         result["reasoning_distinct_frac"] = len(set(chains)) / len(chains)
-    _write_json_atomic(out_dir / f"eval_{split}.json", result)
+    write_json_atomic(out_dir / f"eval_{split}.json", result, sort_keys=False)
     return result

@@ -65,6 +65,7 @@ from r2ec.checkpoint import (
     LATEST,
     LEARNER,
     MANIFEST,
+    TRAINER_STATE,
     CheckpointError,
     catalogue_sha256,
     check_pickles,
@@ -274,7 +275,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, reencode_items: bool | 
     step = checkpoint_step(folder)
     cfg = load_checkpoint_config(folder)
     check_pickles(pickle_files(folder / LEARNER))
-    trainer_state = _read_json(folder / "trainer_state.json", required=False)
+    trainer_state = _read_json(folder / TRAINER_STATE, required=False)
     if reencode_items is None:
         reencode_items = cfg.model.item_table == "trained"
     elif reencode_items and cfg.model.item_table == "frozen":
@@ -297,7 +298,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, reencode_items: bool | 
     sha = catalogue_sha256(item_ids)
     expected_sha = _stored_catalogue_sha(trainer_state)
     if expected_sha is not None and expected_sha != sha:
-        raise CheckpointError(f"{folder / 'trainer_state.json'}: catalogue_sha256 {expected_sha[:12]}... but the "
+        raise CheckpointError(f"{folder / TRAINER_STATE}: catalogue_sha256 {expected_sha[:12]}... but the "
                               f"run's data now prepares a catalogue with {sha[:12]}...; the data changed since "
                               "training")
 

@@ -18,9 +18,7 @@ continued with another ``warmup.steps`` only while no step it holds changes phas
 
 from __future__ import annotations
 
-import base64
 import json
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ import torch
 
 from r2ec.checkpoint import CONFIG, ITEM_TABLE, TRAINER_STATE, CheckpointError, Compat, catalogue_sha256
 from r2ec.config import Config
+from r2ec.rng import rng_state, set_rng_state
 
 FORMAT_VERSION = 1
 
@@ -42,29 +41,6 @@ def phase_of(step: int, warmup_steps: int) -> str:
 def rollout_seed(run_seed: int, step: int) -> int:
     """The sampling seed of training step ``step`` (chunks derive their own from it, see driver.chunk_seed)."""
     return run_seed * 1_000_003 + step
-
-
-def capture_rng() -> dict[str, Any]:
-    """This process's RNG states, JSON-serialisable."""
-    import numpy as np
-
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    version, state, gauss = random.getstate()
-    return {
-        "python": [version, list(state), gauss],
-        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-    }
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    import numpy as np
-
-    version, py, gauss = state["python"]
-    random.setstate((version, tuple(py), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
 
 
 def compat_of(cfg: Config, item_ids: list[str], hidden_size: int | None,
@@ -219,7 +195,7 @@ def restore(system, cfg: Config, resumed: Resumed, sampler, log) -> RunState:
     if universal_dir is not None:
         shutil.rmtree(universal_dir, ignore_errors=True)
     sampler.load_state_dict(resumed.state["sampler"])
-    restore_rng(resumed.state["rng"])
+    set_rng_state(resumed.state["rng"])
     s = resumed.state
     return RunState(table=resumed.table.clone(), updates=resumed.updates, step=resumed.step,
                     table_version=s["item_table_version"], best=s["best"])
@@ -233,7 +209,7 @@ def save(system, cfg: Config, run: RunState, sampler, best: bool, compat: Compat
     system.save_checkpoint(str(tmp / ck.LEARNER))
     state = {
         "step": run.step, "phase": phase_of(run.step, cfg.warmup.steps), "warmup_steps": cfg.warmup.steps,
-        "sampler": sampler.state_dict(), "rng": capture_rng(),
+        "sampler": sampler.state_dict(), "rng": rng_state(),
         "rollout_seed": {"rule": "run.seed * 1000003 + step", "next": rollout_seed(cfg.run.seed, run.step + 1)},
         "item_table_version": run.table_version, "best": run.best,
         "learner_world_size": cfg.cluster.learner.num_workers, "config_hash": cfg.hash(),

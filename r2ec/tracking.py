@@ -10,6 +10,8 @@ import json
 import math
 from pathlib import Path
 
+from r2ec.checkpoint import write_text_atomic
+
 
 class MetricsWriter:
     def __init__(self, out_dir: Path, tensorboard: bool = True, resume_step: int | None = None):
@@ -62,9 +64,7 @@ def _truncate_after(path: Path, step: int) -> int:
             kept.append(line)
         else:
             dropped += 1
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
     return dropped
 
 

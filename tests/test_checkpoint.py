@@ -19,7 +19,7 @@ import torch
 
 from r2ec import checkpoint as ck
 from r2ec.data.sampler import EpochSampler
-from r2ec.run_state import capture_rng, restore_rng
+from r2ec.rng import rng_state, set_rng_state
 from r2ec.tracking import MetricsWriter
 
 
@@ -156,9 +156,25 @@ def test_rng_states_round_trip_through_json():
     random.seed(1)
     np.random.seed(2)
     torch.manual_seed(3)
-    state = json.loads(json.dumps(capture_rng()))
+    state = json.loads(json.dumps(rng_state()))
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
-    restore_rng(state)
+    set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_rng_states_of_older_driver_checkpoints_still_restore():
+    # The driver's trainer_state.json kept python and numpy states as plain lists before the layouts became one.
+    random.seed(4)
+    np.random.seed(5)
+    torch.manual_seed(6)
+    new = rng_state()
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    old = json.loads(json.dumps({"python": [version, list(internal), gauss],
+                                 "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+                                 "torch": new["torch"]}))
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_state(old)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 

@@ -11,12 +11,12 @@ import pytest
 CORE = ["r2ec", "r2ec.config", "r2ec.algo.metrics", "r2ec.algo.recpo", "r2ec.prompts", "r2ec.model",
         "r2ec.data.prepare", "r2ec.data.sampler", "r2ec.evaluate", "r2ec.assets", "r2ec.cli", "r2ec.protocol",
         "r2ec.weight_sync", "r2ec.tracking", "r2ec.driver", "r2ec.train", "r2ec.checkpoint", "r2ec.run_state",
-        "r2ec.export", "r2ec.recommend", "r2ec.compare", "r2ec.colocated", "r2ec.weight_share"]
+        "r2ec.export", "r2ec.recommend", "r2ec.compare", "r2ec.colocated", "r2ec.weight_share", "r2ec.rng"]
 PURE = ["r2ec.algo.metrics", "r2ec.algo.recpo", "r2ec.algo.bootstrap", "r2ec.protocol", "r2ec.weight_sync",
         "r2ec.weight_share"]
 ROLLOUT = ["rollout", "rollout.engine", "rollout.worker", "rollout.hf_engine", "rollout.vllm_engine"]
 LEARNER = ["learner", "learner.worker", "learner.ds_config", "learner.universal", "learner.item_term", "learner.weights",
-           "learner.rng"]
+           ]
 
 
 def _loaded_after_import(modules):

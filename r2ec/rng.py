@@ -1,4 +1,7 @@
-"""A learner rank's RNG states (python, numpy, torch CPU and every CUDA generator) as JSON, for exact resume."""
+"""A process's RNG states (python, numpy, torch CPU and every CUDA generator) as JSON, for exact resume: the one
+layout for the driver's state (``trainer_state.json``) and each learner rank's (``rng-rank<r>.json``).
+
+Imports torch (numpy inside the functions) only."""
 
 from __future__ import annotations
 
@@ -31,13 +34,18 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` captured. Also reads the driver layout of checkpoints written before the two
+    layouts became one (python and numpy states as plain lists, no CUDA entry)."""
     import numpy as np
 
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
-    n = state["numpy"]
-    np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    py, n = state["python"], state["numpy"]
+    if isinstance(py, list):  # the older driver layout
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    else:
+        random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+        np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
     torch.set_rng_state(_unb64(state["torch"]))
     if state.get("cuda") and torch.cuda.is_available():
         cuda = [_unb64(s) for s in state["cuda"]]
