@@ -574,8 +574,7 @@ class System:
         return [c for chains, _ in parts for c in chains], torch.cat([h for _, h in parts])
 
     def encode_items(self, item_prompt_ids: list[list[int]]) -> torch.Tensor:
-        size = self.cfg.eval.item_batch_size
-        chunks = [(item_prompt_ids[lo:lo + size],) for lo in range(0, len(item_prompt_ids), size)]
+        chunks = [(item_prompt_ids[s],) for s in self._chunks(len(item_prompt_ids), self.cfg.eval.item_batch_size)]
         return torch.cat(self._spread("encode_items", chunks, "item encoding")[0])
 
     # ------------------------------------------------------------------------------------------ learner side
