@@ -15,7 +15,7 @@ Phases:
   losses and the LoRA weights must be equal.
 - ``rl_step``: one RL step in one process: the HF rollout engine samples G chains per user and the learner trains on
   them; the sampler/learner alarms (``alarm_h_T_max_diff``, ``alarm_logp_abs_diff_mean``) are reported at the
-  training dtype (bf16 on GPU) against loose bounds. Then the colocated mode (``r2ec.colocated.ColocatedWorker``,
+  training dtype (bf16 on GPU) against loose bounds. Then the colocated mode (``driver.colocated.ColocatedWorker``,
   HF engine on the learner's own module): two steps with a weight sync between them, the second step's alarms
   against the same bounds and its rollout's weight version.
 - ``perf``: a model of the shape given by ``--shape`` (Qwen2.5-3B by default) with random weights: HF generate
@@ -225,7 +225,7 @@ def _colocated_steps(args, checks: Checks, model, recpo, users, bounds: tuple[fl
     """Two RL steps of a colocated learner rank (HF engine on its module) with a weight sync in between."""
     import socket
 
-    from r2ec.colocated import ColocatedWorker
+    from driver.colocated import ColocatedWorker
     from r2ec.config import LearnerConfig, RolloutConfig, SamplingConfig
 
     with socket.socket() as s:

@@ -58,8 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     from r2ec.assets import resolve
     from r2ec.config import load_config
     from r2ec.data.prepare import prepare_from_config
-    from r2ec.evaluate import item_prompt_ids
-    from r2ec.prompts import PromptBuilder
+    from r2ec.prompts import PromptBuilder, item_prompt_ids
     from rollout.vllm_engine import VllmEngine
 
     cfg = load_config(args.config)

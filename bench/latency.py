@@ -171,9 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     from r2ec.assets import cache_root
     from r2ec.config import load_config
     from r2ec.data.prepare import prepare_from_config
-    from r2ec.evaluate import history_tensor, item_prompt_ids, user_prompt_ids, zero_shot_item_table
+    from r2ec.data.sampler import history_tensor
+    from r2ec.evaluate import zero_shot_item_table
     from r2ec.model import DualHeadModel, resolve_device
-    from r2ec.prompts import PromptBuilder, render_user
+    from r2ec.prompts import PromptBuilder, item_prompt_ids, render_user, user_prompt_ids
 
     torch.set_num_threads(args.threads)
     clock = RunClock()

@@ -110,8 +110,7 @@ def build_prompts(args: argparse.Namespace, tokenizer, count: int) -> tuple[list
                  for _ in range(count)], "synthetic: random token ids, 150-300 tokens")
     from r2ec.config import load_config
     from r2ec.data.prepare import prepare_from_config
-    from r2ec.evaluate import user_prompt_ids
-    from r2ec.prompts import PromptBuilder
+    from r2ec.prompts import PromptBuilder, user_prompt_ids
 
     cfg = load_config(args.config)
     prepared = prepare_from_config(cfg.data, log=lambda *a, **k: None)

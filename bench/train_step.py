@@ -46,9 +46,9 @@ PHASES = ("generate", "hidden", "reward", "train", "sync", "step")
 
 def run_variant(cfg, data, table: torch.Tensor, steps: int, log) -> list[dict]:
     """``steps`` RecPO steps on a fresh system built from ``cfg``; one dict of phase seconds per step."""
+    from driver.loop import batch_inputs, rl_step
+    from driver.system import System
     from r2ec.data.sampler import EpochSampler
-    from r2ec.driver import System
-    from r2ec.train import batch_inputs, rl_step
 
     prepared, builder, tokenizer, titles, item_prompts = data
     train_ds = prepared.splits["train"]
@@ -106,9 +106,9 @@ def main() -> None:
     from r2ec.assets import cache_root, resolve
     from r2ec.config import load_config
     from r2ec.data.prepare import prepare_from_config
-    from r2ec.evaluate import item_prompt_ids, zero_shot_item_table
+    from r2ec.evaluate import zero_shot_item_table
     from r2ec.model import DualHeadModel
-    from r2ec.prompts import PromptBuilder
+    from r2ec.prompts import PromptBuilder, item_prompt_ids
 
     logging.getLogger("ray").setLevel(logging.WARNING)
     base = ["run.checkpoint_every=null", "run.output_dir=outputs/bench/train_step"]

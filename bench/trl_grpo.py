@@ -22,7 +22,7 @@ item table) and returns RecPO's fused reward (``r2ec.algo.recpo.fused_reward``, 
 ``TrainerCallback`` times ``on_step_begin`` -> ``on_step_end`` (generation, reward, 4 micro-batches of
 forward/backward, optimiser step).
 
-Our side: the body of ``r2ec.train.train``'s loop on ``r2ec.driver.System`` (embedded local Ray, 1 rollout worker +
+Our side: the body of ``driver.loop.train``'s loop on ``driver.system.System`` (embedded local Ray, 1 rollout worker +
 1 DeepSpeed ZeRO-2 learner rank, as the quickstart): ``batch_inputs`` + ``rl_step`` (rollout: sample G chains and
 h_T; learner: fused reward, GRPO advantages, token term, item term, optimiser step; weight broadcast to the rollout
 engine) + the item-table write-back, timed as ``train`` times ``time_step_s``. Run for each engine in ``--engines``
@@ -124,7 +124,7 @@ def run_trl(cfg, rows: list[dict], prompt_ids: list[list[int]], earlier: list[li
 
     from r2ec.algo.recpo import fused_reward
     from r2ec.assets import resolve
-    from r2ec.evaluate import history_tensor
+    from r2ec.data.sampler import history_tensor
     from r2ec.model import ChainFinisher, DualHeadModel
 
     path = resolve(cfg.model.name_or_path)
@@ -216,9 +216,9 @@ def run_ours(cfg, engine: str, rows_per_step: list[list[int]], prepared, builder
              item_prompts: list[list[int]], table, log=print) -> dict:
     import torch
 
-    from r2ec.driver import System
+    from driver.loop import batch_inputs, rl_step
+    from driver.system import System
     from r2ec.model import resolve_device
-    from r2ec.train import batch_inputs, rl_step
 
     cfg = cfg.model_copy(deep=True)
     cfg.rollout.engine = engine
@@ -283,9 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     from r2ec.assets import cache_root, resolve
     from r2ec.config import load_config
     from r2ec.data.prepare import prepare_from_config
-    from r2ec.evaluate import item_prompt_ids, zero_shot_item_table
+    from r2ec.evaluate import zero_shot_item_table
     from r2ec.model import DualHeadModel
-    from r2ec.prompts import PromptBuilder, render_user
+    from r2ec.prompts import PromptBuilder, item_prompt_ids, render_user
 
     clock = RunClock()
     tmp = tempfile.mkdtemp(prefix="r2ec-bench-trl-")

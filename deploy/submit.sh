@@ -6,7 +6,7 @@
 #
 # Runs, from the repository root:
 #   ray job submit --address ADDRESS --working-dir . --runtime-env RUNTIME_ENV \
-#       -- python -m r2ec.train --config CONFIG [--set KEY=VALUE ...]
+#       -- python -m driver train --config CONFIG [--set KEY=VALUE ...]
 #
 # Options:
 #   --address URL        job server of the cluster (default: $RAY_ADDRESS, else http://127.0.0.1:8265)
@@ -212,7 +212,7 @@ fi
 if [[ -n "$submission_id" ]]; then
     cmd+=(--submission-id "$submission_id")
 fi
-cmd+=(-- python -m r2ec.train --config "$config_rel" ${train_args[@]+"${train_args[@]}"})
+cmd+=(-- python -m driver train --config "$config_rel" ${train_args[@]+"${train_args[@]}"})
 
 cd "$repo_root"
 printf '+ (cd %q &&' "$repo_root"

@@ -147,7 +147,7 @@ class LearnerWorker:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0", MASTER_ADDR=master_addr,
                           MASTER_PORT=str(master_port))
         # One GPU per rank: "cuda:N" is the one Ray assigned, in this process's numbering (the Ray layer resolves it:
-        # r2ec.driver.local_cuda_index); plain "cuda" is cuda:0, right when Ray narrowed CUDA_VISIBLE_DEVICES to it.
+        # driver.system.local_cuda_index); plain "cuda" is cuda:0, right when Ray narrowed CUDA_VISIBLE_DEVICES to it.
         self.device = torch.device(device)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", self.device.index or 0)

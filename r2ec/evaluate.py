@@ -46,20 +46,11 @@ from r2ec.algo.metrics import (
 )
 from r2ec.algo.recpo import centred_rows, unit_rows
 from r2ec.checkpoint import write_json_atomic
-from r2ec.data.sampler import stratified_subset
+from r2ec.data.sampler import history_tensor, stratified_subset
 from r2ec.data.samples import samples_sha256
-from r2ec.prompts import PromptBuilder, render_item, render_user
+from r2ec.prompts import PromptBuilder, item_prompt_ids, user_prompt_ids
 
 TOP_N_LOGGED = 10
-
-
-def history_tensor(rows: list[list[int]]) -> torch.Tensor:
-    """Pad ragged lists of item indices with -1: (B, H) long (H >= 1)."""
-    width = max(1, max((len(r) for r in rows), default=0))
-    out = torch.full((len(rows), width), -1, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
-    return out
 
 
 def popularity_scores(prepared) -> torch.Tensor:
@@ -68,17 +59,6 @@ def popularity_scores(prepared) -> torch.Tensor:
     targets = torch.as_tensor(prepared.splits["train"]["target_item_idx"], dtype=torch.long)
     counts.index_add_(0, targets, torch.ones_like(targets, dtype=torch.float32))
     return counts
-
-
-def user_prompt_ids(builder: PromptBuilder, tokenizer, row: dict, titles: list[str]) -> list[int]:
-    hist_titles = [titles[i] for i in row["history_item_idx"]]
-    messages = builder.user_messages(hist_titles, row["history_ratings"], row["history_timestamps"],
-                                     row["target_timestamp"])
-    return render_user(tokenizer, messages)
-
-
-def item_prompt_ids(builder: PromptBuilder, tokenizer, items) -> list[list[int]]:
-    return [render_item(tokenizer, builder.item_messages(item)) for item in items]
 
 
 def _item_table_key(model_cfg, prompt_ids: list[list[int]]) -> str:
@@ -149,7 +129,7 @@ def evaluate(cfg, split: Literal["valid", "test"] | None = None, baseline: Liter
         builder = PromptBuilder.from_config(cfg.data.prompt, cfg.model.answer_marker)
         h_items = zero_shot_item_table(model, cfg.model, item_prompt_ids(builder, model.tokenizer, prepared.items),
                                        cfg.eval.item_batch_size, cache_root() / "item_tables", log)
-        if cfg.model.center_items:  # the table a frozen, centred run starts from (r2ec/train.py): cosine sees it
+        if cfg.model.center_items:  # the table a frozen, centred run starts from (driver/loop.py): cosine sees it
             h_items = centred_rows(h_items)
         method, batch_size = "zero-shot" if not cfg.model.lora.enabled else "model", cfg.eval.batch_size
     else:
@@ -197,8 +177,8 @@ def evaluate_export(cfg, model_dir: str | Path, split: Literal["valid", "test"] 
     """Evaluate an exported model (``r2ec export``) on a split of ``cfg.data``, ranking with the exported item
     table. The data's catalogue must be the exported one (same item ids in the same order); the user prompts use
     the export's prompt settings, the ones its item table was encoded with. ``cfg.model`` is not used."""
+    from r2ec.bundle import EXPORT_TABLE, ExportError, catalogue_differences, load_export
     from r2ec.data.prepare import prepare_from_config
-    from r2ec.export import EXPORT_TABLE, ExportError, catalogue_differences, load_export
 
     split = split or cfg.eval.split
     torch.manual_seed(cfg.run.seed)

@@ -141,3 +141,16 @@ def _ids(out) -> list[int]:
     if isinstance(out, dict) or hasattr(out, "keys"):
         out = out["input_ids"]
     return list(out)
+
+
+def user_prompt_ids(builder: PromptBuilder, tokenizer, row: dict, titles: list[str]) -> list[int]:
+    """Token ids of a sample's user prompt (``row``: a split row with history indices, ratings and timestamps)."""
+    hist_titles = [titles[i] for i in row["history_item_idx"]]
+    messages = builder.user_messages(hist_titles, row["history_ratings"], row["history_timestamps"],
+                                     row["target_timestamp"])
+    return render_user(tokenizer, messages)
+
+
+def item_prompt_ids(builder: PromptBuilder, tokenizer, items) -> list[list[int]]:
+    """Token ids of every item prompt, in catalogue order (``items``: the prepared item rows)."""
+    return [render_item(tokenizer, builder.item_messages(item)) for item in items]

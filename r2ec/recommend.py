@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from r2ec.algo.recpo import unit_rows
-from r2ec.evaluate import history_tensor
+from r2ec.data.sampler import history_tensor
 from r2ec.model import DualHeadModel
 from r2ec.prompts import PromptBuilder, render_user
 
@@ -45,7 +45,7 @@ class Recommender:
     @classmethod
     def from_export(cls, path, device: str = "auto") -> Recommender:
         """Load a folder written by ``r2ec export`` (see r2ec/export.py)."""
-        from r2ec.export import load_export
+        from r2ec.bundle import load_export
 
         exported = load_export(path, device)
         rec = cls(exported.model, exported.builder, exported.item_ids, exported.titles, exported.h_items)

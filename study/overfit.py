@@ -44,9 +44,9 @@ def main(argv: list[str] | None = None) -> dict:
     from r2ec.assets import cache_root, resolve
     from r2ec.config import LearnerConfig, LoraConfig, WarmupConfig, load_config
     from r2ec.data.prepare import prepare_from_config
-    from r2ec.data.sampler import stratified_subset
-    from r2ec.evaluate import history_tensor, item_prompt_ids, user_prompt_ids, zero_shot_item_table
-    from r2ec.prompts import PromptBuilder
+    from r2ec.data.sampler import history_tensor, stratified_subset
+    from r2ec.evaluate import zero_shot_item_table
+    from r2ec.prompts import PromptBuilder, item_prompt_ids, user_prompt_ids
     from r2ec.protocol import WarmupShard
 
     cfg = load_config(args.config)

@@ -67,7 +67,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from r2ec.algo.metrics import RankingAccumulator, mask_history, target_rank
-from r2ec.evaluate import EvalSubset, format_metrics, history_tensor, rank_split
+from r2ec.data.sampler import history_tensor
+from r2ec.evaluate import EvalSubset, format_metrics, rank_split
 
 
 # ------------------------------------------------------------------------------------------------------ model

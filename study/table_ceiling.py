@@ -62,9 +62,10 @@ def main(argv: list[str] | None = None) -> dict:
     from r2ec.assets import cache_root, resolve
     from r2ec.config import LoraConfig, load_config
     from r2ec.data.prepare import prepare_from_config
-    from r2ec.evaluate import EvalSubset, history_tensor, item_prompt_ids, zero_shot_item_table
+    from r2ec.data.sampler import history_tensor
+    from r2ec.evaluate import EvalSubset, zero_shot_item_table
     from r2ec.model import DualHeadModel
-    from r2ec.prompts import PromptBuilder
+    from r2ec.prompts import PromptBuilder, item_prompt_ids
 
     cfg = load_config(args.config)
     torch.manual_seed(cfg.run.seed)

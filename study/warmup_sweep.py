@@ -54,6 +54,7 @@ def run_point(config: str, overrides: list[str], steps: int, valid_every: int | 
     steps, NDCG@10 only, into the log). Returns its record."""
     from transformers import AutoTokenizer
 
+    from driver.loop import batch_inputs
     from learner.worker import LearnerWorker
     from r2ec.algo.bootstrap import user_bootstrap_ci, user_codes
     from r2ec.algo.metrics import hit_at_k, ndcg_at_k, per_sample_metrics, target_rank
@@ -62,10 +63,9 @@ def run_point(config: str, overrides: list[str], steps: int, valid_every: int | 
     from r2ec.config import LoraConfig, load_config
     from r2ec.data.prepare import prepare_from_config
     from r2ec.data.sampler import EpochSampler
-    from r2ec.evaluate import EvalSubset, item_prompt_ids, zero_shot_item_table
-    from r2ec.prompts import PromptBuilder
+    from r2ec.evaluate import EvalSubset, zero_shot_item_table
+    from r2ec.prompts import PromptBuilder, item_prompt_ids
     from r2ec.protocol import WarmupShard
-    from r2ec.train import batch_inputs
 
     cfg = load_config(config, [*overrides, "model.item_table=frozen", f"warmup.steps={steps}",
                                "learner.zero_stage=0"])

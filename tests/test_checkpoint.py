@@ -1,4 +1,4 @@
-"""Checkpoint folders (r2ec/checkpoint.py) and the driver's run state (r2ec/run_state.py), without Ray or DeepSpeed:
+"""Checkpoint folders (r2ec/checkpoint.py) and the driver's run state (driver/run_state.py), without Ray or DeepSpeed:
 atomic commit, integrity checks that name the bad file, ``auto`` falling back past a damaged checkpoint, a process
 killed while writing, pruning that keeps the best, safe pickles, compatibility, RNG / sampler / metrics resume."""
 
@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 
+from driver.tracking import MetricsWriter
 from r2ec import checkpoint as ck
 from r2ec.data.sampler import EpochSampler
 from r2ec.rng import rng_state, set_rng_state
-from r2ec.tracking import MetricsWriter
 
 
 def _write(out: Path, step: int, payload: bytes = b"shard") -> Path:

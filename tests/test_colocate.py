@@ -142,7 +142,7 @@ _SAME = ("reward_mean", "reward_std", "r_d_mean", "r_c_mean", "loss_token", "los
 def test_colocated_hf_training_equals_separate_processes(tiny_model_dir, tmp_path):
     """Same config, same seed: 2 rollout workers + 2 learner ranks in 4 processes, or 2 processes each holding a
     learner rank and an engine on its module. Every step's rewards, losses and chains, and every evaluation, agree."""
-    from r2ec.train import train
+    from driver.loop import train
 
     separate = train(_cfg(tiny_model_dir, tmp_path / "separate"))
     colocated = train(_cfg(tiny_model_dir, tmp_path / "colocated", "cluster.colocate=true"))
@@ -167,7 +167,7 @@ def test_colocated_vllm_training_hands_weights_over_shared_memory(tiny_model_dir
     """vLLM inside each of two learner ranks' processes (ZeRO-3: every rank gathers the full weights for its own
     engine), LoRA merged into a shared-memory hand-off after every step: each engine's log-probs and h_T stay those of
     the learner (the alarms), and the run trains end to end."""
-    from r2ec.train import train
+    from driver.loop import train
 
     cfg = _cfg(tiny_model_dir, tmp_path, "cluster.colocate=true", "rollout.engine=vllm", "model.lora.enabled=true",
                "learner.zero_stage=3")

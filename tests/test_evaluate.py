@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from r2ec.cli import main
+from driver.cli import main
 from r2ec.config import load_config
 from r2ec.evaluate import evaluate
 from r2ec.testing import write_tiny_dataset
@@ -96,7 +96,7 @@ def test_cli_bad_config_is_reported(data_config, capsys):
 
 
 def test_cli_set_takes_several_pairs_after_one_flag(data_config, capsys):
-    from r2ec.cli import _parser
+    from driver.cli import _parser
 
     args = _parser().parse_args(["train", "--config", "c.yaml", "--set", "a.b=1", "c.d=2", "--set", "e.f=3"])
     assert args.overrides == ["a.b=1", "c.d=2", "e.f=3"]

@@ -133,8 +133,7 @@ def _make_checkpoint(model_dir: Path, root: Path, zero_stage: int, world_size: i
     from r2ec import checkpoint
     from r2ec.config import load_config
     from r2ec.data.prepare import prepare_from_config
-    from r2ec.evaluate import item_prompt_ids, user_prompt_ids
-    from r2ec.prompts import PromptBuilder
+    from r2ec.prompts import PromptBuilder, item_prompt_ids, user_prompt_ids
 
     cfg_dict = _config(model_dir, root, zero_stage, world_size, **kw)
     cfg = load_config(data=cfg_dict)
@@ -201,8 +200,8 @@ def test_export_equals_the_learner_and_loads_with_transformers(z2, z2_export):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
+    from r2ec.bundle import load_export
     from r2ec.checkpoint import catalogue_sha256
-    from r2ec.export import load_export
 
     out = z2_export
     assert not list(out.parent.glob(".tmp-*"))
@@ -242,7 +241,8 @@ def test_export_equals_the_learner_and_loads_with_transformers(z2, z2_export):
 def test_keep_table_from_a_run_folder_and_no_silent_overwrite(z2, z2_export, workspace):
     from safetensors.torch import load_file
 
-    from r2ec.export import ExportError, export_checkpoint, load_item_table
+    from r2ec.bundle import ExportError, load_item_table
+    from r2ec.export import export_checkpoint
 
     out = workspace / "export-keep"
     # PATH may be the run's output_dir: its newest complete checkpoint is taken
@@ -286,7 +286,7 @@ def test_zero0_full_finetune_exports_in_bfloat16(workspace, tiny_model_dir):
 
 
 def test_cli_recommend_prints_k_items(z2_export, capsys):
-    from r2ec.cli import main
+    from driver.cli import main
 
     assert main(["recommend", "--model", str(z2_export), "--history", "i03:4:1000000", "i07::1000600", "i11",
                  "-k", "5", "--max-new-tokens", "6", "--device", "cpu"]) == 0
@@ -302,7 +302,7 @@ def test_cli_recommend_prints_k_items(z2_export, capsys):
 
 
 def test_cli_eval_checkpoint_writes_metrics(z2_export, workspace, capsys):
-    from r2ec.cli import main
+    from driver.cli import main
 
     assert main(["eval", "--checkpoint", str(z2_export), "--split", "test"]) == 0
     result = json.loads((z2_export / "eval" / "eval_test.json").read_text())
@@ -328,8 +328,8 @@ def test_cli_eval_checkpoint_writes_metrics(z2_export, workspace, capsys):
 
 
 def test_corrupted_or_unsafe_checkpoint_is_named(z2, workspace, capsys):
+    from driver.cli import main
     from r2ec.checkpoint import write_manifest
-    from r2ec.cli import main
     from r2ec.export import export_checkpoint
 
     bad = workspace / "bad" / "checkpoints" / z2["folder"].name

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from driver.system import ClusterError
 from r2ec.config import load_config
-from r2ec.driver import ClusterError
 from r2ec.testing import write_tiny_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def fault_cfg(tiny_model_dir, data_dir, out_dir, *overrides):
 def ray_session(tiny_model_dir, data_dir, tmp_path_factory):
     import ray
 
-    from r2ec.driver import connect
+    from driver.system import connect
 
     connect(fault_cfg(tiny_model_dir, data_dir, tmp_path_factory.mktemp("ray")), log=print)
     yield
@@ -70,7 +70,7 @@ def _kill_at(method: str, call_number: int, actor: str, monkeypatch, killed: lis
     kill lands while the call's remote work is being issued or is running."""
     import ray
 
-    from r2ec.driver import System
+    from driver.system import System
 
     original = getattr(System, method)
     calls = [0]
@@ -93,7 +93,7 @@ def test_rollout_worker_killed_mid_run_is_replaced_and_the_run_is_unchanged(
         tiny_model_dir, data_dir, tmp_path, fresh_names, monkeypatch):
     import ray
 
-    from r2ec.train import train
+    from driver.loop import train
 
     overrides = ("cluster.rollout.num_workers=2", "cluster.learner.num_workers=1", "cluster.rollout.max_restarts=2")
 
@@ -140,7 +140,7 @@ def _await_dead(name: str) -> None:
 
 
 def test_a_chunk_from_other_weights_is_refused_naming_its_worker():
-    from r2ec.driver import check_weight_versions
+    from driver.system import check_weight_versions
 
     check_weight_versions([4, 4, 4], [0, 1, 0], expected=4)
     with pytest.raises(ClusterError, match="rollout worker 1 sampled with the weights of version 3, expected version 4"):
@@ -151,8 +151,8 @@ def test_a_chunk_from_other_weights_is_refused_naming_its_worker():
 def test_rollout_restarts_are_events_and_bounded(tiny_model_dir, data_dir, tmp_path, fresh_names, monkeypatch):
     import ray
 
+    from driver.system import System
     from r2ec import driver
-    from r2ec.driver import System
 
     cfg = fault_cfg(tiny_model_dir, data_dir, tmp_path, "cluster.rollout.num_workers=2",
                     "cluster.learner.num_workers=1", "cluster.rollout.max_restarts=2")
@@ -212,7 +212,7 @@ def test_rollout_restarts_are_events_and_bounded(tiny_model_dir, data_dir, tmp_p
 @pytest.mark.ray
 def test_learner_rank_killed_mid_run_fails_fast_naming_it(tiny_model_dir, data_dir, tmp_path, fresh_names,
                                                           monkeypatch):
-    from r2ec.train import train
+    from driver.loop import train
 
     # learner-1 dies as step 2's learner step starts: learner rank 0 is then left waiting in a collective with it
     # (up to learner.timeout_s, 300 s here), which a plain ray.get on both ranks would wait out.
@@ -233,7 +233,7 @@ def test_learner_rank_killed_mid_run_fails_fast_naming_it(tiny_model_dir, data_d
 @pytest.mark.ray
 def test_colocated_actor_killed_while_sampling_fails_the_run_as_a_learner_rank(tiny_model_dir, data_dir, tmp_path,
                                                                               fresh_names, monkeypatch):
-    from r2ec.train import train
+    from driver.loop import train
 
     # Colocated, rollout worker 0 is learner rank 0: its death is not a rollout restart but a learner death.
     killed: list = []

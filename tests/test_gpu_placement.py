@@ -2,7 +2,7 @@
 
 import pytest
 
-from r2ec.driver import ClusterError, _on_assigned_gpu, local_cuda_index
+from driver.system import ClusterError, _on_assigned_gpu, local_cuda_index
 
 
 @pytest.mark.parametrize("gpu_ids, visible, expected", [

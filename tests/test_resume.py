@@ -1,4 +1,4 @@
-"""Exact resume, for real: `python -m r2ec.train` in a subprocess, killed with SIGKILL (its whole process group:
+"""Exact resume, for real: `python -m driver train` in a subprocess, killed with SIGKILL (its whole process group:
 driver, embedded Ray, rollout and learner workers) right after a checkpoint, then `--resume auto`.
 
 For each rollout engine (hf, vllm) and learner world size (1, 2), the resumed run must log the same per-step
@@ -36,7 +36,7 @@ def _cmd(model_dir, out: Path, engine: str, ranks: int, *extra: str, resume: str
             f"cluster.learner.num_workers={ranks}", "cluster.rollout.num_workers=1", f"learner.max_steps={STEPS}",
             "run.checkpoint_every=1", "run.keep_checkpoints=3", "eval.max_samples=4", "eval.valid_max_samples=4",
             "cluster.local_num_cpus=3", *extra]
-    cmd = [sys.executable, "-m", "r2ec.train", "--config", str(ROOT / "configs" / "tiny.yaml"), "--resume", resume]
+    cmd = [sys.executable, "-m", "driver", "train", "--config", str(ROOT / "configs" / "tiny.yaml"), "--resume", resume]
     for s in sets:
         cmd += ["--set", s]
     return cmd

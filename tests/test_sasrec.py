@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from r2ec.algo.metrics import mask_history, ranking_metrics, target_rank
-from r2ec.evaluate import EvalSubset, history_tensor, rank_split
+from r2ec.data.sampler import history_tensor
+from r2ec.evaluate import EvalSubset, rank_split
 from study.sasrec import (
     SASRec,
     build_train_data,

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from driver.system import ClusterError, System
 from r2ec.config import load_config
-from r2ec.driver import ClusterError, System
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,10 +24,9 @@ def tiny_cfg(tiny_model_dir, out_dir, *overrides):
 def _inputs(cfg, n):
     from transformers import AutoTokenizer
 
+    from driver.loop import batch_inputs
     from r2ec.data.prepare import prepare_from_config
-    from r2ec.evaluate import item_prompt_ids
-    from r2ec.prompts import PromptBuilder
-    from r2ec.train import batch_inputs
+    from r2ec.prompts import PromptBuilder, item_prompt_ids
 
     prepared = prepare_from_config(cfg.data)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
@@ -43,7 +42,7 @@ def _assert_workers_equal_learner(system, prompts):
     """After a sync every rollout engine holds the learner's weights: same greedy chains, h_T and log-probs."""
     import ray
 
-    from r2ec.driver import get
+    from driver.system import get
 
     # Under ZeRO-3 a forward pass is collective: every learner rank takes part.
     chains = get([a.greedy.remote(prompts[:2], 8) for a in system.learners], 300, "learner greedy")[0]
@@ -84,8 +83,8 @@ ENGINES_AND_STAGES = [
 
 @pytest.mark.parametrize("engine, stage", ENGINES_AND_STAGES)
 def test_two_rollout_workers_two_learner_ranks(engine, stage, tiny_model_dir, tmp_path):
-    from r2ec.driver import get
-    from r2ec.train import rl_step
+    from driver.loop import rl_step
+    from driver.system import get
 
     cfg = tiny_cfg(tiny_model_dir, tmp_path, f"rollout.engine={engine}", f"learner.zero_stage={stage}")
     items, batches = _inputs(cfg, n=2)
@@ -116,7 +115,7 @@ def test_two_rollout_workers_two_learner_ranks(engine, stage, tiny_model_dir, tm
 @pytest.mark.vllm
 def test_train_end_to_end_with_lora(tiny_model_dir, tmp_path):
     """The `r2ec train` path in miniature: vLLM workers, LoRA merged into the broadcast, metrics and eval files."""
-    from r2ec.train import train
+    from driver.loop import train
 
     cfg = tiny_cfg(tiny_model_dir, tmp_path, "rollout.engine=vllm", "model.lora.enabled=true",
                    "cluster.rollout.num_workers=1", "cluster.learner.num_workers=1", "cluster.local_num_cpus=2",
@@ -162,7 +161,7 @@ def test_warmup_steps_then_recpo(tiny_model_dir, tmp_path):
     """2 warm-up steps, then 1 RecPO step, on 2 learner ranks: one record per step with its phase; no weight
     broadcast after warm-up step 1 (nothing uses the rollout engines then); the item-table refresh at step 2
     (recpo.refresh_every 2) and the RecPO step's rollout use the weights after step 2."""
-    from r2ec.train import train
+    from driver.loop import train
 
     cfg = tiny_cfg(tiny_model_dir, tmp_path, "warmup.steps=2", "warmup.prompts_per_step=4", "learner.max_steps=1",
                    "cluster.rollout.num_workers=1", "cluster.local_num_cpus=3", "eval.max_samples=4",
@@ -191,11 +190,11 @@ def test_frozen_item_table_is_the_initial_one_throughout(tiny_model_dir, tiny_mo
     validation, test, checkpoint and export uses (no refresh; nothing written back), while the weights do train."""
     from safetensors.torch import load_file
 
+    from driver.loop import train
+    from r2ec.bundle import ExportError, load_item_table
     from r2ec.data.prepare import prepare_from_config
-    from r2ec.evaluate import item_prompt_ids
-    from r2ec.export import ExportError, export_checkpoint, load_item_table
-    from r2ec.prompts import PromptBuilder
-    from r2ec.train import train
+    from r2ec.export import export_checkpoint
+    from r2ec.prompts import PromptBuilder, item_prompt_ids
 
     cfg = tiny_cfg(tiny_model_dir, tmp_path / "run", "model.item_table=frozen", "model.center_items=true",
                    "warmup.steps=2", "warmup.prompts_per_step=4", "learner.max_steps=1", "cluster.rollout.num_workers=1",

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from driver.loop import make_warmup_shards, recpo_steps, total_steps
+from driver.run_state import check_phase, phase_of
 from r2ec.checkpoint import CheckpointError
 from r2ec.config import ModelConfig, RolloutConfig, load_config
-from r2ec.run_state import check_phase, phase_of
-from r2ec.train import make_warmup_shards, recpo_steps, total_steps
 
 MINIMAL = {
     "model": {"name_or_path": "some/model"},
@@ -61,7 +61,7 @@ def test_resume_refuses_a_changed_warmup_that_moves_finished_steps(saved, new, s
 
 
 def test_metrics_writer_keeps_the_phase_and_tensorboard_skips_it(tmp_path):
-    from r2ec.tracking import MetricsWriter
+    from driver.tracking import MetricsWriter
 
     with MetricsWriter(tmp_path) as m:
         m.log(1, {"phase": "warmup", "loss_item": 2.5})
@@ -85,7 +85,7 @@ def _write_validation(folder: Path, ranks: list[int], step: int, ndcg10: float) 
 
 
 def test_validation_gain_pairs_step_0_with_the_last_validation(tmp_path):
-    from r2ec.train import FIRST_VALID, validation_gain
+    from driver.loop import FIRST_VALID, validation_gain
 
     assert validation_gain(tmp_path, "ndcg@10") is None  # nothing validated
     _write_validation(tmp_path / FIRST_VALID, [20] * 8, 0, 0.0)  # nothing in the top 10 at step 0

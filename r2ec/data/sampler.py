@@ -82,3 +82,12 @@ class EpochSampler:
             raise ValueError(f"sampler position {state['position']} outside 0..{self.num_samples}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._perm = self._permutation(self.epoch)
+
+
+def history_tensor(rows: list[list[int]]) -> torch.Tensor:
+    """Pad ragged lists of item indices with -1: (B, H) long (H >= 1)."""
+    width = max(1, max((len(r) for r in rows), default=0))
+    out = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+    return out

@@ -1,4 +1,4 @@
-"""Distributed training: ``r2ec train --config X`` or ``python -m r2ec.train --config X``.
+"""The training loop (``train``, ``rl_step``), run by ``r2ec train --config X`` or ``python -m driver train --config X``.
 
 Steps are numbered globally: 1..W are warm-up steps (W = ``warmup.steps``, 0 = none, the paper's setting), W+1..W+S
 RecPO steps (S = ``learner.max_steps``, else ``learner.epochs`` passes of ``learner.prompts_per_step`` users). Both
@@ -36,23 +36,23 @@ samples (the official code evaluates the whole split); set it to null for the wh
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from driver.run_state import RunState, best_key, compat_of, find_checkpoint, phase_of, restore, rollout_seed, save
+from driver.tracking import reduce_rank_metrics
 from r2ec.algo.metrics import mask_history
 from r2ec.algo.recpo import centred_rows, cosine_scores, unit_rows
 from r2ec.config import Config
-from r2ec.evaluate import EvalSubset, format_metrics, history_tensor, item_prompt_ids, rank_split, user_prompt_ids
+from r2ec.data.sampler import history_tensor
+from r2ec.evaluate import EvalSubset, format_metrics, rank_split
+from r2ec.prompts import item_prompt_ids, user_prompt_ids
 from r2ec.protocol import Rollout, StepResult, TrainShard, WarmupShard
-from r2ec.run_state import RunState, best_key, compat_of, find_checkpoint, phase_of, restore, rollout_seed, save
-from r2ec.tracking import reduce_rank_metrics
 
 FIRST_VALID = "valid_step0"  # step 0's validation, kept beside the run's last one
 
@@ -163,13 +163,13 @@ def train(cfg: Config, log=print, resume: str = "auto") -> dict:
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
+    from driver.system import System
+    from driver.tracking import MetricsWriter
     from r2ec.assets import resolve
     from r2ec.data.prepare import prepare_from_config
     from r2ec.data.sampler import EpochSampler
-    from r2ec.driver import System
     from r2ec.model import resolve_device
     from r2ec.prompts import PromptBuilder
-    from r2ec.tracking import MetricsWriter
 
     out_dir = Path(cfg.run.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -343,30 +343,3 @@ def validation_gain(out_dir: Path, key: str) -> str | None:
     lo, hi = diff[key]["ci95"]
     return (f"{line}; difference {diff[key]['mean']:+.4f}, paired user-bootstrap 95% interval [{lo:+.4f}, {hi:+.4f}] "
             f"(r2ec compare {out_dir / FIRST_VALID} {out_dir} --split valid)")
-
-
-def main(argv: list[str] | None = None) -> int:
-    from r2ec.cli import _add_config_args, add_resume_arg, run_guarded
-
-    p = argparse.ArgumentParser(prog="python -m r2ec.train",
-                                description="distributed training on Ray: the optional warm-up steps, then RecPO")
-    _add_config_args(p)
-    add_resume_arg(p)
-    args = p.parse_args(argv)
-    return run_guarded(lambda: _train_command(args.config, args.overrides, args.resume))
-
-
-def _train_command(config: str, overrides: list[str], resume: str = "auto") -> int:
-    from r2ec.config import load_config
-
-    cfg = load_config(config, overrides)
-    result = train(cfg, resume=resume)
-    print(json.dumps({"valid": result["valid"], "test": result["test"]}, indent=2))
-    print(f"wrote {cfg.run.output_dir}/metrics.jsonl, eval_valid.json and eval_test.json")
-    if result["valid_gain"]:
-        print(result["valid_gain"])
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -130,12 +130,12 @@ def _quiet_libraries() -> None:
 
 def run_guarded(command) -> int:
     """Run a command; errors in the user's input or cluster become one line on stderr and exit code 2."""
+    from driver.system import ClusterError
     from r2ec.assets import AssetError
     from r2ec.checkpoint import CheckpointError
     from r2ec.compare import CompareError
     from r2ec.config import ConfigError
     from r2ec.data.errors import DataError
-    from r2ec.driver import ClusterError
 
     _quiet_libraries()
     try:
@@ -165,8 +165,6 @@ def _run(args) -> int:
         return compare_command(args.evals, args.split, args.json_out, args.metrics, args.resamples, args.seed,
                                args.labels)
     if args.command == "train":
-        from r2ec.train import _train_command
-
         return _train_command(args.config, args.overrides, args.resume)
     if args.command in ("export", "recommend") or getattr(args, "checkpoint", None):
         return _model_command(args)
@@ -192,8 +190,8 @@ def _run(args) -> int:
 def _model_command(args) -> int:
     """``export``, ``recommend`` and ``eval --checkpoint``: unusable checkpoints or exported folders and unknown
     history items are reported as one line too."""
+    from r2ec.bundle import ExportError
     from r2ec.checkpoint import CheckpointError
-    from r2ec.export import ExportError
     from r2ec.recommend import UnknownItemsError
 
     try:
@@ -217,9 +215,9 @@ def _model_command(args) -> int:
 def _eval_export(args) -> int:
     from pathlib import Path
 
+    from r2ec.bundle import EXPORT_CONFIG, export_run_config, read_export_meta
     from r2ec.config import ConfigError, load_config
     from r2ec.evaluate import evaluate_export
-    from r2ec.export import EXPORT_CONFIG, export_run_config, read_export_meta
 
     if args.baseline:
         raise ConfigError("eval: --baseline and --checkpoint exclude each other")
@@ -238,3 +236,16 @@ def _eval_export(args) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _train_command(config: str, overrides: list[str], resume: str = "auto") -> int:
+    from driver.loop import train
+    from r2ec.config import load_config
+
+    cfg = load_config(config, overrides)
+    result = train(cfg, resume=resume)
+    print(json.dumps({"valid": result["valid"], "test": result["test"]}, indent=2))
+    print(f"wrote {cfg.run.output_dir}/metrics.jsonl, eval_valid.json and eval_test.json")
+    if result["valid_gain"]:
+        print(result["valid_gain"])
+    return 0

@@ -1,5 +1,5 @@
 import sys
 
-from r2ec.cli import main
+from driver.cli import main
 
 sys.exit(main())

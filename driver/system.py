@@ -7,7 +7,7 @@ operations the training loop needs: generate, encode items, train a step (RecPO 
 Every remote call has a timeout (``rollout.timeout_s`` / ``learner.timeout_s``) and a timeout names the worker and
 the call.
 
-With ``cluster.colocate`` each learner rank's actor also holds that rank's rollout engine (``r2ec.colocated``): the
+With ``cluster.colocate`` each learner rank's actor also holds that rank's rollout engine (``driver.colocated``): the
 same actor is learner rank r and rollout worker r, a weight sync is each rank handing its own engine the weights
 (no broadcast group), and a death of one is a learner rank's death.
 
@@ -365,9 +365,9 @@ class System:
                              "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
                              "VLLM_CPU_KVCACHE_SPACE": str(cfg.rollout.vllm.cpu_kvcache_space_gib)}
         if c.colocate:
-            # One actor per learner rank, holding the rank and its rollout engine (r2ec/colocated.py): it is learner
+            # One actor per learner rank, holding the rank and its rollout engine (driver/colocated.py): it is learner
             # rank r and rollout worker r at once.
-            from r2ec.colocated import ColocatedWorker
+            from driver.colocated import ColocatedWorker
 
             Colocated = ray.remote(_on_assigned_gpu(ColocatedWorker))
             self.learners = [
@@ -625,7 +625,7 @@ class System:
 
         A rollout worker that dies during the sync is replaced and the sync redone for every worker on a new
         group (bounded by ``cluster.rollout.max_restarts``); a learner rank that dies fails the run at once.
-        Colocated, each learner rank hands its own engine the weights instead (r2ec/colocated.py)."""
+        Colocated, each learner rank hands its own engine the weights instead (driver/colocated.py)."""
         if self.cfg.cluster.colocate:
             return self._sync_colocated(version)
         return self._sync_weights(version)

@@ -1,6 +1,6 @@
 """A learner rank and a rollout engine in one process: the colocated mode (``cluster.colocate``).
 
-A plain class (``r2ec.driver`` applies ``ray.remote``; a test or a debugger can use it directly) that holds one
+A plain class (``driver.system`` applies ``ray.remote``; a test or a debugger can use it directly) that holds one
 ``learner.worker.LearnerWorker`` and one ``rollout.worker.RolloutWorker`` and answers the calls of both. The driver
 uses the same actor as learner rank r and as rollout worker r; Ray runs its calls one at a time, so sampling and
 training take turns on the rank's GPU.
