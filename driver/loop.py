@@ -19,7 +19,8 @@ A RecPO step:
 3. the learner ranks, each on whole groups, score h_T with the rec_head, compute fused rewards and group
    advantages, and take the RecPO step (token term + item term, Eq. of DESIGN §2);
 4. learner rank 0 broadcasts the new weights to every rollout engine (checksums verified);
-5. item rows re-encoded with gradient are written back to every copy of the table.
+5. item rows re-encoded with gradient are written back to every copy of the table (one step late on the other
+   learner ranks: r2ec/item_table.py says why).
 In both phases the full table is re-encoded every ``recpo.refresh_every`` steps and before every validation; with
 ``model.item_table: frozen`` (not in the paper) it is encoded once, with the initial weights, and never again
 (``model.center_items``: minus its mean row).
@@ -51,6 +52,7 @@ from r2ec.algo.recpo import centred_rows, cosine_scores, unit_rows
 from r2ec.config import Config
 from r2ec.data.sampler import history_tensor
 from r2ec.evaluate import EvalSubset, format_metrics, rank_split
+from r2ec.item_table import ItemTable
 from r2ec.prompts import item_prompt_ids, user_prompt_ids
 from r2ec.protocol import Rollout, StepResult, TrainShard, WarmupShard
 
@@ -193,7 +195,7 @@ def train(cfg: Config, log=print, resume: str = "auto") -> dict:
 
     def evaluate_split(system: System, run: RunState, split: str) -> dict:
         sync_rollouts(system, run.step)  # greedy reasoning runs on the rollout engines
-        table = unit_rows(run.table)  # once per evaluation, not per batch
+        table = unit_rows(run.items.rows)  # once per evaluation, not per batch
 
         def score_batch(rows, earlier, target):
             prompts = [user_prompt_ids(builder, tokenizer, r, titles) for r in rows]
@@ -203,7 +205,7 @@ def train(cfg: Config, log=print, resume: str = "auto") -> dict:
 
         batch = cfg.eval.batch_size * cfg.cluster.rollout.num_workers
         return rank_split(prepared, subsets[split], batch, cfg.eval.ks, out_dir, "r2ec", score_batch,
-                          {"step": run.step, "item_table_version": run.table_version},
+                          {"step": run.step, "item_table_version": run.items.version},
                           reasoned=cfg.eval.max_new_tokens > 0)
 
     def refresh_table(system: System, run: RunState) -> tuple[float, float]:
@@ -212,17 +214,16 @@ def train(cfg: Config, log=print, resume: str = "auto") -> dict:
         mean cosine of each new row with the row it replaces: how stale the table the learner trained against had
         become (rows the step re-encoded were already fresh)."""
         t_sync = sync_rollouts(system, run.step)
-        old = run.table
-        run.table = system.encode_items(item_prompts)
-        system.set_items(item_prompts, run.table)
-        run.updates, run.table_version = (run.updates[0][:0], run.updates[1][:0]), run.step
-        return t_sync, float((unit_rows(old) * unit_rows(run.table)).sum(dim=1).mean())
+        old = run.items.rows
+        run.items.refresh(system.encode_items(item_prompts), run.step)
+        system.set_items(item_prompts, run.items.rows)
+        return t_sync, float((unit_rows(old) * unit_rows(run.items.rows)).sum(dim=1).mean())
 
     def validate(system: System, run: RunState, metrics) -> tuple[dict, bool]:
         """Validate at ``run.step``: (the result, whether it is a new best)."""
         valid = evaluate_split(system, run, "valid")
         metrics.log(run.step, {f"valid/{k}": v for k, v in valid.items() if isinstance(v, float)}
-                    | {"valid/item_table_version": run.table_version})
+                    | {"valid/item_table_version": run.items.version})
         log(f"step {run.step}: valid {format_metrics(valid)}")
         if run.step == 0:
             keep_first_validation(out_dir)
@@ -238,9 +239,9 @@ def train(cfg: Config, log=print, resume: str = "auto") -> dict:
         rows = [train_ds[i] for i in sampler.next(users)]
         prompts, earlier, target = batch_inputs(rows, prepared, builder, tokenizer, titles)
         if step <= W:
-            return warmup_step(system, prompts, marker_ids, earlier, target, run.updates)
+            return warmup_step(system, prompts, marker_ids, earlier, target, run.items.pending)
         t_sync = sync_rollouts(system, step - 1)  # the rollout of step k samples the weights after step k-1
-        rollout, results, timings = rl_step(system, cfg, prompts, earlier, target, run.updates, version=step)
+        rollout, results, timings = rl_step(system, cfg, prompts, earlier, target, run.items.pending, version=step)
         record = recpo_record(cfg, rollout, results, timings)
         record["time_sync_s"] += t_sync
         return results, record
@@ -262,10 +263,10 @@ def train(cfg: Config, log=print, resume: str = "auto") -> dict:
             log(f"item table: {len(item_prompts)} items encoded in {time.perf_counter() - t0:.1f}s")
             if cfg.model.center_items:  # once: the table is frozen, and checkpoints keep it centred
                 table = centred_rows(table)
-            run = RunState(table=table, updates=(torch.zeros(0, dtype=torch.long), torch.zeros(0, table.shape[1])))
+            run = RunState(items=ItemTable(table))
         else:
             run = restore(system, cfg, resumed, sampler, log)
-        system.set_items(item_prompts, run.table)
+        system.set_items(item_prompts, run.items.rows)
         valid = {}
         if resumed is None and cfg.eval.valid_at_start:  # the initial weights: what training starts from
             valid, _ = validate(system, run, metrics)
@@ -300,7 +301,7 @@ def train(cfg: Config, log=print, resume: str = "auto") -> dict:
         bar.close()
 
         # The final model's own item table, as inference would precompute it.
-        if trained_items and run.table_version != steps:
+        if trained_items and run.items.version != steps:
             refresh_table(system, run)
         test = evaluate_split(system, run, "test")
         metrics.log(steps, {f"test/{k}": v for k, v in test.items() if isinstance(v, float)})

@@ -28,6 +28,7 @@ import torch
 
 from r2ec.checkpoint import CONFIG, ITEM_TABLE, TRAINER_STATE, CheckpointError, Compat, catalogue_sha256
 from r2ec.config import Config
+from r2ec.item_table import ItemTable
 from r2ec.rng import rng_state, set_rng_state
 
 FORMAT_VERSION = 1
@@ -122,17 +123,14 @@ def check_phase(cfg: Config, state: dict[str, Any], folder: Path) -> None:
 class RunState:
     """The driver's side of a run between steps (the learner ranks hold the weights and optimiser)."""
 
-    table: torch.Tensor  # (V, d) float32 item table H_V as the driver holds it
-    updates: tuple[torch.Tensor, torch.Tensor]  # (U,) long rows, (U, d) float32: applied by learners next step
+    items: ItemTable  # the reference copy of the item table (r2ec/item_table.py says who holds the others)
     step: int = 0
-    table_version: int = 0  # step of the last full encoding
     best: dict | None = None  # {"step", "metric", "value"} of the best validation so far
 
     def write_back(self, results) -> None:
         """The rows the learner ranks re-encoded this step (StepResults): into the table, and pending for the next."""
-        self.updates = (torch.cat([r.table_updates_idx for r in results]),
-                        torch.cat([r.table_updates for r in results]))
-        self.table[self.updates[0]] = self.updates[1]
+        self.items.write_back(torch.cat([r.table_updates_idx for r in results]),
+                              torch.cat([r.table_updates for r in results]))
 
 
 @dataclass
@@ -197,8 +195,8 @@ def restore(system, cfg: Config, resumed: Resumed, sampler, log) -> RunState:
     sampler.load_state_dict(resumed.state["sampler"])
     set_rng_state(resumed.state["rng"])
     s = resumed.state
-    return RunState(table=resumed.table.clone(), updates=resumed.updates, step=resumed.step,
-                    table_version=s["item_table_version"], best=s["best"])
+    return RunState(items=ItemTable(resumed.table.clone(), s["item_table_version"], resumed.updates),
+                    step=resumed.step, best=s["best"])
 
 
 def save(system, cfg: Config, run: RunState, sampler, best: bool, compat: Compat, log) -> Path:
@@ -211,11 +209,11 @@ def save(system, cfg: Config, run: RunState, sampler, best: bool, compat: Compat
         "step": run.step, "phase": phase_of(run.step, cfg.warmup.steps), "warmup_steps": cfg.warmup.steps,
         "sampler": sampler.state_dict(), "rng": rng_state(),
         "rollout_seed": {"rule": "run.seed * 1000003 + step", "next": rollout_seed(cfg.run.seed, run.step + 1)},
-        "item_table_version": run.table_version, "best": run.best,
+        "item_table_version": run.items.version, "best": run.best,
         "learner_world_size": cfg.cluster.learner.num_workers, "config_hash": cfg.hash(),
-        "compat": {**compat.__dict__, "hidden_size": int(run.table.shape[1])},
+        "compat": {**compat.__dict__, "hidden_size": run.items.width},
     }
-    write_driver_state(tmp, cfg, state, run.table, run.updates)
+    write_driver_state(tmp, cfg, state, run.items.rows, run.items.pending)
     final = ck.commit(tmp, run.step)
     if best:
         ck.mark_best(cfg.run.output_dir, run.step)

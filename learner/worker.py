@@ -84,6 +84,7 @@ from learner.weights import ExportUnit, export_units, full_shape, merged_lora_we
 from r2ec.algo.metrics import ndcg_at_k
 from r2ec.algo.recpo import RewardOutput, compute_advantages, fused_reward, kl_penalty, relabel_mask, token_loss
 from r2ec.config import LearnerConfig, ModelConfig, RecPOConfig, WarmupConfig
+from r2ec.item_table import ItemTable
 from r2ec.model import DualHeadModel
 from r2ec.protocol import StepResult, TrainShard, WarmupShard
 from r2ec.rng import rng_state, seed_all, set_rng_state
@@ -194,7 +195,7 @@ class LearnerWorker:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._units = export_units(base)
         self.item_prompt_ids: list[list[int]] = []
-        self.table: torch.Tensor | None = None
+        self.items: ItemTable | None = None  # this rank's copy of the item table (r2ec/item_table.py)
         self._sync: tuple[SyncGroup, Any] | None = None
 
     # ------------------------------------------------------------------------------------------ small helpers
@@ -231,7 +232,7 @@ class LearnerWorker:
         if table.dim() != 2 or table.shape[1] != self.hidden_size:
             raise ValueError(f"item table must be (V, {self.hidden_size}), got {tuple(table.shape)}")
         self.item_prompt_ids = [list(p) for p in item_prompt_ids]
-        self.table = table.detach().to(self.device, torch.float32).clone()
+        self.items = ItemTable(table.detach().to(self.device, torch.float32).clone())
 
     def _rewards(self, h_T: torch.Tensor, history_idx: torch.Tensor, target_idx: torch.Tensor,
                  table: torch.Tensor) -> tuple[RewardOutput, torch.Tensor]:
@@ -242,11 +243,15 @@ class LearnerWorker:
         target = target_idx.to(self.device)
         return fused_reward(scores, target, beta=self.recpo_cfg.beta, k_r=self.recpo_cfg.k_r), scores
 
-    def _apply_updates(self, idx: torch.Tensor, rows: torch.Tensor) -> None:
-        if self.table is None:
+    def _items(self) -> ItemTable:
+        if self.items is None:
             raise RuntimeError("a training step before set_items: the learner has no item table")
-        if idx.numel():
-            self.table[idx.to(self.device)] = rows.to(self.device, torch.float32)
+        return self.items
+
+    @property
+    def table(self) -> torch.Tensor:
+        """This rank's item table rows H_V (V, d) float32."""
+        return self._items().rows
 
     def _set_lr(self, lr: float) -> None:
         # The warm-up and the RecPO steps share one AdamW (its moments carry over); only the rate differs.
@@ -283,14 +288,14 @@ class LearnerWorker:
                 raise ValueError(f"rollout row {r}: logp_mask does not fit its chain of {len(chain)} tokens")
 
         # 1. rows re-encoded by any rank in the previous step
-        self._apply_updates(shard.table_updates_idx, shard.table_updates)
+        self._items().apply(shard.table_updates_idx, shard.table_updates)  # the other ranks' rows of the last step
         self._set_lr(self.learner_cfg.lr)
         table_cos = table_cosine_mean(self.table)
 
         # 2. rewards from the rollout's h_T, group advantages, relabel mask
         target_rep = shard.target_idx.repeat_interleave(G)
         history_rep = shard.history_idx.repeat_interleave(G, dim=0)
-        table_before = self.table.clone()  # the updates write re-encoded targets into self.table
+        table_before = self.table.clone()  # the updates write re-encoded targets into this rank's table
         reward, scores = self._rewards(rollout.h_T, history_rep, target_rep, table_before)
         rewards = reward.rewards.float().cpu()
         adv = compute_advantages(rewards.view(U, G), self.recpo_cfg.advantage)  # (U, G)
@@ -418,7 +423,7 @@ class LearnerWorker:
                          adv[sel], num_chains, self.model_cfg.tau, self.recpo_cfg.item_negatives, self.rank, W,
                          items_frozen=self.model_cfg.item_table == "frozen")
         self.engine.backward(term.loss * W, scale_wrt_gas=False)
-        self.table[term.items.to(self.device)] = term.h_items
+        self._items().apply(term.items, term.h_items)
         t_item = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -437,7 +442,7 @@ class LearnerWorker:
         if self.warmup_cfg is None:
             raise RuntimeError("warmup_step on a LearnerWorker built without warmup_cfg")
         t_start = time.perf_counter()
-        self._apply_updates(shard.table_updates_idx, shard.table_updates)
+        self._items().apply(shard.table_updates_idx, shard.table_updates)  # the other ranks' rows of the last step
         self._set_lr(self.warmup_cfg.lr)
         table_cos = table_cosine_mean(self.table)
         self.engine.train()
@@ -448,7 +453,7 @@ class LearnerWorker:
                          self.warmup_cfg.item_negatives, self.rank, self.world_size,
                          items_frozen=self.model_cfg.item_table == "frozen")
         self.engine.backward(term.loss * self.world_size, scale_wrt_gas=False)
-        self.table[term.items.to(self.device)] = term.h_items
+        self._items().apply(term.items, term.h_items)
         t_item = time.perf_counter() - t_start
         with torch.no_grad():
             scores = self.dual.item_scores(term.h_user, self.table, shard.history_idx.to(self.device),
