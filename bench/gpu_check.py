@@ -370,20 +370,18 @@ def _handoff_reader(conn, device: str) -> None:
 
 def _handoff(args, checks: Checks, dual) -> None:
     """The colocated weight hand-off of the perf model: pack (LoRA merged), then another process reads it."""
+    import contextlib
     import multiprocessing as mp
     import os
 
     import torch
 
-    from learner.weights import export_units, merged_lora_weight
+    from learner.weights import WeightExport
     from r2ec.weight_share import cuda_handle, file_buffer, layout, pack
-    from r2ec.weight_sync import meta_of
 
-    units = export_units(dual.model.get_base_model())
-    named = [(f"{u.prefix}.{local}" if u.prefix else local,
-              merged_lora_weight(u.module) if u.lora and local == "weight" else t)
-             for u in units for local, t in u.tensors()]
-    metas = [meta_of(name, t) for name, t in named]
+    dtype = "bfloat16" if args.device == "cuda" else "float32"
+    export = WeightExport(dual.model.get_base_model(), 0, False, dtype, lambda params: contextlib.nullcontext())
+    named, metas = list(export.full_weights()), export.metas()  # the learner's own export: LoRA merged
     _, nbytes = layout(metas)
     ctx = mp.get_context("spawn")
     here, there = ctx.Pipe()

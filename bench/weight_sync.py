@@ -11,9 +11,9 @@ worker receives and loads them in place (``RolloutWorker.receive_weights``). Cas
   each LoRA layer's weight is merged (W + B A * scaling) while the stream is produced, as the learner does.
   ``export_s`` is the time to produce the whole stream without sending it (the merges; ~0 for ``full``).
 
-How: the sender is this process and runs the learner's own export code (``LearnerWorker.weight_metas`` and
-``LearnerWorker._full_weights`` on a LearnerWorker holding the model without DeepSpeed, i.e. what ZeRO-0/1/2 rank 0
-does; ZeRO-3 adds one parameter gather per module, not measured) and ``send`` as ``broadcast_weights`` calls it.
+How: the sender is this process and runs the learner's own export code (``learner.weights.WeightExport``'s
+``metas`` and ``full_weights`` on the model without DeepSpeed, i.e. what ZeRO-0/1/2 rank 0 does; ZeRO-3 adds one
+parameter gather per module, not measured) and ``send`` as ``broadcast_weights`` calls it.
 Receivers are real ``RolloutWorker`` processes (torch.multiprocessing spawn) with the HF engine; the time of a sync
 runs from the start of ``send`` until the last receiver has finished ``receive_weights`` (receive, per-bucket
 checksum, copy into the model's parameters); the receivers' checksums are checked against the sender's. One
@@ -168,11 +168,12 @@ class Receivers:
 
 # ------------------------------------------------------------------------------------------------ sender
 def learner_export(model_cfg):
-    """A LearnerWorker holding ``model_cfg``'s model without DeepSpeed: its ``weight_metas`` / ``_full_weights`` are
-    the learner's own export code (ZeRO-0/1/2 path: no gathers). LoRA adapters get random B so the merge is real."""
+    """The learner's own export code (``WeightExport``, ZeRO-0/1/2 path: no gathers) on ``model_cfg``'s model, held
+    as the learner holds it, without DeepSpeed. LoRA adapters get random B so the merge is real."""
+    import contextlib
+
     from learner.ds_config import training_dtype
-    from learner.weights import export_units
-    from learner.worker import LearnerWorker
+    from learner.weights import WeightExport
     from r2ec.model import DualHeadModel
 
     # The learner holds the model in its training dtype (float32 on CPU) and sends it in model.dtype.
@@ -184,15 +185,13 @@ def learner_export(model_cfg):
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.copy_(0.01 * torch.randn(p.shape, generator=g))
-    learner = LearnerWorker.__new__(LearnerWorker)  # no __init__: no DeepSpeed, no process group
-    learner.model_cfg, learner.zero3, learner.dual = model_cfg, False, dual
-    learner._units = export_units(model.get_base_model() if hasattr(model, "get_base_model") else model)
-    return learner
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return WeightExport(base, 0, False, model_cfg.dtype, lambda params: contextlib.nullcontext())
 
 
 def copy_baseline(learner, repeat: int) -> float:
     """Median seconds of Tensor.copy_ of every exported tensor into preallocated buffers (same bytes as a sync)."""
-    src = [t for _, t in learner._full_weights()]
+    src = [t for _, t in learner.full_weights()]
     dst = [torch.empty_like(t) for t in src]
 
     def copy() -> None:
@@ -206,7 +205,7 @@ def checksum_seconds(learner, bucket_bytes: int) -> float:
     """Seconds of ``bits_checksum`` over every bucket of one sync: what each side adds to the transfer."""
     from r2ec.weight_sync import bits_checksum, plan_buckets
 
-    metas, tensors = learner.weight_metas(), [t for _, t in learner._full_weights()]
+    metas, tensors = learner.metas(), [t for _, t in learner.full_weights()]
     total = 0.0
     for bucket in plan_buckets(metas, bucket_bytes):
         buf = torch.cat([tensors[i].reshape(-1) for i in bucket])
@@ -220,13 +219,13 @@ def run_case(case: str, engine: str, learner, group, receivers: Receivers, which
              copy_s: float, checksum_s: float) -> dict:
     from r2ec.weight_sync import send
 
-    metas = learner.weight_metas()
+    metas = learner.metas()
     bucket_bytes = args.bucket_mb * 2**20
     nbytes = sum(m.numel * m.torch_dtype.itemsize for m in metas)
     export = []
     for _ in range(args.repeat):
         t = time.perf_counter()
-        for _ in learner._full_weights():
+        for _ in learner.full_weights():
             pass
         export.append(time.perf_counter() - t)
     sends, totals, receives = [], [], []
@@ -234,7 +233,7 @@ def run_case(case: str, engine: str, learner, group, receivers: Receivers, which
         version[0] += 1
         receivers.send(which, "receive", metas, bucket_bytes, version[0])
         t0 = time.perf_counter()
-        sent = send(group, metas, learner._full_weights(), bucket_bytes)
+        sent = send(group, metas, learner.full_weights(), bucket_bytes)
         t_send = time.perf_counter() - t0
         got = receivers.expect("received", len(which))
         t_all = max(msg[3] for msg in got) - t0  # perf_counter is the system-wide monotonic clock on Linux
@@ -284,7 +283,7 @@ def run(args: argparse.Namespace) -> None:
     n_hf = max(args.receivers)
     hf = Receivers("hf", n_hf, 0, base_cfg, args)  # they load while the sender builds its models
     learners = {"full": learner_export(base_cfg), "lora-merged": learner_export(lora_cfg)}
-    metas = [learner.weight_metas() for learner in learners.values()]
+    metas = [learner.metas() for learner in learners.values()]
     if metas[0] != metas[1]:
         raise RuntimeError("the LoRA learner's merged export does not match the full model's names and shapes")
     copy_s = copy_baseline(learners["full"], args.repeat)

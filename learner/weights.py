@@ -1,15 +1,24 @@
-"""What the learner exports to the rollout engines and to Hugging Face folders: the model as export units.
+"""What the learner exports to the rollout engines and to Hugging Face folders: the model as export units, and the
+learner's side of every weight hand-off (``WeightExport``: the broadcast to the rollout engines, the colocated
+hand-off, the full state dict).
 
 A unit is a module whose own tensors are exported together (one ZeRO-3 gather): a LoRA layer, whose weight is
 exported merged with its adapters exactly as peft's ``merge_and_unload`` computes it, or any other module with
-parameters or persistent buffers of its own. Imports torch (and peft, when present) only.
+parameters or persistent buffers of its own. Imports torch (and peft, when present) and the project's torch-only
+weight-transfer modules.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from r2ec.weight_share import pack
+from r2ec.weight_sync import SyncGroup, TensorMeta, close_group, open_group, send
 
 
 @dataclass
@@ -70,3 +79,92 @@ def export_units(base: torch.nn.Module) -> list[ExportUnit]:
             units.append(unit)
     return units
 
+
+class WeightExport:
+    """The full model of one learner rank, as the rollout engines and exports need it: Hugging Face names, LoRA
+    merged, in the engines' dtype (``model.dtype``), gathered one unit at a time under ZeRO-3 (never the whole model).
+
+    Under ZeRO-3 every call that gathers (``full_weights``, ``full_state_dict``, ``broadcast``, ``pack``) must run on
+    every rank at once. ``gathered(params)`` is the rank's context manager that gathers ZeRO-3 parameters."""
+
+    def __init__(self, base: torch.nn.Module, rank: int, zero3: bool, dtype: str,
+                 gathered: Callable[[list[torch.nn.Parameter]], contextlib.AbstractContextManager]):
+        self.units = export_units(base)
+        self.rank, self.zero3, self.dtype, self._gathered = rank, zero3, dtype, gathered
+        self._sync: tuple[SyncGroup, Any] | None = None  # rank 0: the broadcast group it hosts
+
+    @staticmethod
+    def _name(unit: ExportUnit, local: str) -> str:
+        return f"{unit.prefix}.{local}" if unit.prefix else local
+
+    def metas(self) -> list[TensorMeta]:
+        """Hugging Face checkpoint names of the full model (LoRA merged, ``lm_head.weight`` explicit), in sync order,
+        with the engines' dtype. Local, no communication."""
+        return [TensorMeta(self._name(u, local), self.dtype, full_shape(t)) for u in self.units
+                for local, t in u.tensors()]
+
+    def full_weights(self, merged: bool = True, materialize: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, full tensor) in ``metas`` order. ``materialize=False`` only takes part in the gathers (ZeRO-3
+        ranks that need nothing)."""
+        for unit in self.units:
+            with self._gathered(unit.params()):
+                if not materialize:
+                    continue
+                out = []
+                for local, t in unit.tensors():
+                    if unit.lora and merged and local == "weight":
+                        t = merged_lora_weight(unit.module)
+                    t = t.detach()
+                    # The gathered storage is released when the context exits: keep a copy under ZeRO-3.
+                    out.append((self._name(unit, local), t.clone() if self.zero3 else t))
+            yield from out
+
+    def _join_gathers(self, weights: Iterator | None = None) -> None:
+        """Go through the remaining ZeRO-3 gathers with the other ranks (nothing to do under ZeRO 0-2)."""
+        if self.zero3:
+            for _ in weights if weights is not None else self.full_weights(materialize=False):
+                pass
+
+    def full_state_dict(self, merged: bool = True) -> dict[str, torch.Tensor]:
+        """The full model (LoRA merged unless ``merged=False``, which gives the frozen base weights) on CPU on rank 0;
+        {} elsewhere. Holds the whole model on rank 0: for export and tests."""
+        if self.rank != 0:
+            self._join_gathers()
+            return {}
+        return {name: t.cpu().clone() for name, t in self.full_weights(merged)}
+
+    def pack(self, buf: torch.Tensor) -> int:
+        """Colocated mode: the full merged weights into the flat buffer ``buf`` (``r2ec.weight_share``'s layout) for
+        this rank's own engine; the buffer's checksum. Every rank packs (each feeds its own engine)."""
+        return pack(buf, self.metas(), self.full_weights())
+
+    def broadcast(self, info: SyncGroup | None, bucket_bytes: int, device: torch.device) -> int | None:
+        """Send the full merged weights to every rollout engine (``r2ec.weight_sync``); the checksum on rank 0, None
+        elsewhere. Rank 0 joins the group (``open_group(info, 0)``) on its first call, which blocks until every
+        receiver has joined; a different ``info`` means the driver rebuilt the group after replacing a rollout
+        worker: the old one (its store, its connections to a dead member) is dropped before the new one is hosted."""
+        if self.rank != 0:
+            self._join_gathers()
+            return None
+        if info is None:
+            raise ValueError("broadcast_weights on rank 0 needs the SyncGroup")
+        weights = self.full_weights()
+        try:
+            if self._sync is None or self._sync[0] != info:
+                self._drop_group()
+                self._sync = (info, open_group(info, 0))
+            send_device = device if info.backend == "nccl" else torch.device("cpu")
+            return send(self._sync[1], self.metas(), weights, bucket_bytes, device=send_device)
+        except Exception:
+            # A receiver died before or during the broadcast, or the sync timed out or was aborted by the driver.
+            # The group is spent: abort it now rather than leave NCCL's watchdog a communicator to time out on.
+            # Under ZeRO-3 the other ranks are gathering all the same: go through the remaining gathers with them,
+            # so the learner ranks stay in step and the driver can redo the sync on a new group.
+            self._drop_group()
+            self._join_gathers(weights)
+            raise
+
+    def _drop_group(self) -> None:
+        if self._sync is not None:
+            close_group(self._sync[1])
+            self._sync = None

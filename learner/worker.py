@@ -72,7 +72,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,7 @@ import torch
 
 from learner.ds_config import build_ds_config, training_dtype
 from learner.item_term import item_term, score_std_mean, table_cosine_mean
-from learner.weights import ExportUnit, export_units, full_shape, merged_lora_weight
+from learner.weights import WeightExport
 from r2ec.algo.metrics import ndcg_at_k
 from r2ec.algo.recpo import RewardOutput, compute_advantages, fused_reward, kl_penalty, relabel_mask, token_loss
 from r2ec.config import LearnerConfig, ModelConfig, RecPOConfig, WarmupConfig
@@ -88,8 +88,7 @@ from r2ec.item_table import ItemTable
 from r2ec.model import DualHeadModel
 from r2ec.protocol import StepResult, TrainShard, WarmupShard
 from r2ec.rng import rng_state, seed_all, set_rng_state
-from r2ec.weight_share import pack
-from r2ec.weight_sync import SyncGroup, TensorMeta, bound_store, open_group, send
+from r2ec.weight_sync import SyncGroup, TensorMeta, bound_store
 
 
 class _PolicyNet(torch.nn.Module):
@@ -193,10 +192,9 @@ class LearnerWorker:
         torch.manual_seed(seed + rank)  # dropout etc. differ across ranks from here on
 
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self._units = export_units(base)
+        self.export = WeightExport(base, rank, self.zero3, model_cfg.dtype, self._gathered)
         self.item_prompt_ids: list[list[int]] = []
         self.items: ItemTable | None = None  # this rank's copy of the item table (r2ec/item_table.py)
-        self._sync: tuple[SyncGroup, Any] | None = None
 
     # ------------------------------------------------------------------------------------------ small helpers
     def ready(self) -> dict[str, Any]:
@@ -629,93 +627,28 @@ class LearnerWorker:
         return out
 
     # ------------------------------------------------------------------------------------------ weight export
-    @staticmethod
-    def _name(unit: ExportUnit, local: str) -> str:
-        return f"{unit.prefix}.{local}" if unit.prefix else local
-
+    # The learner's side of every weight hand-off is learner/weights.py's WeightExport; these are its Ray-facing calls.
     def weight_metas(self) -> list[TensorMeta]:
-        """Hugging Face checkpoint names of the full model (LoRA merged, ``lm_head.weight`` explicit), in broadcast
-        order, with the configured ``model.dtype`` (what the rollout engines run). Local, no communication."""
-        return [TensorMeta(self._name(u, local), self.model_cfg.dtype, full_shape(t))
-                for u in self._units for local, t in u.tensors()]
-
-    def _full_weights(self, merged: bool = True, materialize: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, full tensor) in ``weight_metas`` order, gathering one module at a time under ZeRO-3 (never
-        the whole model). ``materialize=False`` only takes part in the gathers (ZeRO-3 ranks other than 0)."""
-        for unit in self._units:
-            with self._gathered(unit.params()):
-                if not materialize:
-                    continue
-                out = []
-                for local, t in unit.tensors():
-                    if unit.lora and merged and local == "weight":
-                        t = merged_lora_weight(unit.module)
-                    t = t.detach()
-                    # The gathered storage is released when the context exits: keep a copy under ZeRO-3.
-                    out.append((self._name(unit, local), t.clone() if self.zero3 else t))
-            yield from out
+        """Hugging Face names, shapes and the engines' dtype of the full model, in sync order. Local."""
+        return self.export.metas()
 
     def full_state_dict(self, merged: bool = True) -> dict[str, torch.Tensor]:
-        """The full model under Hugging Face names (LoRA merged unless ``merged=False``, which gives the frozen base
-        weights), on CPU on rank 0; {} elsewhere. Holds the whole model on rank 0: for export and tests.
-        Collective under ZeRO-3."""
-        if self.rank != 0:
-            if self.zero3:
-                for _ in self._full_weights(merged, materialize=False):
-                    pass
-            return {}
-        return {name: t.cpu().clone() for name, t in self._full_weights(merged)}
+        """The full model under Hugging Face names on rank 0 ({} elsewhere). Collective under ZeRO-3."""
+        return self.export.full_state_dict(merged)
 
     def pack_weights(self, buf: torch.Tensor) -> int:
-        """Colocated mode: the full merged weights, as ``weight_metas`` lists them, into the flat buffer ``buf``
-        (``r2ec.weight_share``'s layout) for this rank's own rollout engine; returns the buffer's checksum. Every rank
-        packs (each feeds its own engine); collective under ZeRO-3, like ``broadcast_weights``."""
-        return pack(buf, self.weight_metas(), self._full_weights())
+        """Colocated mode: the full merged weights into this rank's hand-off buffer. Collective under ZeRO-3."""
+        return self.export.pack(buf)
+
+    def broadcast_weights(self, info: SyncGroup | None, bucket_bytes: int) -> int | None:
+        """Rank 0 sends the full merged weights to every rollout engine. Call on every rank at once."""
+        return self.export.broadcast(info, bucket_bytes, self.device)
 
     def sync_address(self) -> tuple[str, int]:
         """Address for the weight-sync group's store: MASTER_ADDR (rank 0's node) and a port free right now."""
         with socket.socket() as s:
             s.bind((self.master_addr, 0))
             return self.master_addr, int(s.getsockname()[1])
-
-    def broadcast_weights(self, info: SyncGroup | None, bucket_bytes: int) -> int | None:
-        """Send the full merged weights to every rollout engine (see r2ec.weight_sync); returns the checksum on
-        rank 0, None elsewhere. Call on EVERY rank at once: under ZeRO-3 the gathers are collective. Rank 0 joins
-        the group (``open_group(info, 0)``) on its first call, which blocks until every receiver has joined."""
-        if self.rank != 0:
-            if self.zero3:
-                for _ in self._full_weights(materialize=False):
-                    pass
-            return None
-        if info is None:
-            raise ValueError("broadcast_weights on rank 0 needs the SyncGroup")
-        weights = self._full_weights()
-        try:
-            if self._sync is None or self._sync[0] != info:
-                # A different SyncGroup means the driver rebuilt the group after replacing a rollout worker: drop
-                # the old one (its store and its connections to a dead member) before hosting the new one.
-                if self._sync is not None:
-                    from r2ec.weight_sync import close_group
-
-                    close_group(self._sync[1])
-                    self._sync = None
-                self._sync = (info, open_group(info, 0))
-            device = self.device if info.backend == "nccl" else torch.device("cpu")
-            return send(self._sync[1], self.weight_metas(), weights, bucket_bytes, device=device)
-        except Exception:
-            # A receiver died before or during the broadcast, or the sync timed out or was aborted by the driver.
-            # The group is spent: abort it now rather than leave NCCL's watchdog a communicator to time out on.
-            # Under ZeRO-3 the other ranks are gathering all the same: go through the remaining gathers with them,
-            # so the learner ranks stay in step and the driver can redo the sync on a new group.
-            if self._sync is not None:
-                from r2ec.weight_sync import close_group
-
-                close_group(self._sync[1])
-                self._sync = None
-            if self.zero3:
-                for _ in weights:
-                    pass
-            raise
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, directory: str) -> None:
