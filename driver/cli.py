@@ -130,7 +130,7 @@ def _quiet_libraries() -> None:
 
 def run_guarded(command) -> int:
     """Run a command; errors in the user's input or cluster become one line on stderr and exit code 2."""
-    from driver.system import ClusterError
+    from driver.remote import ClusterError
     from r2ec.assets import AssetError
     from r2ec.checkpoint import CheckpointError
     from r2ec.compare import CompareError

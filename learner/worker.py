@@ -67,19 +67,20 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import math
 import os
 import socket
 import time
-from collections.abc import Sequence
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from learner.checkpointing import load_rank, save_rank
 from learner.ds_config import build_ds_config, training_dtype
 from learner.item_term import item_term, score_std_mean, table_cosine_mean
+from learner.policy import PolicyNet, chain_positions
+from learner.probes import Probes
 from learner.weights import WeightExport
 from r2ec.algo.metrics import ndcg_at_k
 from r2ec.algo.recpo import RewardOutput, compute_advantages, fused_reward, kl_penalty, relabel_mask, token_loss
@@ -87,44 +88,24 @@ from r2ec.config import LearnerConfig, ModelConfig, RecPOConfig, WarmupConfig
 from r2ec.item_table import ItemTable
 from r2ec.model import DualHeadModel
 from r2ec.protocol import StepResult, TrainShard, WarmupShard
-from r2ec.rng import rng_state, seed_all, set_rng_state
 from r2ec.weight_sync import SyncGroup, TensorMeta, bound_store
 
 
-class _PolicyNet(torch.nn.Module):
-    """Routes every computation through one root ``forward`` so DeepSpeed sees ordinary forward passes.
+@dataclass
+class _Scored:
+    """Step 2 of a RecPO step on one rank: the rewards and advantages of its chains (N = U users x G)."""
 
-    ZeRO-3 gathers parameters in module hooks and resets its prefetch trace in the root module's hooks; calling
-    sub-modules directly would skip the latter. ``kind`` picks the computation.
-    """
-
-    def __init__(self, dual: DualHeadModel):
-        super().__init__()
-        self.model = dual.model  # the HF (or peft) model: the only registered sub-module
-        self.dual = dual  # not an nn.Module: a plain attribute
-
-    def forward(self, kind: str, *args: Any) -> Any:
-        if kind == "chain":  # (prompt_ids, chains) -> logp (B, L-1), mask (B, L-1), h_T (B, d)
-            return self.dual.chain_forward(*args)
-        if kind == "last":  # (seqs,) -> (B, d) final hidden state at each sequence's last token
-            return self.dual.last_hidden(*args)
-        if kind == "greedy":  # (prompt_ids, max_new_tokens, synced) -> token ids of each finished chain
-            return self._greedy(*args)
-        raise ValueError(f"unknown forward kind {kind!r}")
-
-    def _greedy(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, synced: bool) -> list[list[int]]:
-        # DualHeadModel.generate with `synced_gpus`: under ZeRO-3 every rank must run the same number of forward
-        # passes, so a rank whose chains finished keeps stepping until all ranks are done.
-        return [c.token_ids for c in self.dual.generate(prompt_ids, max_new_tokens, synced_gpus=synced)]
+    reward: RewardOutput  # per chain: rewards (N,), r_d (N,), r_c (N,), rank (N,)
+    rewards: torch.Tensor  # (N,) float32 on CPU
+    scores: torch.Tensor  # (N, V) the item scores the rewards came from
+    adv: torch.Tensor  # (U, G) group-relative advantages
+    relabel: torch.Tensor  # (U, G) bool: the chains the item term trains on
+    table: torch.Tensor  # (V, d) the table they were scored against (before this step's row writes)
+    history_rep: torch.Tensor  # (N, H) long: each chain's user history, -1 padded
+    target_rep: torch.Tensor  # (N,) long: each chain's target item
 
 
-def chain_positions(prompt_len: int, chain_len: int) -> slice:
-    """Where a chain's tokens sit on chain_forward's (N, L) log-prob grid: position t predicts token t + 1, so chain
-    token j of a prompt of length P is at t = P - 1 + j."""
-    return slice(prompt_len - 1, prompt_len - 1 + chain_len)
-
-
-class LearnerWorker:
+class LearnerWorker(Probes):
     """One DeepSpeed data-parallel rank of the RecPO learner (see the module docstring for the step)."""
 
     def __init__(self, model_cfg: ModelConfig, learner_cfg: LearnerConfig, recpo_cfg: RecPOConfig, rank: int,
@@ -147,7 +128,7 @@ class LearnerWorker:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0", MASTER_ADDR=master_addr,
                           MASTER_PORT=str(master_port))
         # One GPU per rank: "cuda:N" is the one Ray assigned, in this process's numbering (the Ray layer resolves it:
-        # driver.system.local_cuda_index); plain "cuda" is cuda:0, right when Ray narrowed CUDA_VISIBLE_DEVICES to it.
+        # driver.remote.local_cuda_index); plain "cuda" is cuda:0, right when Ray narrowed CUDA_VISIBLE_DEVICES to it.
         self.device = torch.device(device)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", self.device.index or 0)
@@ -188,7 +169,7 @@ class LearnerWorker:
         ds_config = build_ds_config(learner_cfg, learner_cfg.micro_batch_size, self.backward_calls, self.dtype,
                                     load_universal=load_universal)
         optimizer = torch.optim.AdamW(trainable, lr=learner_cfg.lr, weight_decay=learner_cfg.weight_decay)
-        self.engine, *_ = deepspeed.initialize(model=_PolicyNet(self.dual), optimizer=optimizer, config=ds_config)
+        self.engine, *_ = deepspeed.initialize(model=PolicyNet(self.dual), optimizer=optimizer, config=ds_config)
         torch.manual_seed(seed + rank)  # dropout etc. differ across ranks from here on
 
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -272,57 +253,150 @@ class LearnerWorker:
         norm before clipping (equal on every rank; mean over the updates); everything else describes this rank
         (average ``*_mean`` / ``diag_*`` over ranks, take the worst ``alarm_*``)."""
         t_start = time.perf_counter()
+        self._check_shard(shard)
+        # 1. rows re-encoded by any rank in the previous step
+        self._items().apply(shard.table_updates_idx, shard.table_updates)
+        self._set_lr(self.learner_cfg.lr)
+        table_cos = table_cosine_mean(self.table)
+        # 2. rewards from the rollout's h_T, group advantages, relabel mask
+        scored = self._score(shard)
+        t_reward = time.perf_counter() - t_start
+        # 3. pi_old: with one update it is the current policy (ratio 1, computed inside the update); with several,
+        # every update is measured against the weights that sampled the chains, computed once here.
+        t0, M = time.perf_counter(), self.learner_cfg.mini_batches
+        h_T_learner = torch.empty(len(shard.rollout), self.hidden_size, dtype=torch.float32)
+        old_logp = self._chain_logp(shard, h_T_learner) if M > 1 else None
+        t_old = time.perf_counter() - t0
+        # 4. the updates, each on whole groups: token term, item term, optimiser step
+        U = len(shard.prompt_ids)
+        ups = [self._update(shard, list(range(U))[m * U // M:(m + 1) * U // M], scored.adv.flatten(),
+                            scored.relabel.flatten(), old_logp, h_T_learner, single=M == 1) for m in range(M)]
+        # The alarm's rewards: the learner's own h_T (before the first update) against the same table.
+        reward_learner, _ = self._rewards(h_T_learner, scored.history_rep, scored.target_rep, scored.table)
+        items = torch.unique(torch.cat([u["items"] for u in ups]))
+        metrics = self._step_metrics(shard, scored, ups, h_T_learner, old_logp, table_cos, t_reward, t_old)
+        return StepResult(metrics=metrics, table_updates_idx=items.cpu(),
+                          table_updates=self.table[items.to(self.device)].float().cpu(), rewards=scored.rewards,
+                          rewards_learner=reward_learner.rewards.float().cpu())
+
+    def _check_shard(self, shard: TrainShard) -> None:
+        """Refuse a malformed shard before the first collective (not in the middle of one)."""
         G, rollout = self.recpo_cfg.group_size, shard.rollout
-        U, N = len(shard.prompt_ids), len(shard.rollout)
+        U, N = len(shard.prompt_ids), len(rollout)
         if U == 0 or N != U * G:
             raise ValueError(f"train_step: {U} prompts and {N} chains do not form groups of G={G}")
-        local_tokens = rollout.num_sampled_tokens
-        if local_tokens > shard.num_tokens:
-            raise ValueError(f"shard has {local_tokens} sampled tokens but the step's global num_tokens is "
-                             f"{shard.num_tokens}: pass the count over all ranks")
+        if rollout.num_sampled_tokens > shard.num_tokens:
+            raise ValueError(f"shard has {rollout.num_sampled_tokens} sampled tokens but the step's global num_tokens "
+                             f"is {shard.num_tokens}: pass the count over all ranks")
         width = rollout.logp_mask.shape[1]
-        for r, chain in enumerate(rollout.chain_ids):  # checked before the first collective, not in the middle
+        for r, chain in enumerate(rollout.chain_ids):
             if not chain or len(chain) > width or bool(rollout.logp_mask[r, len(chain):].any()):
                 raise ValueError(f"rollout row {r}: logp_mask does not fit its chain of {len(chain)} tokens")
 
-        # 1. rows re-encoded by any rank in the previous step
-        self._items().apply(shard.table_updates_idx, shard.table_updates)  # the other ranks' rows of the last step
-        self._set_lr(self.learner_cfg.lr)
-        table_cos = table_cosine_mean(self.table)
-
-        # 2. rewards from the rollout's h_T, group advantages, relabel mask
+    def _score(self, shard: TrainShard) -> _Scored:
+        """Step 2: RecPO's fused reward of every chain from the rollout's h_T, group advantages, the relabel mask."""
+        G, U = self.recpo_cfg.group_size, len(shard.prompt_ids)
         target_rep = shard.target_idx.repeat_interleave(G)
         history_rep = shard.history_idx.repeat_interleave(G, dim=0)
-        table_before = self.table.clone()  # the updates write re-encoded targets into this rank's table
-        reward, scores = self._rewards(rollout.h_T, history_rep, target_rep, table_before)
+        table = self.table.clone()  # the updates write re-encoded targets into this rank's table
+        reward, scores = self._rewards(shard.rollout.h_T, history_rep, target_rep, table)
         rewards = reward.rewards.float().cpu()
         adv = compute_advantages(rewards.view(U, G), self.recpo_cfg.advantage)  # (U, G)
-        relabel = relabel_mask(adv, self.recpo_cfg.relabel_topk)  # (U, G) bool
-        adv_flat, relabel_flat = adv.flatten(), relabel.flatten()
-        t_reward = time.perf_counter() - t_start
+        return _Scored(reward, rewards, scores, adv, relabel_mask(adv, self.recpo_cfg.relabel_topk), table,
+                       history_rep, target_rep)
 
-        # 3. pi_old: with one update it is the current policy (ratio 1, computed inside the update); with several,
-        # every update is measured against the weights that sampled the chains, computed once here.
-        M = self.learner_cfg.mini_batches
+    def _update(self, shard: TrainShard, users: list[int], adv: torch.Tensor, relabel: torch.Tensor,
+                old_logp: torch.Tensor | None, h_T_learner: torch.Tensor, single: bool) -> dict[str, Any]:
+        """One optimiser update on the groups of ``users``: the token term, the item term, the optimiser step."""
+        G = self.recpo_cfg.group_size
+        rows_all = [u * G + j for u in users for j in range(G)]
+        local_tokens = int(shard.rollout.logp_mask[rows_all].sum()) if rows_all else 0
+        # Global normalisers of this update: the shard's (one update per step) or summed over ranks.
+        num_tokens = shard.num_tokens if single else self._agree_sum(local_tokens)
+        num_chains = shard.num_chains if single else self._agree_sum(len(rows_all))
         t0 = time.perf_counter()
-        h_T_learner = torch.empty(N, self.hidden_size, dtype=torch.float32)
-        old_logp, logp_abs_diff = None, 0.0
-        if M > 1:
-            old_logp = self._chain_logp(shard, h_T_learner)
-            logp_abs_diff = float(((old_logp - rollout.logp.float()).abs() * rollout.logp_mask).sum())
-        t_old = time.perf_counter() - t0
+        # max(., 1): all chains may be appended markers only: loss 0, not NaN
+        token = self._token_term(shard, rows_all, adv, old_logp, h_T_learner, max(num_tokens, 1))
+        t_token = time.perf_counter() - t0
+        token_grads = self._grads_snapshot()
+        t0 = time.perf_counter()
+        term = self._item_term(shard, rows_all, adv, relabel, num_chains)
+        t_item = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        norms = self._optimizer_step(token_grads)
+        return {**token, "loss_item": term.loss_local, "items": term.items, "candidates": term.candidates,
+                "t_token": t_token, "t_item": t_item, "t_opt": time.perf_counter() - t0, **norms}
 
-        # 4. the updates, each on whole groups: token term, item term, optimiser step
-        parts = [list(range(U))[m * U // M:(m + 1) * U // M] for m in range(M)]
-        ups = [self._update(shard, users, adv_flat, relabel_flat, old_logp, h_T_learner, single=M == 1)
-               for users in parts]
-        # The alarm's rewards: the learner's own h_T (before the first update) against the same table.
-        reward_learner, _ = self._rewards(h_T_learner, history_rep, target_rep, table_before)
+    def _token_term(self, shard: TrainShard, rows_all: list[int], adv: torch.Tensor, old_logp: torch.Tensor | None,
+                    h_T_learner: torch.Tensor, num_tokens: int) -> dict[str, float]:
+        """Step 3 of an update: the clipped token loss (plus the KL term) micro-batch by micro-batch, each with its
+        backward. Fills ``h_T_learner`` for these rows when pi_old was not computed beforehand."""
+        G, rollout, W = self.recpo_cfg.group_size, shard.rollout, self.world_size
+        self.engine.train()
+        mbs = self.learner_cfg.micro_batch_size
+        batches = [rows_all[lo:lo + mbs] for lo in range(0, len(rows_all), mbs)]
+        out = {"loss_token": 0.0, "loss_kl": 0.0, "clipped": 0.0, "logp_abs_diff": 0.0}
+        kl_coef = self.recpo_cfg.kl_coef
+        for k in range(self._agree_max(len(batches))):
+            self.engine.set_gradient_accumulation_boundary(False)
+            if k >= len(batches):  # padding micro-batch: keeps ZeRO's collectives in step with busier ranks
+                logp, _, _ = self.engine("chain", *self._padding_chain())
+                if kl_coef > 0:
+                    self._ref_logp(*self._padding_chain())
+                self.engine.backward(logp.sum() * 0.0, scale_wrt_gas=False)
+                continue
+            rows = batches[k]
+            prompts, chains = [shard.prompt_ids[r // G] for r in rows], [rollout.chain_ids[r] for r in rows]
+            logp, _, h_T = self.engine("chain", prompts, chains)
+            grid = tuple(logp.shape)
+            mask, logp_rollout = self._align_chain_tokens(rows, prompts, chains, grid, rollout.logp_mask, rollout.logp)
+            old = logp.detach() if old_logp is None else self._align_chain_tokens(
+                rows, prompts, chains, grid, rollout.logp_mask, old_logp)[1]
+            term = token_loss(logp, old, adv[rows].to(self.device), mask, eps_low=self.recpo_cfg.eps_low,
+                              eps_high=self.recpo_cfg.eps_high, num_tokens=num_tokens)
+            loss = term.loss
+            out["loss_token"] += float(term.loss.detach())
+            out["clipped"] += float(term.clip_frac) * num_tokens
+            if kl_coef > 0:
+                kl = kl_penalty(logp, self._ref_logp(prompts, chains), mask, num_tokens=num_tokens)
+                loss = loss + kl_coef * kl
+                out["loss_kl"] += float(kl.detach())
+            if old_logp is None:  # else both come from the pass that computed pi_old
+                out["logp_abs_diff"] += float(((logp.detach().float() - logp_rollout).abs() * mask).sum())
+                h_T_learner[rows] = h_T.detach().float().cpu()
+            # DeepSpeed averages gradients over ranks; x W turns the average of globally normalised shares into
+            # their sum. scale_wrt_gas=False: the loss is normalised already.
+            self.engine.backward(loss * W, scale_wrt_gas=False)
+        return out
 
-        items = torch.unique(torch.cat([u["items"] for u in ups]))
-        item_updates = self.table[items.to(self.device)].float().cpu()
+    def _item_term(self, shard: TrainShard, rows_all: list[int], adv: torch.Tensor, relabel: torch.Tensor,
+                   num_chains: int):
+        """Step 4 of an update: the relabelled chains' h_T against the step's targets, both with gradient (the
+        update's last backward); the targets' fresh rows go into this rank's table."""
+        G, rollout, W = self.recpo_cfg.group_size, shard.rollout, self.world_size
+        self.engine.set_gradient_accumulation_boundary(True)
+        sel = [r for r in rows_all if relabel[r]]
+        term = item_term(self._encode, self.item_prompt_ids, self.table,
+                         [list(shard.prompt_ids[r // G]) + list(rollout.chain_ids[r]) for r in sel],
+                         shard.target_idx[[r // G for r in sel]], shard.history_idx[[r // G for r in sel]],
+                         adv[sel], num_chains, self.model_cfg.tau, self.recpo_cfg.item_negatives, self.rank, W,
+                         items_frozen=self.model_cfg.item_table == "frozen")
+        self.engine.backward(term.loss * W, scale_wrt_gas=False)
+        self._items().apply(term.items, term.h_items)
+        return term
+
+    def _step_metrics(self, shard: TrainShard, scored: _Scored, ups: list[dict], h_T_learner: torch.Tensor,
+                      old_logp: torch.Tensor | None, table_cos: float, t_reward: float, t_old: float
+                      ) -> dict[str, float]:
+        """The step's metrics on this rank (how each combines over ranks: ``driver.tracking.reduce_rank_metrics``)."""
+        rollout, M, N = shard.rollout, len(ups), len(shard.rollout)
+        local_tokens = rollout.num_sampled_tokens
+        logp_abs_diff = sum(u["logp_abs_diff"] for u in ups)
+        if old_logp is not None:  # measured once, in the pass that computed pi_old
+            logp_abs_diff += float(((old_logp - rollout.logp.float()).abs() * rollout.logp_mask).sum())
         t_token, t_item, t_opt = (sum(u[k] for u in ups) for k in ("t_token", "t_item", "t_opt"))
         t_train = t_old + t_token + t_item + t_opt
+        reward, rewards = scored.reward, scored.rewards
         metrics = {
             "loss_token": sum(u["loss_token"] for u in ups) / M,
             "loss_item": sum(u["loss_item"] for u in ups) / M,
@@ -331,16 +405,16 @@ class LearnerWorker:
             "r_d_mean": float(reward.r_d.mean()),
             "r_c_mean": float(reward.r_c.mean()),
             "target_rank_mean": float(reward.rank.double().mean()),
-            "adv_abs_mean": float(adv.abs().mean()),
+            "adv_abs_mean": float(scored.adv.abs().mean()),
             "clip_frac": sum(u["clipped"] for u in ups) / max(local_tokens, 1),
             "grad_norm": sum(u["grad_norm"] for u in ups) / M,
             "diag_table_cos_mean": table_cos,
-            "diag_score_std": score_std_mean(scores),
+            "diag_score_std": score_std_mean(scored.scores),
             "chain_len_mean": sum(len(c) for c in rollout.chain_ids) / N,
             "num_tokens": float(local_tokens),
             "item_candidates": sum(u["candidates"] for u in ups) / M,
             "alarm_h_T_max_diff": float((h_T_learner - rollout.h_T.float()).abs().max()),
-            "alarm_logp_abs_diff_mean": (logp_abs_diff + sum(u["logp_abs_diff"] for u in ups)) / max(local_tokens, 1),
+            "alarm_logp_abs_diff_mean": logp_abs_diff / max(local_tokens, 1),
             "time_reward_s": t_reward,
             "time_old_logp_s": t_old,
             "time_token_s": t_token,
@@ -354,81 +428,7 @@ class LearnerWorker:
         if "grad_norm_token" in ups[0]:  # measurable at ZeRO-0 with one rank only (_grads_snapshot)
             for key in ("grad_norm_token", "grad_norm_item"):
                 metrics[key] = sum(u[key] for u in ups) / M
-        return StepResult(metrics=metrics, table_updates_idx=items.cpu(), table_updates=item_updates,
-                          rewards=rewards, rewards_learner=reward_learner.rewards.float().cpu())
-
-    def _update(self, shard: TrainShard, users: list[int], adv: torch.Tensor, relabel: torch.Tensor,
-                old_logp: torch.Tensor | None, h_T_learner: torch.Tensor, single: bool) -> dict[str, Any]:
-        """One optimiser update on the groups of ``users``: token micro-batches, the item term, the step."""
-        G, rollout, W = self.recpo_cfg.group_size, shard.rollout, self.world_size
-        rows_all = [u * G + j for u in users for j in range(G)]
-        local_tokens = int(rollout.logp_mask[rows_all].sum()) if rows_all else 0
-        # Global normalisers of this update: the shard's (one update per step) or summed over ranks.
-        num_tokens = shard.num_tokens if single else self._agree_sum(local_tokens)
-        num_chains = shard.num_chains if single else self._agree_sum(len(rows_all))
-        num_tokens = max(num_tokens, 1)  # all chains may be appended markers only: loss 0, not NaN
-
-        t0 = time.perf_counter()
-        self.engine.train()
-        mbs = self.learner_cfg.micro_batch_size
-        batches = [rows_all[lo:lo + mbs] for lo in range(0, len(rows_all), mbs)]
-        loss_token = loss_kl = clipped = logp_abs_diff = 0.0
-        kl_coef = self.recpo_cfg.kl_coef
-        for k in range(self._agree_max(len(batches))):
-            self.engine.set_gradient_accumulation_boundary(False)
-            if k < len(batches):
-                rows = batches[k]
-                prompts = [shard.prompt_ids[r // G] for r in rows]
-                chains = [rollout.chain_ids[r] for r in rows]
-                logp, _, h_T = self.engine("chain", prompts, chains)
-                mask, logp_rollout = self._align_chain_tokens(rows, prompts, chains, tuple(logp.shape),
-                                                              rollout.logp_mask, rollout.logp)
-                if old_logp is None:
-                    old = logp.detach()
-                else:
-                    old = self._align_chain_tokens(rows, prompts, chains, tuple(logp.shape), rollout.logp_mask,
-                                                   old_logp)[1]
-                out = token_loss(logp, old, adv[rows].to(self.device), mask, eps_low=self.recpo_cfg.eps_low,
-                                 eps_high=self.recpo_cfg.eps_high, num_tokens=num_tokens)
-                loss = out.loss
-                loss_token += float(out.loss.detach())
-                if kl_coef > 0:
-                    kl = kl_penalty(logp, self._ref_logp(prompts, chains), mask, num_tokens=num_tokens)
-                    loss = loss + kl_coef * kl
-                    loss_kl += float(kl.detach())
-                clipped += float(out.clip_frac) * num_tokens
-                if old_logp is None:  # else both come from the pass that computed pi_old
-                    logp_abs_diff += float(((logp.detach().float() - logp_rollout).abs() * mask).sum())
-                    h_T_learner[rows] = h_T.detach().float().cpu()
-            else:  # padding micro-batch: keeps ZeRO's collectives in step with ranks that have more chains
-                logp, _, _ = self.engine("chain", *self._padding_chain())
-                if kl_coef > 0:
-                    self._ref_logp(*self._padding_chain())
-                loss = logp.sum() * 0.0
-            # DeepSpeed averages gradients over ranks; x W turns the average of globally normalised shares into
-            # their sum. scale_wrt_gas=False: the loss is normalised already.
-            self.engine.backward(loss * W, scale_wrt_gas=False)
-        t_token = time.perf_counter() - t0
-        token_grads = self._grads_snapshot()
-
-        # the item term: the relabelled chains' h_T against the step's targets, both with gradient
-        t0 = time.perf_counter()
-        self.engine.set_gradient_accumulation_boundary(True)
-        sel = [r for r in rows_all if relabel[r]]
-        term = item_term(self._encode, self.item_prompt_ids, self.table,
-                         [list(shard.prompt_ids[r // G]) + list(rollout.chain_ids[r]) for r in sel],
-                         shard.target_idx[[r // G for r in sel]], shard.history_idx[[r // G for r in sel]],
-                         adv[sel], num_chains, self.model_cfg.tau, self.recpo_cfg.item_negatives, self.rank, W,
-                         items_frozen=self.model_cfg.item_table == "frozen")
-        self.engine.backward(term.loss * W, scale_wrt_gas=False)
-        self._items().apply(term.items, term.h_items)
-        t_item = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        norms = self._optimizer_step(token_grads)
-        return {"loss_token": loss_token, "loss_kl": loss_kl, "loss_item": term.loss_local, "clipped": clipped,
-                "logp_abs_diff": logp_abs_diff, "items": term.items, "candidates": term.candidates,
-                "t_token": t_token, "t_item": t_item, "t_opt": time.perf_counter() - t0, **norms}
+        return metrics
 
     def warmup_step(self, shard: WarmupShard) -> StepResult:
         """One warm-up optimiser step (the paper's "w/o reasoning" objective): the item term with h read at
@@ -564,68 +564,6 @@ class LearnerWorker:
             out[i, at] = logp[r, :n].float()
         return mask.to(self.device), out.to(self.device)
 
-    # ------------------------------------------------------------------------------------------ inference helpers
-    @torch.no_grad()
-    def chain_states(self, prompt_ids: Sequence[Sequence[int]], chains: Sequence[Sequence[int]]
-                     ) -> tuple[torch.Tensor, list[list[float]]]:
-        """h_T (N, d) float32 and the log-prob of every chain token under the current weights (eval mode).
-
-        Collective under ZeRO-3 (every rank must call it; ranks may pass different numbers of chains)."""
-        self.engine.eval()
-        mbs = self.learner_cfg.micro_batch_size
-        batches = [list(range(lo, min(len(chains), lo + mbs))) for lo in range(0, len(chains), mbs)]
-        h_T, logps = [], []
-        for k in range(self._agree_max(len(batches)) if self.zero3 else len(batches)):
-            if k >= len(batches):
-                self.engine("chain", *self._padding_chain())
-                continue
-            p, c = [list(prompt_ids[r]) for r in batches[k]], [list(chains[r]) for r in batches[k]]
-            logp, mask, h = self.engine("chain", p, c)
-            h_T.append(h.float().cpu())
-            logps += [row[m.bool()].tolist() for row, m in zip(logp.float().cpu(), mask.cpu(), strict=True)]
-        return (torch.cat(h_T) if h_T else torch.zeros(0, self.hidden_size)), logps
-
-    @torch.no_grad()
-    def encode_items(self, item_prompt_ids: Sequence[Sequence[int]], batch_size: int = 32) -> torch.Tensor:
-        """Item embeddings (n, d) float32 with the current weights (eval mode). Collective under ZeRO-3."""
-        self.engine.eval()
-        order = sorted(range(len(item_prompt_ids)), key=lambda i: len(item_prompt_ids[i]))
-        batches = [order[lo:lo + batch_size] for lo in range(0, len(order), batch_size)]
-        table = torch.zeros(len(order), self.hidden_size, dtype=torch.float32)
-        for k in range(self._agree_max(len(batches)) if self.zero3 else len(batches)):
-            if k >= len(batches):
-                self.engine("last", [[self.dual.pad_id]])
-                continue
-            table[torch.as_tensor(batches[k])] = self.engine("last", [list(item_prompt_ids[i]) for i in batches[k]]
-                                                             ).float().cpu()
-        return table
-
-    @torch.no_grad()
-    def greedy(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-        """Greedy reasoning chains (token ids, ending with the answer marker). Collective under ZeRO-3."""
-        self.engine.eval()
-        return self.engine("greedy", prompt_ids, max_new_tokens, self.zero3 and self.world_size > 1)
-
-    def fingerprint(self) -> float:
-        """Sum of all trainable parameters (full, gathered) in float64. Collective under ZeRO-3."""
-        total = 0.0
-        for p in self.dual.model.parameters():
-            if p.requires_grad:
-                with self._gathered([p]):
-                    total += float(p.detach().double().sum())
-        return total
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Trainable parameters (LoRA adapters, or everything for full fine-tuning) under the model's own names
-        (peft names with LoRA); full tensors on rank 0, {} elsewhere. Collective under ZeRO-3."""
-        out = {}
-        for name, p in self.dual.model.named_parameters():
-            if p.requires_grad:
-                with self._gathered([p]):
-                    if self.rank == 0:
-                        out[name] = p.detach().cpu().clone()
-        return out
-
     # ------------------------------------------------------------------------------------------ weight export
     # The learner's side of every weight hand-off is learner/weights.py's WeightExport; these are its Ray-facing calls.
     def weight_metas(self) -> list[TensorMeta]:
@@ -652,78 +590,10 @@ class LearnerWorker:
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, directory: str) -> None:
-        """Write this rank's part of the learner checkpoint into ``directory`` (collective: every rank at once).
-
-        ``directory/ds/``: DeepSpeed's sharded checkpoint (module, ZeRO partitions of the fp32 weights and AdamW
-        states, step counters), without DeepSpeed's ``latest`` file and without client state (the driver keeps
-        the project's state itself). ``directory/rng-rank<r>.json``: this rank's RNG states. Returns once every
-        rank has finished writing."""
-        from r2ec.checkpoint import DS_TAG, write_json_atomic
-
-        path = os.fspath(directory)
-        os.makedirs(path, exist_ok=True)
-        self.engine.save_checkpoint(path, tag=DS_TAG, client_state={}, save_latest=False)
-        state = {"world_size": self.world_size, "rank": self.rank, "global_steps": int(self.engine.global_steps),
-                 **rng_state()}
-        write_json_atomic(Path(path) / f"rng-rank{self.rank}.json", state)
-        if self.world_size > 1:
-            torch.distributed.barrier()
+        """This rank's part of the learner checkpoint (learner/checkpointing.py). Collective: every rank at once."""
+        save_rank(self.engine, self.rank, self.world_size, directory)
 
     def load_checkpoint(self, directory: str, universal_dir: str | None = None) -> dict[str, Any]:
-        """Restore what ``save_checkpoint`` wrote into ``directory`` (collective: every rank at once).
-
-        Module weights, fp32 master weights, AdamW states and DeepSpeed's step counters are restored, so the next
-        ``train_step`` is the one an uninterrupted run would take. Every torch-pickle file is first opened with
-        ``torch.load(weights_only=True)`` under ``r2ec.checkpoint.SAFE_GLOBALS`` (DeepSpeed itself unpickles with
-        ``weights_only=False``). With ``universal_dir`` (the output of ``learner.universal.to_universal``, needed
-        when the checkpoint was written by another number of ranks) the weights and optimizer states come from the
-        universal checkpoint instead; the worker must have been built with ``load_universal=True``.
-
-        Call it on a freshly built worker, before any ``train_step`` (DeepSpeed's ZeRO-3 cannot load into an
-        engine whose parameters it has already partitioned and trained), with the same model / LoRA / ZeRO config.
-
-        RNG: this rank's saved states are restored when the checkpoint has this world size; otherwise every RNG
-        is seeded from (seed, saved step, rank), which is deterministic but not the uninterrupted run's stream.
-        Returns ``{"global_steps", "world_size_saved", "universal", "rng_restored", "rng_seed"}``."""
-        from learner.universal import needs_universal, saved_world_size
-        from r2ec.checkpoint import DS_TAG, CheckpointError, check_pickles, pickle_files
-
-        folder = Path(directory)
-        if universal_dir is not None and not self.load_universal:
-            raise ValueError("load_checkpoint(universal_dir=...) needs a LearnerWorker built with "
-                             "load_universal=True (DeepSpeed's checkpoint.load_universal is fixed at initialisation)")
-        if universal_dir is None and self.load_universal:
-            raise ValueError("this LearnerWorker was built with load_universal=True and can only load a universal "
-                             "checkpoint: pass universal_dir (see learner.universal.to_universal)")
-        load_dir = Path(universal_dir) if universal_dir is not None else folder
-        if not (load_dir / DS_TAG).is_dir():
-            raise CheckpointError(f"{load_dir / DS_TAG}: no DeepSpeed checkpoint folder")
-        files = pickle_files(load_dir / DS_TAG)
-        if not files:
-            raise CheckpointError(f"{load_dir / DS_TAG}: no checkpoint files")
-        check_pickles(files)  # before DeepSpeed unpickles anything
-        saved_w = saved_world_size(folder)
-        if universal_dir is None and needs_universal(folder, self.world_size):  # (ZeRO-0 loads at any size)
-            raise CheckpointError(f"{folder}: written by {saved_w} learner ranks, this learner has "
-                                  f"{self.world_size}; convert it with learner.universal.to_universal and load it "
-                                  "with load_universal=True")
-
-        load_path, _ = self.engine.load_checkpoint(os.fspath(load_dir), tag=DS_TAG, load_module_strict=True,
-                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
-        if load_path is None:
-            raise CheckpointError(f"{load_dir / DS_TAG}: DeepSpeed found no checkpoint to load")
-        steps = int(self.engine.global_steps)
-
-        rng_file = folder / f"rng-rank{self.rank}.json"
-        rng_seed = None
-        if saved_w == self.world_size and rng_file.is_file():
-            state = json.loads(rng_file.read_text())
-            if state.get("world_size") != self.world_size or state.get("rank") != self.rank:
-                raise CheckpointError(f"{rng_file}: belongs to rank {state.get('rank')} of "
-                                      f"{state.get('world_size')}, not rank {self.rank} of {self.world_size}")
-            set_rng_state(state)
-        else:
-            rng_seed = (self.seed * 1_000_003 + steps * 1_009 + self.rank) % 2**32
-            seed_all(rng_seed)
-        return {"global_steps": steps, "world_size_saved": saved_w, "universal": universal_dir is not None,
-                "rng_restored": rng_seed is None, "rng_seed": rng_seed}
+        """Restore what ``save_checkpoint`` wrote (learner/checkpointing.py). Collective: every rank at once."""
+        return load_rank(self.engine, self.rank, self.world_size, self.seed, self.load_universal, directory,
+                         universal_dir)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from driver.system import ClusterError
+from driver.remote import ClusterError
 from r2ec.config import load_config
 from r2ec.testing import write_tiny_dataset
 
@@ -42,7 +42,7 @@ def fault_cfg(tiny_model_dir, data_dir, out_dir, *overrides):
 def ray_session(tiny_model_dir, data_dir, tmp_path_factory):
     import ray
 
-    from driver.system import connect
+    from driver.remote import connect
 
     connect(fault_cfg(tiny_model_dir, data_dir, tmp_path_factory.mktemp("ray")), log=print)
     yield
@@ -140,7 +140,7 @@ def _await_dead(name: str) -> None:
 
 
 def test_a_chunk_from_other_weights_is_refused_naming_its_worker():
-    from driver.system import check_weight_versions
+    from driver.remote import check_weight_versions
 
     check_weight_versions([4, 4, 4], [0, 1, 0], expected=4)
     with pytest.raises(ClusterError, match="rollout worker 1 sampled with the weights of version 3, expected version 4"):

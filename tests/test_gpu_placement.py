@@ -2,7 +2,7 @@
 
 import pytest
 
-from driver.system import ClusterError, _on_assigned_gpu, local_cuda_index
+from driver.remote import ClusterError, local_cuda_index, on_assigned_gpu
 
 
 @pytest.mark.parametrize("gpu_ids, visible, expected", [
@@ -31,7 +31,7 @@ def test_actor_class_resolves_cuda_to_the_assigned_gpu(monkeypatch):
         def __init__(self, a, device: str = "cpu"):
             self.a, self.device = a, device
 
-    Actor = _on_assigned_gpu(Worker)
+    Actor = on_assigned_gpu(Worker)
     assert Actor.__name__ == "Worker"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
     monkeypatch.setattr(ray, "get_gpu_ids", lambda: [2])

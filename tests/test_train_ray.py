@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from driver.system import ClusterError, System
+from driver.remote import ClusterError
+from driver.system import System
 from r2ec.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +43,7 @@ def _assert_workers_equal_learner(system, prompts):
     """After a sync every rollout engine holds the learner's weights: same greedy chains, h_T and log-probs."""
     import ray
 
-    from driver.system import get
+    from driver.remote import get
 
     # Under ZeRO-3 a forward pass is collective: every learner rank takes part.
     chains = get([a.greedy.remote(prompts[:2], 8) for a in system.learners], 300, "learner greedy")[0]
@@ -84,7 +85,7 @@ ENGINES_AND_STAGES = [
 @pytest.mark.parametrize("engine, stage", ENGINES_AND_STAGES)
 def test_two_rollout_workers_two_learner_ranks(engine, stage, tiny_model_dir, tmp_path):
     from driver.loop import rl_step
-    from driver.system import get
+    from driver.remote import get
 
     cfg = tiny_cfg(tiny_model_dir, tmp_path, f"rollout.engine={engine}", f"learner.zero_stage={stage}")
     items, batches = _inputs(cfg, n=2)
