@@ -46,7 +46,7 @@ PHASES = ("generate", "hidden", "reward", "train", "sync", "step")
 
 def run_variant(cfg, data, table: torch.Tensor, steps: int, log) -> list[dict]:
     """``steps`` RecPO steps on a fresh system built from ``cfg``; one dict of phase seconds per step."""
-    from driver.loop import batch_inputs, rl_step
+    from driver.steps import batch_inputs, rl_step
     from driver.system import System
     from r2ec.data.sampler import EpochSampler
 

@@ -216,7 +216,7 @@ def run_ours(cfg, engine: str, rows_per_step: list[list[int]], prepared, builder
              item_prompts: list[list[int]], table, log=print) -> dict:
     import torch
 
-    from driver.loop import batch_inputs, rl_step
+    from driver.steps import batch_inputs, rl_step
     from driver.system import System
     from r2ec.model import resolve_device
 

@@ -54,7 +54,7 @@ def run_point(config: str, overrides: list[str], steps: int, valid_every: int | 
     steps, NDCG@10 only, into the log). Returns its record."""
     from transformers import AutoTokenizer
 
-    from driver.loop import batch_inputs
+    from driver.steps import batch_inputs
     from learner.worker import LearnerWorker
     from r2ec.algo.bootstrap import user_bootstrap_ci, user_codes
     from r2ec.algo.metrics import hit_at_k, ndcg_at_k, per_sample_metrics, target_rank

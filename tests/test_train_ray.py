@@ -25,7 +25,7 @@ def tiny_cfg(tiny_model_dir, out_dir, *overrides):
 def _inputs(cfg, n):
     from transformers import AutoTokenizer
 
-    from driver.loop import batch_inputs
+    from driver.steps import batch_inputs
     from r2ec.data.prepare import prepare_from_config
     from r2ec.prompts import PromptBuilder, item_prompt_ids
 
@@ -84,8 +84,8 @@ ENGINES_AND_STAGES = [
 
 @pytest.mark.parametrize("engine, stage", ENGINES_AND_STAGES)
 def test_two_rollout_workers_two_learner_ranks(engine, stage, tiny_model_dir, tmp_path):
-    from driver.loop import rl_step
     from driver.remote import get
+    from driver.steps import rl_step
 
     cfg = tiny_cfg(tiny_model_dir, tmp_path, f"rollout.engine={engine}", f"learner.zero_stage={stage}")
     items, batches = _inputs(cfg, n=2)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from driver.loop import make_warmup_shards, recpo_steps, total_steps
 from driver.run_state import check_phase, phase_of
+from driver.steps import make_warmup_shards, recpo_steps, total_steps
 from r2ec.checkpoint import CheckpointError
 from r2ec.config import ModelConfig, RolloutConfig, load_config
 
