@@ -69,12 +69,13 @@ def _truncate_after(path: Path, step: int) -> int:
 
 
 def reduce_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
-    """Combine learner ranks' metrics: losses are parts of one globally normalised sum (added up), alarms take
-    the worst rank, everything else is a mean over ranks (each rank holds the same number of chains)."""
+    """Combine learner ranks' metrics by name: losses (``loss*``, parts of one globally normalised sum) and counts
+    (``num_*``, e.g. the step's sampled tokens) are added up, alarms and times (``alarm*``, ``time*``) take the worst
+    rank, everything else is a mean over ranks (each rank holds the same number of chains)."""
     out: dict[str, float] = {}
     for key in per_rank[0]:
         vals = [m[key] for m in per_rank]
-        if key.startswith("loss"):
+        if key.startswith("loss") or key.startswith("num_"):
             out[key] = sum(vals)
         elif key.startswith("alarm") or key.startswith("time"):
             out[key] = max(vals)
