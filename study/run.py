@@ -34,7 +34,7 @@ RESULTS = ROOT / "study" / "results"
 OUTPUTS = Path("outputs/study")
 STUDY = "configs/study-ml100k.yaml"
 WARMUP = "configs/study-warmup.yaml"
-R2EC = [sys.executable, "-m", "r2ec"]
+R2EC = [sys.executable, "-m", "driver"]  # the `r2ec` command
 KEPT_SAMPLE_KEYS = ("sample_id", "user_id", "target_item_id", "target_rank", "appended_marker")
 
 
