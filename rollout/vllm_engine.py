@@ -260,24 +260,22 @@ class VllmEngine:
 
     def receive_weights(self, metas: Sequence[TensorMeta], bucket_bytes: int) -> float:
         plain = [(m.name, m.dtype, list(m.shape)) for m in metas]
-        checksums = self._rpc("r2ec_receive_weights", plain, bucket_bytes)
-        # Cached KV was computed with the old weights: a prefix hit would mix old and new activations.
+        return self._after_update(self._rpc("r2ec_receive_weights", plain, bucket_bytes), "received")
+
+    def _after_update(self, checksums: list[Any], what: str) -> int:
+        """After new weights were loaded: drop the prefix cache (cached KV was computed with the old weights: a
+        prefix hit would mix old and new activations) and check every tensor-parallel rank saw the same bytes."""
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM could not reset its prefix cache after a weight update")
         if len(set(checksums)) != 1:
-            raise RuntimeError(f"weight sync: tensor-parallel ranks received different data {checksums}")
+            raise RuntimeError(f"weight update: tensor-parallel ranks {what} different data {checksums}")
         return int(checksums[0])
 
     def load_packed(self, source: dict[str, Any], metas: Sequence[TensorMeta]) -> int:
         """Colocated: load the learner's weights from a same-host buffer (``r2ec.weight_share``; ``source`` says
         where: ``{"file": path, "nbytes": n}`` or ``{"cuda_ipc": handle}``); returns the reader's checksum."""
         plain = [(m.name, m.dtype, list(m.shape)) for m in metas]
-        checksums = self._rpc("r2ec_load_packed", source, plain)
-        if not self.llm.reset_prefix_cache():
-            raise RuntimeError("vLLM could not reset its prefix cache after a weight update")
-        if len(set(checksums)) != 1:
-            raise RuntimeError(f"weight share: tensor-parallel ranks read different data {checksums}")
-        return int(checksums[0])
+        return self._after_update(self._rpc("r2ec_load_packed", source, plain), "read")
 
     def sleep(self) -> None:
         """Free the GPU for the colocated learner (KV cache dropped, weights to CPU memory); a no-op without sleep
