@@ -175,7 +175,7 @@ def find_checkpoint(cfg: Config, out_dir: Path, resume: str, item_ids: list[str]
 def restore(system, cfg: Config, resumed: Resumed, sampler, log) -> RunState:
     """Learner shards (re-sharded through DeepSpeed's universal format when the world size changed), sampler,
     RNG, item table. The rollout engines still hold the initial weights: the training loop broadcasts the loaded
-    ones before it first uses them (driver.loop.sync_rollouts)."""
+    ones before it first uses them (driver.steps.sync_rollouts)."""
     import shutil
 
     from r2ec import checkpoint as ck

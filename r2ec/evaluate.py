@@ -129,7 +129,7 @@ def evaluate(cfg, split: Literal["valid", "test"] | None = None, baseline: Liter
         builder = PromptBuilder.from_config(cfg.data.prompt, cfg.model.answer_marker)
         h_items = zero_shot_item_table(model, cfg.model, item_prompt_ids(builder, model.tokenizer, prepared.items),
                                        cfg.eval.item_batch_size, cache_root() / "item_tables", log)
-        if cfg.model.center_items:  # the table a frozen, centred run starts from (driver/loop.py): cosine sees it
+        if cfg.model.center_items:  # the table a frozen, centred run starts from (driver/session.py): cosine sees it
             h_items = centred_rows(h_items)
         method, batch_size = "zero-shot" if not cfg.model.lora.enabled else "model", cfg.eval.batch_size
     else:
