@@ -27,12 +27,14 @@ def _run(script: str, tmp_path: Path, *args: str) -> dict:
     return record
 
 
+@pytest.mark.slow
 def test_rec_head_scoring_quick(tmp_path):
     rows = _run("rec_head_scoring.py", tmp_path)["rows"]
     assert {"items", "users", "total_s", "frac_of_matmul"} <= set(rows[0])
     assert all(r["total_s"] > 0 and r["plain_matmul_gflops"] > 0 for r in rows)
 
 
+@pytest.mark.slow
 def test_chain_logits_quick(tmp_path):
     record = _run("chain_logits.py", tmp_path)
     assert [r["variant"] for r in record["rows"]] == ["all_positions", "chain_only"]
