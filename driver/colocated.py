@@ -64,12 +64,13 @@ class ColocatedWorker:
             self.learner = learner()
 
     # ------------------------------------------------------------------------------------------ taking turns
-    def _rollout_turn(self) -> None:
+    def _rollout_turn(self, weights_only: bool = False) -> None:
+        """Wake the vLLM engine (``weights_only``: its weights alone, the KV cache with the next full wake)."""
         engine = self.rollout.engine
         if not self.shared and engine.asleep:
             if self.learner.device.type == "cuda":
                 torch.cuda.empty_cache()  # the learner's cached blocks, so vLLM can map its memory back
-            engine.wake_up()
+            engine.wake_up(weights_only=weights_only)
 
     def _learner_turn(self) -> None:
         if not self.shared:
@@ -107,21 +108,17 @@ class ColocatedWorker:
 
         metas = self.learner.weight_metas()
         _, nbytes = layout(metas)
-        engine = self.rollout.engine
-        path = None
-        if self.learner.device.type == "cuda":
-            if engine.asleep:
-                torch.cuda.empty_cache()
-                engine.wake_up(weights_only=True)  # the KV cache comes back after the buffer is freed
-            buf = torch.empty(nbytes, dtype=torch.uint8, device=self.learner.device)
-            sent = self.learner.pack_weights(buf)
-            torch.cuda.synchronize(self.learner.device)
-            source: dict[str, Any] = {"cuda_ipc": cuda_handle(buf)}
+        cuda = self.learner.device.type == "cuda"
+        if cuda:
+            self._rollout_turn(weights_only=True)  # the KV cache comes back after the buffer is freed
+            buf, path = torch.empty(nbytes, dtype=torch.uint8, device=self.learner.device), None
         else:
             buf, path = file_buffer(nbytes)
+        try:  # the file goes whatever fails, packing included
             sent = self.learner.pack_weights(buf)
-            source = {"file": path, "nbytes": nbytes}
-        try:
+            if cuda:
+                torch.cuda.synchronize(self.learner.device)
+            source = {"cuda_ipc": cuda_handle(buf)} if cuda else {"file": path, "nbytes": nbytes}
             got = self.rollout.load_packed(source, metas, version)
         finally:
             del buf

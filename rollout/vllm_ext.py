@@ -156,18 +156,7 @@ class R2ecWorkerExtension:
         ms = [TensorMeta(name, dtype, tuple(shape)) for name, dtype, shape in metas]
         checksum = [0]
         stream = receive(group, ms, bucket_bytes, device=self.device, checksum=checksum)  # type: ignore[attr-defined]
-        counted = _Counted(stream)
-        try:
-            self.reload_weights(weights_iterator=counted, is_checkpoint_format=True)  # type: ignore[attr-defined]
-        finally:
-            consumed = counted.n
-            # The sender broadcasts every bucket whatever we do with them: drain what the loader left unread, or
-            # the next collective on this group would pair with a stale bucket.
-            for _ in counted:
-                pass
-        if consumed != len(ms):
-            raise RuntimeError(f"r2ec: vLLM's weight loader took {consumed} of the {len(ms)} tensors broadcast")
-        self._r2ec_refresh_tied_head()
+        self._r2ec_reload(stream, len(ms), "broadcast")
         return checksum[0]
 
     def r2ec_load_packed(self, source: dict[str, Any], metas: Sequence[tuple[str, str, Sequence[int]]]) -> int:
@@ -181,14 +170,25 @@ class R2ecWorkerExtension:
             buf = open_file_buffer(source["file"], int(source["nbytes"]))
         else:
             buf = from_cuda_handle(source["cuda_ipc"], self.device.index)  # type: ignore[attr-defined]
-        counted = _Counted(views(buf, ms))
-        self.reload_weights(weights_iterator=counted, is_checkpoint_format=True)  # type: ignore[attr-defined]
-        if counted.n != len(ms):
-            raise RuntimeError(f"r2ec: vLLM's weight loader took {counted.n} of the {len(ms)} tensors handed over")
-        self._r2ec_refresh_tied_head()
+        self._r2ec_reload(views(buf, ms), len(ms), "handed over")
         total = checksum(buf)
         del buf  # the learner frees its buffer once this returns
         return total
+
+    def _r2ec_reload(self, weights: Iterator[tuple[str, torch.Tensor]], expected: int, how: str) -> None:
+        """Feed ``weights`` to vLLM's in-place reload, check it took all ``expected`` tensors, refresh a tied head."""
+        counted = _Counted(weights)
+        try:
+            self.reload_weights(weights_iterator=counted, is_checkpoint_format=True)  # type: ignore[attr-defined]
+        finally:
+            consumed = counted.n
+            # A broadcast's sender sends every bucket whatever we do with them: drain what the loader left unread, or
+            # the next collective on the group would pair with a stale bucket.
+            for _ in counted:
+                pass
+        if consumed != expected:
+            raise RuntimeError(f"r2ec: vLLM's weight loader took {consumed} of the {expected} tensors {how}")
+        self._r2ec_refresh_tied_head()
 
     def _r2ec_refresh_tied_head(self) -> None:
         model = self.model_runner.get_model()  # type: ignore[attr-defined]
