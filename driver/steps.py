@@ -11,11 +11,10 @@ from collections.abc import Sequence
 import torch
 
 from driver.run_state import rollout_seed
-from driver.tracking import reduce_rank_metrics
 from r2ec.config import Config
 from r2ec.data.sampler import history_tensor
 from r2ec.prompts import user_prompt_ids
-from r2ec.protocol import Rollout, StepResult, TrainShard, WarmupShard
+from r2ec.protocol import Rollout, StepMetrics, StepResult, TrainShard, WarmupMetrics, WarmupShard
 
 
 def recpo_steps(cfg: Config, num_train: int) -> int:
@@ -96,7 +95,7 @@ def warmup_step(system, prompts: Sequence[Sequence[int]], marker_ids: Sequence[i
     t = time.perf_counter()
     seqs = [list(p) + list(marker_ids) for p in prompts]
     results = system.warmup_step(make_warmup_shards(seqs, earlier, target, len(system.learners), updates))
-    return results, {**reduce_rank_metrics([r.metrics for r in results]),
+    return results, {**WarmupMetrics.reduce([r.metrics for r in results]),
                      "time_learner_s": time.perf_counter() - t, "time_sync_s": 0.0}
 
 
@@ -104,7 +103,7 @@ def recpo_record(cfg: Config, rollout: Rollout, results: list[StepResult], timin
     """The metrics record of a RecPO step: the ranks' metrics, the rollout's diagnostics and the timings."""
     workers = cfg.cluster.rollout.num_workers
     return {
-        **reduce_rank_metrics([r.metrics for r in results]),
+        **StepMetrics.reduce([r.metrics for r in results]),
         "reward_max_abs_diff_rollout_vs_learner": max(float((r.rewards - r.rewards_learner).abs().max())
                                                       for r in results),
         "weight_version": rollout.weight_version,

@@ -87,7 +87,7 @@ from r2ec.algo.recpo import RewardOutput, compute_advantages, fused_reward, kl_p
 from r2ec.config import LearnerConfig, ModelConfig, RecPOConfig, WarmupConfig
 from r2ec.item_table import ItemTable
 from r2ec.model import DualHeadModel
-from r2ec.protocol import StepResult, TrainShard, WarmupShard
+from r2ec.protocol import StepMetrics, StepResult, TrainShard, WarmupMetrics, WarmupShard
 from r2ec.weight_sync import SyncGroup, TensorMeta, bound_store
 
 
@@ -387,8 +387,8 @@ class LearnerWorker(Probes):
 
     def _step_metrics(self, shard: TrainShard, scored: _Scored, ups: list[dict], h_T_learner: torch.Tensor,
                       old_logp: torch.Tensor | None, table_cos: float, t_reward: float, t_old: float
-                      ) -> dict[str, float]:
-        """The step's metrics on this rank (how each combines over ranks: ``driver.tracking.reduce_rank_metrics``)."""
+                      ) -> StepMetrics:
+        """The step's metrics on this rank (each field says how it combines over ranks)."""
         rollout, M, N = shard.rollout, len(ups), len(shard.rollout)
         local_tokens = rollout.num_sampled_tokens
         logp_abs_diff = sum(u["logp_abs_diff"] for u in ups)
@@ -397,38 +397,39 @@ class LearnerWorker(Probes):
         t_token, t_item, t_opt = (sum(u[k] for u in ups) for k in ("t_token", "t_item", "t_opt"))
         t_train = t_old + t_token + t_item + t_opt
         reward, rewards = scored.reward, scored.rewards
-        metrics = {
-            "loss_token": sum(u["loss_token"] for u in ups) / M,
-            "loss_item": sum(u["loss_item"] for u in ups) / M,
-            "reward_mean": float(rewards.mean()),
-            "reward_std": float(rewards.std()) if N > 1 else 0.0,
-            "r_d_mean": float(reward.r_d.mean()),
-            "r_c_mean": float(reward.r_c.mean()),
-            "target_rank_mean": float(reward.rank.double().mean()),
-            "adv_abs_mean": float(scored.adv.abs().mean()),
-            "clip_frac": sum(u["clipped"] for u in ups) / max(local_tokens, 1),
-            "grad_norm": sum(u["grad_norm"] for u in ups) / M,
-            "diag_table_cos_mean": table_cos,
-            "diag_score_std": score_std_mean(scored.scores),
-            "chain_len_mean": sum(len(c) for c in rollout.chain_ids) / N,
-            "num_tokens": float(local_tokens),
-            "item_candidates": sum(u["candidates"] for u in ups) / M,
-            "alarm_h_T_max_diff": float((h_T_learner - rollout.h_T.float()).abs().max()),
-            "alarm_logp_abs_diff_mean": logp_abs_diff / max(local_tokens, 1),
-            "time_reward_s": t_reward,
-            "time_old_logp_s": t_old,
-            "time_token_s": t_token,
-            "time_item_s": t_item,
-            "time_optimizer_s": t_opt,
-            "time_train_s": t_train,
-            "tokens_per_s_learner": local_tokens / max(t_train, 1e-9),
-        }
+        optional = {}
         if self.recpo_cfg.kl_coef > 0:  # this rank's share of the step's token-mean KL, like loss_token
-            metrics["loss_kl"] = sum(u["loss_kl"] for u in ups) / M
+            optional["loss_kl"] = sum(u["loss_kl"] for u in ups) / M
         if "grad_norm_token" in ups[0]:  # measurable at ZeRO-0 with one rank only (_grads_snapshot)
             for key in ("grad_norm_token", "grad_norm_item"):
-                metrics[key] = sum(u[key] for u in ups) / M
-        return metrics
+                optional[key] = sum(u[key] for u in ups) / M
+        return StepMetrics(
+            loss_token=sum(u["loss_token"] for u in ups) / M,
+            loss_item=sum(u["loss_item"] for u in ups) / M,
+            reward_mean=float(rewards.mean()),
+            reward_std=float(rewards.std()) if N > 1 else 0.0,
+            r_d_mean=float(reward.r_d.mean()),
+            r_c_mean=float(reward.r_c.mean()),
+            target_rank_mean=float(reward.rank.double().mean()),
+            adv_abs_mean=float(scored.adv.abs().mean()),
+            clip_frac=sum(u["clipped"] for u in ups) / max(local_tokens, 1),
+            grad_norm=sum(u["grad_norm"] for u in ups) / M,
+            diag_table_cos_mean=table_cos,
+            diag_score_std=score_std_mean(scored.scores),
+            chain_len_mean=sum(len(c) for c in rollout.chain_ids) / N,
+            num_tokens=float(local_tokens),
+            item_candidates=sum(u["candidates"] for u in ups) / M,
+            alarm_h_T_max_diff=float((h_T_learner - rollout.h_T.float()).abs().max()),
+            alarm_logp_abs_diff_mean=logp_abs_diff / max(local_tokens, 1),
+            time_reward_s=t_reward,
+            time_old_logp_s=t_old,
+            time_token_s=t_token,
+            time_item_s=t_item,
+            time_optimizer_s=t_opt,
+            time_train_s=t_train,
+            tokens_per_s_learner=local_tokens / max(t_train, 1e-9),
+            **optional,
+        )
 
     def warmup_step(self, shard: WarmupShard) -> StepResult:
         """One warm-up optimiser step (the paper's "w/o reasoning" objective): the item term with h read at
@@ -460,19 +461,19 @@ class LearnerWorker(Probes):
         t0 = time.perf_counter()
         norms = self._optimizer_step(None)
         t_opt = time.perf_counter() - t0
-        metrics = {
-            "loss_item": term.loss_local,
-            "target_rank_mean": float(rank.mean()) if U else float("nan"),
-            "train_ndcg@10": float(ndcg_at_k(rank, 10).mean()) if U else float("nan"),
-            "grad_norm": norms["grad_norm"],
-            "diag_table_cos_mean": table_cos,
-            "diag_score_std": score_std_mean(scores) if U else float("nan"),
-            "item_candidates": float(term.candidates),
-            "num_users": float(U),
-            "time_item_s": t_item,
-            "time_optimizer_s": t_opt,
-            "time_train_s": time.perf_counter() - t_start,
-        }
+        metrics = WarmupMetrics(
+            loss_item=term.loss_local,
+            target_rank_mean=float(rank.mean()) if U else float("nan"),
+            train_ndcg_at_10=float(ndcg_at_k(rank, 10).mean()) if U else float("nan"),
+            grad_norm=norms["grad_norm"],
+            diag_table_cos_mean=table_cos,
+            diag_score_std=score_std_mean(scores) if U else float("nan"),
+            item_candidates=float(term.candidates),
+            num_users=float(U),
+            time_item_s=t_item,
+            time_optimizer_s=t_opt,
+            time_train_s=time.perf_counter() - t_start,
+        )
         return StepResult(metrics=metrics, table_updates_idx=term.items,
                           table_updates=term.h_items.float().cpu(), rewards=torch.zeros(0),
                           rewards_learner=torch.zeros(0))

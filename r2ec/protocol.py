@@ -10,8 +10,9 @@ they still feed the forward pass that gives h_T.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Literal
 
 import torch
 
@@ -110,11 +111,113 @@ class WarmupShard:
                              f"{self.history_idx.shape[0]} histories")
 
 
+Reduce = Literal["sum", "mean", "max"]
+
+
+def _metric(reduce: Reduce, key: str | None = None, optional: bool = False):
+    """A metric field: how it combines over learner ranks and, where the name is not an identifier, its key."""
+    meta = {"reduce": reduce, "key": key}
+    return field(default=None, metadata=meta) if optional else field(metadata=meta)
+
+
+class RankMetrics(Mapping[str, float]):
+    """One learner rank's scalars for one step. Each field declares how it combines over ranks:
+
+    - ``sum``: parts of one globally normalised quantity (the losses: every rank divides by the step's global
+      counts, so the ranks' parts add up to the loss) and counts (tokens, users);
+    - ``max``: alarms and times (the worst rank is the one to see; the step waits for the slowest rank);
+    - ``mean``: statistics of a rank's own chains (each rank holds the same number of chains, so the mean over
+      ranks is the statistic over the step).
+
+    Read like a mapping of metric key to value (fields left ``None`` are absent), so a record is
+    ``{**metrics}``; :meth:`reduce` combines the ranks' records into the step's."""
+
+    @classmethod
+    def _keys(cls) -> list[tuple[str, str, Reduce]]:  # (attribute, key, reduction) per field
+        return [(f.name, f.metadata["key"] or f.name, f.metadata["reduce"]) for f in fields(cls)]
+
+    def __getitem__(self, key: str) -> float:
+        for attr, k, _ in self._keys():
+            if k == key and getattr(self, attr) is not None:
+                return getattr(self, attr)
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for attr, k, _ in self._keys() if getattr(self, attr) is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    @classmethod
+    def reduce(cls, per_rank: Sequence[RankMetrics]) -> dict[str, float]:
+        """The step's record from every rank's metrics (a field unset on the first rank is left out)."""
+        if not per_rank or any(type(m) is not cls for m in per_rank):
+            raise TypeError(f"{cls.__name__}.reduce needs a non-empty list of {cls.__name__}, got "
+                            f"{[type(m).__name__ for m in per_rank]}")
+        out: dict[str, float] = {}
+        for attr, key, how in cls._keys():
+            vals = [getattr(m, attr) for m in per_rank]
+            if vals[0] is None:
+                continue
+            out[key] = sum(vals) if how == "sum" else max(vals) if how == "max" else sum(vals) / len(vals)
+        return out
+
+
+@dataclass(eq=True)
+class StepMetrics(RankMetrics):
+    """A RecPO step on one learner rank (``LearnerWorker.train_step``)."""
+
+    loss_token: float = _metric("sum")  # this rank's share of the token loss (the step's token mean)
+    loss_item: float = _metric("sum")  # this rank's share of the item loss (the step's user mean)
+    reward_mean: float = _metric("mean")  # fused reward of this rank's chains
+    reward_std: float = _metric("mean")
+    r_d_mean: float = _metric("mean")  # the reward's discrete (rank) part
+    r_c_mean: float = _metric("mean")  # the reward's continuous (target softmax) part
+    target_rank_mean: float = _metric("mean")  # the target's rank under each chain's h_T (0 = top)
+    adv_abs_mean: float = _metric("mean")
+    clip_frac: float = _metric("mean")  # fraction of sampled tokens whose ratio was clipped
+    grad_norm: float = _metric("mean")  # the global gradient norm (equal on every rank), mean over updates
+    diag_table_cos_mean: float = _metric("mean")  # mean cosine between item rows (near 1: collapsed table)
+    diag_score_std: float = _metric("mean")  # std of catalogue scores per user
+    chain_len_mean: float = _metric("mean")
+    num_tokens: float = _metric("sum")  # sampled (policy) tokens of the step
+    item_candidates: float = _metric("mean")  # catalogue rows in the item loss per update
+    alarm_h_T_max_diff: float = _metric("max")  # learner vs rollout h_T: weights or numerics disagree
+    alarm_logp_abs_diff_mean: float = _metric("max")  # learner vs sampler log-prob per token
+    time_reward_s: float = _metric("max")
+    time_old_logp_s: float = _metric("max")
+    time_token_s: float = _metric("max")
+    time_item_s: float = _metric("max")
+    time_optimizer_s: float = _metric("max")
+    time_train_s: float = _metric("max")
+    tokens_per_s_learner: float = _metric("sum")  # the ranks train in parallel: their rates add up
+    loss_kl: float | None = _metric("sum", optional=True)  # this rank's share of the KL term (recpo.kl_coef > 0)
+    grad_norm_token: float | None = _metric("mean", optional=True)  # the token term's own gradient norm (ZeRO-0,
+    grad_norm_item: float | None = _metric("mean", optional=True)  # one rank: LearnerWorker._grads_snapshot)
+
+
+@dataclass(eq=True)
+class WarmupMetrics(RankMetrics):
+    """A warm-up step on one learner rank (``LearnerWorker.warmup_step``), the item term alone."""
+
+    loss_item: float = _metric("sum")
+    target_rank_mean: float = _metric("mean")
+    train_ndcg_at_10: float = _metric("mean", key="train_ndcg@10")
+    grad_norm: float = _metric("mean")
+    diag_table_cos_mean: float = _metric("mean")
+    diag_score_std: float = _metric("mean")
+    item_candidates: float = _metric("mean")
+    num_users: float = _metric("sum")
+    time_item_s: float = _metric("max")
+    time_optimizer_s: float = _metric("max")
+    time_train_s: float = _metric("max")
+
+
 @dataclass
 class StepResult:
     """What one learner rank reports after an optimiser step."""
 
-    metrics: dict[str, float]  # scalars: losses, rewards, alarms, timings; summed/averaged by the driver
+    metrics: StepMetrics | WarmupMetrics  # scalars, each with its reduction over ranks (RankMetrics.reduce)
     table_updates_idx: torch.Tensor  # (K,) long: target items this rank re-encoded with gradient
     table_updates: torch.Tensor  # (K, d) float32: their embeddings after the forward pass (before the step)
     rewards: torch.Tensor  # (U*G,) float32: fused reward of each chain from the rollout's h_T ((0,) in warm-up)

@@ -181,7 +181,7 @@ def test_two_ranks_checkpoint_continues_on_one_rank(tiny_model_dir, tmp_path, tm
     assert sorted(got) == list(range(1, STEPS + 1))
     # The rewards, the token loss and the item loss of the next step agree (the item term gathers every rank's
     # targets, learner/item_term.py, so 1 rank with 4 users has the negatives 2 ranks with 2 users each have).
-    # reward_std is a per-rank std averaged over ranks (tracking.reduce_rank_metrics), so it is a different
+    # reward_std is a per-rank std averaged over ranks (r2ec.protocol.StepMetrics.reduce), so it is a different
     # statistic at another world size.
     _assert_same_steps(got, ref, range(2, 3), tol=1e-5, keys=tuple(k for k in COMPARED if k != "reward_std"))
 
