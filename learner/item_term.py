@@ -87,6 +87,23 @@ def _all_ranks(local: torch.Tensor, rank: int, world_size: int, pad: int | None 
     return torch.cat(parts)
 
 
+def _distinct_candidates(ids: torch.Tensor, encoded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct item ids of every rank's targets (sorted) and one encoding per id: its first occurrence in rank
+    order, the lowest rank's copy (every copy is the same: same weights, same prompt)."""
+    uniq, inverse = torch.unique(ids, return_inverse=True)
+    first = torch.full((len(uniq),), len(ids), dtype=torch.long, device=ids.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(len(ids), device=ids.device), reduce="amin")
+    return uniq, encoded[first]
+
+
+def _catalogue_ranks(h_user: torch.Tensor, table: torch.Tensor, tau: float, history: torch.Tensor,
+                     target: torch.Tensor) -> torch.Tensor:
+    """Each user's target rank over the cached catalogue, history masked: the fit on this step's users (not with
+    their fresh targets in place, which would look better than they are: see the module docstring)."""
+    scores = mask_history(cosine_scores(h_user, table, tau), history, target)
+    return target_rank(scores, target) if len(target) else torch.zeros(0, dtype=torch.long)
+
+
 def item_term(encode: Callable[[list[list[int]]], torch.Tensor], item_prompt_ids: list[list[int]],
               table: torch.Tensor, seqs: list[list[int]], target_idx: torch.Tensor, history_idx: torch.Tensor,
               adv: torch.Tensor, num_norm: int, tau: float, negatives: Negatives, rank: int = 0,
@@ -121,11 +138,7 @@ def item_term(encode: Callable[[list[list[int]]], torch.Tensor], item_prompt_ids
     all_adv = _all_ranks(adv, rank, world_size)
     ids = _all_ranks(items.to(device), rank, world_size)
     encoded = _all_ranks(h_items, rank, world_size)
-    # One candidate per distinct item: its first occurrence in rank order (the lowest rank's copy).
-    uniq, inverse = torch.unique(ids, return_inverse=True)
-    first = torch.full((len(uniq),), len(ids), dtype=torch.long, device=device)
-    first = first.scatter_reduce(0, inverse, torch.arange(len(ids), device=device), reduce="amin")
-    fresh = encoded[first]
+    uniq, fresh = _distinct_candidates(ids, encoded)
     relabel = torch.ones(len(all_adv), dtype=torch.bool, device=device)
 
     def loss_of(h: torch.Tensor, tgt: torch.Tensor, hist: torch.Tensor, a: torch.Tensor,
@@ -140,14 +153,11 @@ def item_term(encode: Callable[[list[list[int]]], torch.Tensor], item_prompt_ids
     with torch.no_grad():
         local = float(loss.detach()) if world_size == 1 else float(loss_of(h_user, target, history, adv,
                                                                            relabel[:len(adv)]))
-        # The fit on this step's users over the cached catalogue (not with their fresh targets in place, which would
-        # look better than they are: see the module docstring).
-        scores = mask_history(cosine_scores(h_user, table, tau), history, target)
-        rank = target_rank(scores, target) if len(target) else torch.zeros(0, dtype=torch.long)
+        target_ranks = _catalogue_ranks(h_user, table, tau, history, target)
     if items_frozen:  # nothing to write back
         items, h_items = items[:0], h_items[:0]
     return ItemTermOutput(loss=loss, loss_local=local, items=items.cpu(), h_items=h_items.detach(),
-                          h_user=h_user.detach(), rank=rank.cpu(),
+                          h_user=h_user.detach(), rank=target_ranks.cpu(),
                           candidates=len(table) if negatives == "catalogue" else len(uniq))
 
 

@@ -8,6 +8,11 @@ Each component receives only its own sub-config (``cfg.data`` for the data pipel
 ``cfg.recpo`` for the loss, ...).
 
 Defaults are the paper's (R2ec, arXiv 2505.16994 v3, §4 and Appendix) unless a comment says otherwise.
+
+Import ``Config``, the sections, ``ConfigError`` and ``load_config`` from here. Three parts live in modules of their
+own to keep this one short: ``r2ec.config_cluster`` (the ``cluster`` section: where the workers run),
+``r2ec.config_load`` (YAML reading, ``--set`` overrides, error formatting) and ``r2ec.config_base`` (the strict
+section base and ``ConfigError``, shared by all of them).
 """
 
 from __future__ import annotations
@@ -15,23 +20,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names the file, the field path and the reason."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from r2ec.config_base import ConfigError, Section
+from r2ec.config_cluster import ClusterConfig
+from r2ec.config_load import apply_overrides, format_validation_error, read_mapping
 
 
 # --------------------------------------------------------------------------------------------------- model
-class LoraConfig(_Section):
+class LoraConfig(Section):
     enabled: bool = False
     r: int = Field(4, ge=1, description="LoRA rank; the paper uses 4")
     alpha: float = Field(128.0, gt=0, description="LoRA alpha; the official code uses 128")
@@ -41,7 +40,7 @@ class LoraConfig(_Section):
     )
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     name_or_path: str = Field(
         description="a hub id, a local folder, or asset://<name> for an asset prepared by `r2ec assets`"
     )
@@ -70,7 +69,7 @@ class ModelConfig(_Section):
 
 
 # --------------------------------------------------------------------------------------------------- data
-class PromptConfig(_Section):
+class PromptConfig(Section):
     category: str = Field(description="plural category words in the user prompt, e.g. 'video games'")
     item_singular: str = Field(description="one item in words, e.g. 'video game'")
     history_items: int = Field(20, ge=1, description="how many of the latest history items the user prompt shows")
@@ -91,7 +90,7 @@ class PromptConfig(_Section):
         return v
 
 
-class AmazonConfig(_Section):
+class AmazonConfig(Section):
     category: str = Field(description="Amazon Reviews 2023 category, e.g. Video_Games")
     reviews: str = Field(description="path or URL of {Category}.csv.gz (5-core, rating only)")
     meta: str = Field(description="path or URL of meta_{Category}.jsonl.gz")
@@ -114,13 +113,13 @@ class AmazonConfig(_Section):
         return v
 
 
-class FilesConfig(_Section):
+class FilesConfig(Section):
     interactions: str = Field(description="CSV, JSONL or Parquet with user_id, item_id, timestamp[, rating]")
     items: str = Field(description="CSV, JSONL or Parquet with item_id, title[, description, ...]")
     timestamp_unit: Literal["s", "ms"] = "s"
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     source: Literal["movielens100k", "amazon2023", "files"]
     movielens_dir: str | None = Field(
         None, description="folder with ml-100k.inter and ml-100k.item; default: the asset from `r2ec assets`"
@@ -152,14 +151,14 @@ class DataConfig(_Section):
 
 
 # --------------------------------------------------------------------------------------------------- rollout
-class SamplingConfig(_Section):
+class SamplingConfig(Section):
     temperature: float = Field(1.5, ge=0, description="paper 1.5; the official launch script uses 2.0")
     top_k: int = Field(200, ge=-1, description="paper 200; the official launch script uses 50; -1 = off")
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(640, ge=1, description="the official code's limit")
 
 
-class VllmConfig(_Section):
+class VllmConfig(Section):
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="GPU only: share of GPU memory vLLM takes")
     cpu_kvcache_space_gib: int = Field(1, ge=1, description="CPU build only: KV-cache size (VLLM_CPU_KVCACHE_SPACE)")
     cpu_threads_bind: str = Field(
@@ -179,7 +178,7 @@ class VllmConfig(_Section):
         "is reused at 32 (the CPU build's smallest: multiples of 32) and never at 128 (docs/performance.md)")
 
 
-class RolloutConfig(_Section):
+class RolloutConfig(Section):
     engine: Literal["hf", "vllm"] = "hf"
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     batch_size: int = Field(16, ge=1, description="prompts per generate call")
@@ -188,7 +187,7 @@ class RolloutConfig(_Section):
 
 
 # --------------------------------------------------------------------------------------------------- learner
-class LearnerConfig(_Section):
+class LearnerConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = 2
     lr: float = Field(1e-5, gt=0)
     grad_clip: float = Field(1.0, gt=0)
@@ -212,7 +211,7 @@ class LearnerConfig(_Section):
 
 
 # --------------------------------------------------------------------------------------------------- recpo
-class RecPOConfig(_Section):
+class RecPOConfig(Section):
     group_size: int = Field(4, ge=2, description="G chains per user; GRPO needs at least 2")
     beta: float = Field(0.05, ge=0, le=1, description="R = beta * R_c + (1 - beta) * R_d")
     k_r: int = Field(1000, ge=1, description="R_d = NDCG@k_r of the target")
@@ -241,7 +240,7 @@ class RecPOConfig(_Section):
 
 
 # --------------------------------------------------------------------------------------------------- warm-up
-class WarmupConfig(_Section):
+class WarmupConfig(Section):
     """A supervised first phase (the paper's "w/o reasoning" objective): the item loss with h read at
     prompt + answer marker (no chain), advantage 1 for every user. Not in the paper; off by default."""
 
@@ -253,7 +252,7 @@ class WarmupConfig(_Section):
 
 
 # --------------------------------------------------------------------------------------------------- eval
-class EvalConfig(_Section):
+class EvalConfig(Section):
     split: Literal["valid", "test"] = "test"
     ks: list[int] = Field(default_factory=lambda: [5, 10, 20])
     max_samples: int | None = Field(
@@ -288,65 +287,8 @@ class EvalConfig(_Section):
         return v
 
 
-# --------------------------------------------------------------------------------------------------- cluster
-class RolloutWorkersConfig(_Section):
-    num_workers: int = Field(1, ge=1, description="rollout engines; with cluster.colocate, one inside each learner "
-                             "rank, so it must equal cluster.learner.num_workers")
-    gpus_per_worker: float = Field(0, ge=0, description="GPUs per worker, 0 or 1; with tensor parallelism, per TP "
-                                   "rank. Not used with cluster.colocate (the engine runs on its learner rank's GPU)")
-    cpus_per_worker: float = Field(1, ge=0, description="CPUs per worker. Not used with cluster.colocate (the engine "
-                                   "runs in its learner rank's process, on that rank's CPUs)")
-    tensor_parallel_size: int = Field(1, ge=1)
-    max_restarts: int = Field(3, ge=0, description="rollout workers restarted after dying, per run, before failing")
-
-
-class LearnerWorkersConfig(_Section):
-    num_workers: int = Field(1, ge=1, description="DeepSpeed data-parallel ranks")
-    gpus_per_worker: float = Field(0, ge=0, description="GPUs per rank, 0 or 1")
-    cpus_per_worker: float = Field(1, ge=0)
-    omp_threads: int = Field(1, ge=1, description="OMP_NUM_THREADS of each learner rank (CPU training)")
-
-
-class ClusterConfig(_Section):
-    address: str | None = Field(None, description="Ray address; None = RAY_ADDRESS or an embedded local Ray")
-    rollout: RolloutWorkersConfig = Field(default_factory=RolloutWorkersConfig)
-    learner: LearnerWorkersConfig = Field(default_factory=LearnerWorkersConfig)
-    local_num_cpus: int | None = Field(
-        None, ge=1, description="embedded local Ray only: logical CPUs it advertises (None = the machine's cores)")
-    object_store_mb: int = Field(1024, ge=64, description="embedded local Ray only: object store size")
-    placement_timeout_s: float = Field(60, gt=0, description="fail when the workers cannot be placed this fast")
-    colocate: bool = Field(
-        False, description="run each rollout engine inside a learner rank's process, on that rank's GPU (one GPU "
-        "trains and samples in turn, TRL's default). The hf engine uses the learner's own module (no copy, no "
-        "broadcast); a vLLM engine sleeps (KV cache freed, weights offloaded) while the learner trains and takes "
-        "new weights through CUDA IPC (GPU) or a shared-memory file (CPU) instead of the broadcast group")
-
-    @model_validator(mode="after")
-    def _whole_gpus(self) -> ClusterConfig:
-        if self.colocate:
-            if self.rollout.num_workers != self.learner.num_workers:
-                raise ValueError(
-                    f"cluster.colocate puts one rollout engine inside each learner rank: cluster.rollout.num_workers "
-                    f"({self.rollout.num_workers}) must equal cluster.learner.num_workers ({self.learner.num_workers})"
-                    f". On one GPU: --set cluster.learner.num_workers=1 cluster.rollout.num_workers=1")
-            if self.rollout.tensor_parallel_size != 1:
-                raise ValueError("cluster.colocate runs each rollout engine on its learner rank's one GPU: "
-                                 "cluster.rollout.tensor_parallel_size must be 1")
-        for name, section in (("rollout", self.rollout), ("learner", self.learner)):
-            if self.colocate and name == "rollout":
-                continue  # the engines run on the learner ranks' resources
-            if section.gpus_per_worker not in (0, 1):
-                raise ValueError(
-                    f"cluster.{name}.gpus_per_worker is {section.gpus_per_worker:g}; it must be 0 (CPU) or 1: every "
-                    "rollout worker (with vLLM tensor parallelism, every TP rank) and every learner rank joins the "
-                    "NCCL weight-sync group on a GPU of its own. NCCL refuses two ranks on one GPU ('Duplicate GPU "
-                    "detected'), vLLM's tensor parallelism needs exactly one GPU per bundle, and a rank uses only "
-                    "one GPU. To share one GPU between sampling and training, set cluster.colocate=true")
-        return self
-
-
 # --------------------------------------------------------------------------------------------------- run
-class RunConfig(_Section):
+class RunConfig(Section):
     name: str = "r2ec"
     output_dir: str = "outputs/r2ec"
     seed: int = 42
@@ -354,9 +296,30 @@ class RunConfig(_Section):
     checkpoint_every: int | None = Field(
         None, ge=1, description="training: save a checkpoint every N steps (and after the last); None = never")
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept (the best by valid NDCG@10 too)")
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="where each step's record goes besides <output_dir>/metrics.jsonl (always written): "
+        "tensorboard (<output_dir>/tensorboard), mlflow (run.mlflow_tracking_uri), wandb (run.wandb_project; offline "
+        "into <output_dir>/wandb when no API key is configured). mlflow and wandb are optional extras: "
+        "pip install 'r2ec[mlflow]' / 'r2ec[wandb]'")
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI (http://host:5000, sqlite:///mlflow.db, file:///abs/dir); None = a "
+                          "local store in <output_dir>/mlruns. The experiment is run.name")
+    wandb_project: str = Field("r2ec", description="Weights & Biases project; the run is named run.name")
+    worker_logs: Literal["file", "console"] = Field(
+        "file", description="training: 'file' writes each Ray actor's output (Ray, vLLM, DeepSpeed) to "
+        "<output_dir>/logs/<actor>.log and the driver's library logging to <output_dir>/logs/driver.log, so the "
+        "console shows the run itself; 'console' streams all of it to the console, as Ray does by default")
+
+    @field_validator("trackers")
+    @classmethod
+    def _distinct_trackers(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"run.trackers {v} names a tracker twice; list each once")
+        return v
 
 
-class Config(_Section):
+class Config(Section):
     model: ModelConfig
     data: DataConfig
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
@@ -410,73 +373,14 @@ class Config(_Section):
 
 
 # --------------------------------------------------------------------------------------------------- loading
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config {source}:"]
-    for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (not in the schema; check the spelling)"
-        elif e["type"] == "missing":
-            msg = "required key is missing"
-        got = e.get("input")
-        got_s = "" if e["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"  {path}: {msg}{got_s}")
-    return "\n".join(lines)
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """Parse ``a.b.c=value``; the value is read as YAML, so ``8``, ``0.5``, ``true``, ``[5, 10]`` and ``null``
-    have their natural types and anything else is a string."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected KEY=VALUE with a dotted KEY, e.g. recpo.group_size=8")
-    key, raw = item.split("=", 1)
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise ConfigError(f"override {item!r}: empty segment in the key {key!r}")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from e
-    return parts, value
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply dotted overrides to a nested dict; unknown paths are reported by validation afterwards, but a path
-    that walks *through* a non-mapping value is reported here."""
-    for item in overrides:
-        parts, value = parse_override(item)
-        node = data
-        for i, p in enumerate(parts[:-1]):
-            nxt = node.get(p)
-            if nxt is None:
-                nxt = node[p] = {}
-            elif not isinstance(nxt, dict):
-                where = ".".join(parts[: i + 1])
-                raise ConfigError(f"override {item!r}: {where} is a value ({nxt!r}), not a section")
-            node = nxt
-        node[parts[-1]] = value
-    return data
-
-
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
                 data: dict | None = None) -> Config:
     """Load a YAML config (or a dict), apply ``--set`` overrides and validate."""
     source = str(path) if path is not None else "<dict>"
     if data is None:
-        if path is None:
-            raise ConfigError("no config given: pass --config FILE")
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {source} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"config file {source} is not valid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {source}: expected a mapping at the top level, got {type(data).__name__}")
+        data = read_mapping(path)
     data = apply_overrides(json.loads(json.dumps(data)), overrides or [])
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, source)) from None
+        raise ConfigError(format_validation_error(e, source)) from None

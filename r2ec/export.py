@@ -26,7 +26,7 @@ it, then DeepSpeed's own ``zero_to_fp32`` consolidates the fp32 master weights o
 (frozen parameters included). The model is rebuilt exactly as ``DualHeadModel.from_config`` builds it (LoRA via
 peft), the consolidated state dict is loaded strictly (DeepSpeed's names, minus the ``model.`` prefix of the
 learner's wrapper module), LoRA is merged with peft's ``merge_and_unload`` in float32, and only then is the model
-cast to ``model.dtype`` and saved.
+cast to ``model.dtype`` and saved. The consolidation and the merge live in ``r2ec.export_weights``.
 
 The item table is re-encoded by default with the exported folder itself, loaded the way inference loads it (as
 training re-encodes the table before its final test evaluation); ``--keep-table`` copies the checkpoint's table,
@@ -45,12 +45,10 @@ Deviations / limits:
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,11 +81,7 @@ from r2ec.checkpoint import (
     pickle_files,
     verify,
 )
-
-_WRAPPER_PREFIX = "model."  # the learner's DeepSpeed module registers the HF/peft model as ``model``
-
-
-Log = Callable[[str], Any]
+from r2ec.export_weights import Log, build_merged_model, consolidated_state_dict
 
 
 # ------------------------------------------------------------------------------------------------ checkpoint side
@@ -121,89 +115,6 @@ def load_checkpoint_config(folder: Path):
     return load_config(folder / CONFIG)
 
 
-def consolidated_state_dict(folder: Path, zero_stage: int, log: Log = print) -> dict[str, torch.Tensor]:
-    """The full model's weights from the DeepSpeed checkpoint under ``<ckpt>/learner/ds``, keyed by the HF / peft
-    model's own parameter names (DeepSpeed's ``model.`` prefix removed). Call ``check_pickles`` first."""
-    ds_dir = folder / LEARNER / DS_TAG
-    if not ds_dir.is_dir():
-        raise CheckpointError(f"{ds_dir}: missing; expected DeepSpeed's checkpoint (tag {DS_TAG!r}) there")
-    if zero_stage == 0:
-        state = _stage0_module_weights(ds_dir)
-    else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        # zero_to_fp32 prints its progress on stdout; keep stdout for our own output (the CLI prints JSON there).
-        with contextlib.redirect_stdout(io.StringIO()):
-            try:
-                state = get_fp32_state_dict_from_zero_checkpoint(str(folder / LEARNER), tag=DS_TAG,
-                                                                 exclude_frozen_parameters=False)
-            except (FileNotFoundError, ValueError, KeyError) as e:
-                raise CheckpointError(f"{ds_dir}: DeepSpeed could not consolidate the ZeRO-{zero_stage} checkpoint "
-                                      f"({type(e).__name__}: {e})") from e
-    out = {}
-    for name, tensor in state.items():
-        if not name.startswith(_WRAPPER_PREFIX):
-            raise CheckpointError(f"{ds_dir}: unexpected parameter name {name!r} (expected the learner's "
-                                  f"'{_WRAPPER_PREFIX}...' names)")
-        out[name[len(_WRAPPER_PREFIX):]] = tensor
-    log(f"export: {len(out)} tensors consolidated from {ds_dir} (ZeRO-{zero_stage})")
-    return out
-
-
-def _stage0_module_weights(ds_dir: Path) -> dict[str, torch.Tensor]:
-    from r2ec.checkpoint import _safe_globals
-
-    path = ds_dir / "mp_rank_00_model_states.pt"
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing; a ZeRO-0 DeepSpeed checkpoint keeps the model weights there")
-    # check_pickles has accepted this file under the same allow-list, so weights_only loading is enough here.
-    with torch.serialization.safe_globals(_safe_globals()):
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    module = blob.get("module") if isinstance(blob, dict) else None
-    if not isinstance(module, dict):
-        raise CheckpointError(f"{path}: no 'module' state dict in it")
-    return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
-
-
-def _tied(model) -> bool:
-    return bool(getattr(model.config, "tie_word_embeddings", False))
-
-
-def load_weights(model, state: dict[str, torch.Tensor], source: Path) -> None:
-    """Load ``state`` into ``model`` strictly: every tensor of the model must come from the checkpoint (a tied
-    ``lm_head.weight`` may be absent: it is the embedding) and nothing may be left over."""
-    tied = _tied(model)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        raise CheckpointError(f"{source}: its weights do not fit the model built from model.name_or_path "
-                              f"({str(e).splitlines()[-1].strip()})") from e
-    missing = [k for k in missing if not (tied and k.endswith("lm_head.weight"))]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{source}: its weights do not match the model built from the checkpoint's config "
-            f"(missing {len(missing)}: {missing[:5]}; unexpected {len(unexpected)}: {unexpected[:5]}); was it "
-            "written with another base model or LoRA setting?")
-
-
-def build_merged_model(cfg, state: dict[str, torch.Tensor], source: Path):
-    """(causal LM with LoRA merged, in float32 on CPU, tokenizer). ``cfg`` is the run's full config."""
-    from r2ec.model import DualHeadModel
-
-    # float32 for the merge: W + B A * scaling in full precision, as the learner's weight broadcast computes it.
-    dual = DualHeadModel.from_config(cfg.model.model_copy(update={"dtype": "float32"}), "cpu")
-    model = dual.model
-    load_weights(model, state, source)
-    if cfg.model.lora.enabled:
-        model = model.merge_and_unload()
-    if _tied(model):
-        emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-        if emb.data_ptr() != head.data_ptr():
-            raise CheckpointError(f"{source}: the model ties lm_head to the embeddings but the merged weights "
-                                  "differ (LoRA on embed_tokens or lm_head is not supported by export)")
-    return model.eval(), dual.tokenizer
-
-
 def _check_tokenizer(saved: Path, tokenizer, marker: str) -> None:
     """The saved tokenizer must tokenise the answer marker and render prompts exactly as the original."""
     from transformers import AutoTokenizer
@@ -233,19 +144,68 @@ def save_item_table(path: Path, h_items: torch.Tensor, item_ids: list[str], titl
 
 
 # ------------------------------------------------------------------------------------------------ export
+@dataclass
+class _Source:
+    """The checkpoint being exported (verified, its pickles checked) and what it says about the run."""
+
+    folder: Path
+    step: int
+    cfg: Any  # the run's full r2ec.config.Config
+    trainer_state: dict | None
+    reencode_items: bool
+
+
+@dataclass
+class _Catalogue:
+    """The run's prepared catalogue, checked against the checkpoint's item table."""
+
+    items: Any  # the prepared items (datasets.Dataset), for re-encoding
+    item_ids: list[str]
+    titles: list[str]
+    table: torch.Tensor  # the checkpoint's h_items (V, d)
+    table_path: Path
+    sha: str
+
+
 def export_checkpoint(ckpt: str | Path, out: str | Path, reencode_items: bool | None = None, device: str = "auto",
                       overwrite: bool = False, log: Log = print) -> Path:
     """Export a checkpoint (see the module docstring). Returns the final folder. ``reencode_items`` None: re-encode
     unless the run's ``model.item_table`` is 'frozen'."""
-    from safetensors.torch import load_file
-
-    from r2ec.data.prepare import prepare_from_config
-    from r2ec.model import DualHeadModel, resolve_device
-    from r2ec.prompts import PromptBuilder, item_prompt_ids
-
     out = Path(out)
     if out.exists() and not overwrite:
         raise ExportError(f"{out}: already exists; choose another --out or pass --force to replace it")
+    src = _open_source(ckpt, reencode_items, log)
+    cfg = src.cfg
+    catalogue = _read_catalogue(src, log)
+    model, tokenizer = _merged_model(src, log)
+    hidden = int(model.config.hidden_size)
+    if catalogue.table.shape[1] != hidden:
+        raise CheckpointError(f"{catalogue.table_path}: h_items has width {catalogue.table.shape[1]}, the model's "
+                              f"hidden size is {hidden}")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _save_model(tmp, model, tokenizer, cfg.model.dtype)
+        del model  # the only reference left: free it before a re-encoding loads the exported copy
+        _check_tokenizer(tmp, tokenizer, cfg.model.answer_marker)
+        table = _export_table(tmp, src, catalogue, device, log)
+        (tmp / EXPORT_TABLE).parent.mkdir()
+        save_item_table(tmp / EXPORT_TABLE, table, catalogue.item_ids, catalogue.titles)
+        _write_json(tmp / EXPORT_META, _export_meta(src, catalogue, hidden))
+        _write_json(tmp / EXPORT_CONFIG, cfg.model_dump(mode="json"))
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"export: {src.folder} (step {src.step}) -> {out} ({cfg.model.dtype}, {len(catalogue.item_ids)} items)")
+    return out
+
+
+def _open_source(ckpt: str | Path, reencode_items: bool | None, log: Log) -> _Source:
+    """Find and verify the checkpoint, read its config and trainer state, check its pickles, and settle
+    ``reencode_items`` (None: re-encode unless the run's table is frozen)."""
     folder, verified = resolve_checkpoint(ckpt, log)
     if not verified:
         verify(folder)
@@ -258,8 +218,17 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, reencode_items: bool | 
     elif reencode_items and cfg.model.item_table == "frozen":
         raise ExportError(f"{folder}: the run kept its item table frozen (model.item_table 'frozen'); re-encoding it "
                           "with the trained weights would score users against rows they were never trained on")
+    return _Source(folder, step, cfg, trainer_state, reencode_items)
 
-    # The catalogue: the run's prepared data, checked against the checkpoint's table.
+
+def _read_catalogue(src: _Source, log: Log) -> _Catalogue:
+    """The catalogue: the run's prepared data, checked against the checkpoint's table (size and, when the trainer
+    state records it, the catalogue hash)."""
+    from safetensors.torch import load_file
+
+    from r2ec.data.prepare import prepare_from_config
+
+    folder, cfg = src.folder, src.cfg
     prepared = prepare_from_config(cfg.data, log=log)
     item_ids, titles = prepared.item_ids(), list(prepared.items["title"])
     ckpt_table_path = folder / ITEM_TABLE
@@ -273,68 +242,69 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, reencode_items: bool | 
         raise CheckpointError(f"{ckpt_table_path}: h_items is {tuple(ckpt_table.shape)}, but the run's data "
                               f"({cfg.data.source}) prepares {len(item_ids)} items; the data changed since training")
     sha = catalogue_sha256(item_ids)
-    expected_sha = _stored_catalogue_sha(trainer_state)
+    expected_sha = _stored_catalogue_sha(src.trainer_state)
     if expected_sha is not None and expected_sha != sha:
         raise CheckpointError(f"{folder / TRAINER_STATE}: catalogue_sha256 {expected_sha[:12]}... but the "
                               f"run's data now prepares a catalogue with {sha[:12]}...; the data changed since "
                               "training")
+    return _Catalogue(prepared.items, item_ids, titles, ckpt_table, ckpt_table_path, sha)
 
-    state = consolidated_state_dict(folder, cfg.learner.zero_stage, log)
-    model, tokenizer = build_merged_model(cfg, state, folder / LEARNER / DS_TAG)
-    del state
-    hidden = int(model.config.hidden_size)
-    if ckpt_table.shape[1] != hidden:
-        raise CheckpointError(f"{ckpt_table_path}: h_items has width {ckpt_table.shape[1]}, the model's hidden "
-                              f"size is {hidden}")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.to(getattr(torch, cfg.model.dtype))
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        del model
-        _check_tokenizer(tmp, tokenizer, cfg.model.answer_marker)
-        if reencode_items:
-            # The exported folder itself, loaded as inference loads it: the table matches what it computes.
-            dual = DualHeadModel.from_config(export_model_config(tmp, cfg.model.dtype, cfg.model.tau,
-                                                                  cfg.model.answer_marker), resolve_device(device))
-            builder = PromptBuilder.from_config(cfg.data.prompt, cfg.model.answer_marker)
-            prompts = item_prompt_ids(builder, dual.tokenizer, prepared.items)
-            table = dual.encode_items(prompts, batch_size=cfg.eval.item_batch_size).cpu()
-            del dual
-            log(f"export: item table re-encoded with the exported weights ({len(prompts)} items)")
-        else:
-            table = ckpt_table.float()
-            log(f"export: item table copied from the checkpoint (model.item_table {cfg.model.item_table!r})")
-        (tmp / EXPORT_TABLE).parent.mkdir()
-        save_item_table(tmp / EXPORT_TABLE, table, item_ids, titles)
-        meta = {
-            "format": EXPORT_FORMAT,
-            "format_version": EXPORT_VERSION,
-            "dtype": cfg.model.dtype,
-            "tau": cfg.model.tau,
-            "answer_marker": cfg.model.answer_marker,
-            "prompt": cfg.data.prompt.model_dump(mode="json"),
-            "max_new_tokens": cfg.eval.max_new_tokens,
-            "item_table": {"file": EXPORT_TABLE, "num_items": len(item_ids), "hidden_size": hidden,
-                           "catalogue_sha256": sha, "source": "re-encoded" if reencode_items else "checkpoint"},
-            "source": {"checkpoint": str(folder), "step": step, "config_hash": cfg.hash(),
-                       "base_model": cfg.model.name_or_path,
-                       "lora": cfg.model.lora.model_dump(mode="json") if cfg.model.lora.enabled else None,
-                       "zero_stage": cfg.learner.zero_stage,
-                       "learner_world_size": (trainer_state or {}).get("learner_world_size",
+def _merged_model(src: _Source, log: Log):
+    """(causal LM with LoRA merged, float32 on CPU, tokenizer) from the checkpoint's consolidated weights; the
+    consolidated state dict is dropped on return, before anything else is loaded."""
+    state = consolidated_state_dict(src.folder, src.cfg.learner.zero_stage, log)
+    return build_merged_model(src.cfg, state, src.folder / LEARNER / DS_TAG)
+
+
+def _save_model(tmp: Path, model, tokenizer, dtype: str) -> None:
+    """The causal LM cast to ``model.dtype`` (only now, after the float32 merge) and the tokenizer, into ``tmp``."""
+    model.to(getattr(torch, dtype))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+
+
+def _export_table(tmp: Path, src: _Source, catalogue: _Catalogue, device: str, log: Log) -> torch.Tensor:
+    """The item table to ship: re-encoded with the exported folder ``tmp``, or the checkpoint's own."""
+    cfg = src.cfg
+    if not src.reencode_items:
+        log(f"export: item table copied from the checkpoint (model.item_table {cfg.model.item_table!r})")
+        return catalogue.table.float()
+    from r2ec.model import DualHeadModel, resolve_device
+    from r2ec.prompts import PromptBuilder, item_prompt_ids
+
+    # The exported folder itself, loaded as inference loads it: the table matches what it computes.
+    dual = DualHeadModel.from_config(export_model_config(tmp, cfg.model.dtype, cfg.model.tau,
+                                                          cfg.model.answer_marker), resolve_device(device))
+    builder = PromptBuilder.from_config(cfg.data.prompt, cfg.model.answer_marker)
+    prompts = item_prompt_ids(builder, dual.tokenizer, catalogue.items)
+    table = dual.encode_items(prompts, batch_size=cfg.eval.item_batch_size).cpu()
+    del dual
+    log(f"export: item table re-encoded with the exported weights ({len(prompts)} items)")
+    return table
+
+
+def _export_meta(src: _Source, catalogue: _Catalogue, hidden: int) -> dict[str, Any]:
+    """``r2ec.json``: what inference needs, the item table's facts and where the export came from."""
+    cfg = src.cfg
+    return {
+        "format": EXPORT_FORMAT,
+        "format_version": EXPORT_VERSION,
+        "dtype": cfg.model.dtype,
+        "tau": cfg.model.tau,
+        "answer_marker": cfg.model.answer_marker,
+        "prompt": cfg.data.prompt.model_dump(mode="json"),
+        "max_new_tokens": cfg.eval.max_new_tokens,
+        "item_table": {"file": EXPORT_TABLE, "num_items": len(catalogue.item_ids), "hidden_size": hidden,
+                       "catalogue_sha256": catalogue.sha,
+                       "source": "re-encoded" if src.reencode_items else "checkpoint"},
+        "source": {"checkpoint": str(src.folder), "step": src.step, "config_hash": cfg.hash(),
+                   "base_model": cfg.model.name_or_path,
+                   "lora": cfg.model.lora.model_dump(mode="json") if cfg.model.lora.enabled else None,
+                   "zero_stage": cfg.learner.zero_stage,
+                   "learner_world_size": (src.trainer_state or {}).get("learner_world_size",
                                                                        cfg.cluster.learner.num_workers)},
-        }
-        _write_json(tmp / EXPORT_META, meta)
-        _write_json(tmp / EXPORT_CONFIG, cfg.model_dump(mode="json"))
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log(f"export: {folder} (step {step}) -> {out} ({cfg.model.dtype}, {len(item_ids)} items)")
-    return out
+    }
 
 
 def _stored_catalogue_sha(trainer_state: dict | None) -> str | None:
