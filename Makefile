@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM ?= false
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "$(TORCH)" -e ".[dev]"
+	$(PIP) install -q "$(TORCH)" -e ".[dev,mlflow,wandb]"
 	touch $@
 
 venv: $(VENV)/.installed

@@ -243,9 +243,9 @@ def _train_command(config: str, overrides: list[str], resume: str = "auto") -> i
     from r2ec.config import load_config
 
     cfg = load_config(config, overrides)
-    result = train(cfg, resume=resume)
-    print(json.dumps({"valid": result["valid"], "test": result["test"]}, indent=2))
-    print(f"wrote {cfg.run.output_dir}/metrics.jsonl, eval_valid.json and eval_test.json")
+    result = train(cfg, resume=resume)  # its log lines already gave the last validation and the test metrics
+    print(f"wrote {cfg.run.output_dir}/metrics.jsonl, eval_valid.json and eval_test.json (the metrics with their "
+          "95% intervals)")
     if result["valid_gain"]:
         print(result["valid_gain"])
     return 0

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from driver.console import library_logs
 from driver.run_state import best_key, compat_of, find_checkpoint
 from driver.session import FIRST_VALID, RunInputs, Session
 from r2ec.config import Config
@@ -69,10 +70,16 @@ def train(cfg: Config, log=print, resume: str = "auto") -> dict:
     log(f"train: {len(inputs.train_ds)} samples, {cfg.warmup.steps} warm-up steps of {cfg.warmup.prompts_per_step} "
         f"users, then {steps - cfg.warmup.steps} RecPO steps of {cfg.learner.prompts_per_step} users x "
         f"G={cfg.recpo.group_size}")
+    if cfg.run.worker_logs == "file":
+        log(f"logs: Ray, vLLM and DeepSpeed output goes to {out_dir / 'logs'} (run.worker_logs=console shows it here)")
     # a ZeRO-1/2/3 checkpoint of another learner world size is re-sharded first
     universal = resumed is not None and needs_universal(resumed.folder / "learner", cfg.cluster.learner.num_workers)
-    with System(cfg, inputs.device, log, load_universal=universal) as system, \
-            MetricsWriter(out_dir, resume_step=resumed.step if resumed else None) as metrics:
+    # the trackers first: a missing optional package fails the run before Ray and the engines start
+    with library_logs(cfg), MetricsWriter(out_dir, cfg.run.trackers, resume_step=resumed.step if resumed else None,
+                                          run_name=cfg.run.name, mlflow_tracking_uri=cfg.run.mlflow_tracking_uri,
+                                          wandb_project=cfg.run.wandb_project,
+                                          config=cfg.model_dump(mode="json")) as metrics, \
+            System(cfg, inputs.device, log, load_universal=universal) as system:
         session = Session(cfg, inputs, system, metrics, out_dir, log)
         run = session.start(resumed)
         valid = {}

@@ -8,8 +8,10 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from r2ec.config import Config
@@ -67,14 +69,39 @@ def local_cuda_index(gpu_ids: Sequence, visible: str | None) -> int:
     return shown.index(gpu)
 
 
+def redirect_output(path: str, name: str) -> None:
+    """Send this process's stdout and stderr (file descriptors 1 and 2, so C++ logs and the child processes it
+    starts, vLLM's engine core included, follow) to ``path``, appended: a replaced worker continues its file."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    print(f"===== {name}: pid {os.getpid()} on {socket.gethostname()}, {time.strftime('%Y-%m-%d %H:%M:%S')} =====",
+          flush=True)
+
+
+def actor_log(cfg: Config, name: str) -> str | None:
+    """The file actor ``name`` writes its output to with ``run.worker_logs: file`` (an absolute path, resolved on the
+    driver: a worker's working directory may differ), or None to leave it to Ray's own log streaming."""
+    if cfg.run.worker_logs != "file":
+        return None
+    return str(Path(cfg.run.output_dir).absolute() / "logs" / f"{name}.log")
+
+
 def on_assigned_gpu(cls: type) -> type:
     """``cls`` (a plain worker class taking ``device``) as a Ray actor class whose device "cuda" becomes "cuda:N",
-    the GPU Ray assigned to the actor, resolved inside the actor's process."""
+    the GPU Ray assigned to the actor, resolved inside the actor's process; given ``log_file``, the actor's output
+    goes there first (``redirect_output``)."""
 
     class Actor(cls):
-        def __init__(self, *args, device: str, **kwargs):
+        def __init__(self, *args, device: str, log_file: str | None = None, **kwargs):
             import ray
 
+            if log_file is not None:
+                redirect_output(log_file, type(self).__name__)
             gpu_ids = ray.get_gpu_ids()  # none for a vLLM worker with tensor parallelism: vLLM places its own ranks
             if device == "cuda" and gpu_ids:
                 device = f"cuda:{local_cuda_index(gpu_ids, os.environ.get('CUDA_VISIBLE_DEVICES'))}"
@@ -97,9 +124,12 @@ def connect(cfg: Config, log: Callable[[str], Any] = print) -> bool:
 
     if ray.is_initialized():
         return False
+    # run.worker_logs "file": each actor writes its own log in the run folder (actor_log), so nothing streams here,
+    # and Ray leaves the driver's logging to driver.console.library_logs
+    to_driver = cfg.run.worker_logs == "console"
     if address:
         log(f"ray: attaching to {address}")
-        ray.init(address=address, logging_level="WARNING")
+        ray.init(address=address, logging_level="WARNING", log_to_driver=to_driver, configure_logging=to_driver)
         return False
     from ray._private import ray_constants
 
@@ -108,7 +138,8 @@ def connect(cfg: Config, log: Callable[[str], Any] = print) -> bool:
     log(f"ray: starting an embedded local cluster on 127.0.0.1 ({num_cpus} logical CPUs)")
     # address="local": always a new cluster, never one that happens to run on this machine. No dashboard.
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
-             object_store_memory=cfg.cluster.object_store_mb * 2**20, logging_level="WARNING")
+             object_store_memory=cfg.cluster.object_store_mb * 2**20, logging_level="WARNING",
+             log_to_driver=to_driver, configure_logging=to_driver)
     return True
 
 

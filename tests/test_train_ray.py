@@ -114,14 +114,22 @@ def test_two_rollout_workers_two_learner_ranks(engine, stage, tiny_model_dir, tm
 
 @pytest.mark.ray
 @pytest.mark.vllm
-def test_train_end_to_end_with_lora(tiny_model_dir, tmp_path):
-    """The `r2ec train` path in miniature: vLLM workers, LoRA merged into the broadcast, metrics and eval files."""
+def test_train_end_to_end_with_lora(tiny_model_dir, tmp_path, capfd):
+    """The `r2ec train` path in miniature: vLLM workers, LoRA merged into the broadcast, metrics and eval files;
+    the console shows the run while the workers' output goes to the run folder's logs/."""
     from driver.loop import train
 
     cfg = tiny_cfg(tiny_model_dir, tmp_path, "rollout.engine=vllm", "model.lora.enabled=true",
                    "cluster.rollout.num_workers=1", "cluster.learner.num_workers=1", "cluster.local_num_cpus=2",
                    "eval.valid_every=1")
     result = train(cfg)
+    console = "".join(capfd.readouterr())
+    assert "learner rank(s) (ZeRO-2) up in" in console and "step 2: valid" in console
+    assert "(RolloutWorker" not in console and "(LearnerWorker" not in console, console[-3000:]
+    rollout_log, learner_log = ((tmp_path / "logs" / f"{name}.log").read_text() for name in ("rollout-0", "learner-0"))
+    assert "===== RolloutWorker: pid" in rollout_log and "vllm" in rollout_log.lower()  # the engine's own lines
+    assert "===== LearnerWorker: pid" in learner_log and "deepspeed" in learner_log.lower()
+    assert (tmp_path / "logs" / "driver.log").is_file()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "reward_mean" in r]
     assert [r["step"] for r in steps] == [1, 2] and [r["weight_version"] for r in steps] == [0, 1]

@@ -1,0 +1,55 @@
+"""What a training run prints: its own lines (set-up phases, the progress bar, per-step and validation lines) on the
+console, and the libraries' chatter in the run folder.
+
+With ``run.worker_logs: file`` (the default) every Ray actor writes its stdout and stderr to
+``<output_dir>/logs/<actor>.log`` (``driver.remote.redirect_output``: vLLM's engine processes and DeepSpeed's C++
+logs follow, as they inherit the file descriptors) and Ray streams nothing to the driver. ``library_logs`` does the
+same for the driver process: the log records of Ray, vLLM, DeepSpeed, transformers and torch, and Python warnings,
+go to ``<output_dir>/logs/driver.log`` for the duration of the run. ``run.worker_logs: console`` leaves all of it
+on the console, as Ray does by default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+from r2ec.config import Config
+
+# The libraries whose loggers are taken over for the run (each installs its own console handler on import).
+LIBRARY_LOGGERS = ("ray", "vllm", "deepspeed", "DeepSpeed", "transformers", "torch", "py.warnings")
+
+
+@contextlib.contextmanager
+def library_logs(cfg: Config) -> Iterator[Path | None]:
+    """Route the driver's library logging to ``<output_dir>/logs/driver.log`` while the block runs (yields the path;
+    None and nothing changed with ``run.worker_logs: console``). Every logger touched is restored afterwards."""
+    if cfg.run.worker_logs != "file":
+        yield None
+        return
+    import ray  # noqa: F401  (Ray installs its console handler when first imported: take over after that)
+
+    path = Path(cfg.run.output_dir) / "logs" / "driver.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    saved = []
+    for name in LIBRARY_LOGGERS:
+        lg = logging.getLogger(name)
+        saved.append((lg, lg.handlers[:], lg.propagate))
+        lg.handlers[:] = [handler]
+        lg.propagate = False
+    root = logging.getLogger()
+    root.addHandler(handler)  # any other library's records too (instead of Python's last-resort stderr handler)
+    logging.captureWarnings(True)
+    try:
+        yield path
+    finally:
+        logging.captureWarnings(False)
+        root.removeHandler(handler)
+        for lg, handlers, propagate in saved:
+            lg.handlers[:] = handlers
+            lg.propagate = propagate
+        handler.close()
