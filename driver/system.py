@@ -11,35 +11,27 @@ With ``cluster.colocate`` each learner rank's actor also holds that rank's rollo
 same actor is learner rank r and rollout worker r, a weight sync is each rank handing its own engine the weights
 (no broadcast group), and a death of one is a learner rank's death.
 
-Work is spread across rollout workers by load: the batch is cut into chunks of ``rollout.batch_size`` prompts and
-each chunk goes to whichever worker finishes first (``ray.wait``), so a slow worker takes fewer chunks.
+Work is spread across rollout workers by load (driver/spread.py): the batch is cut into chunks of
+``rollout.batch_size`` prompts and each chunk goes to whichever worker finishes first, so a slow worker takes fewer.
 
-Faults. A rollout worker holds no state the run cannot rebuild (its weights are the learner's, its sampling seeds
-come from the driver per chunk), so when one dies during any call it is replaced: a new actor on the same
-placement group (reserved for the whole run), then a new weight-sync group for every rollout worker (a fresh port;
-survivors and learner rank 0 drop the old group), then the current weights at the current version, then the lost
-chunks again, which give the same results since their seeds are fixed. Each replacement is an event
-(:meth:`System.drain_events`); after ``cluster.rollout.max_restarts`` deaths the run fails. The learner ranks are
-one DeepSpeed group and cannot be replaced mid-run: a dead rank fails the run at once (waits on several ranks are
-fail-fast, so the survivors hanging in a collective with the dead rank do not hold it up), and
-``r2ec train --resume auto`` continues from the last checkpoint.
+Faults (driver/rollout_faults.py): a rollout worker that dies is replaced and its lost work redone, within
+``cluster.rollout.max_restarts``; a learner rank that dies fails the run at once.
 """
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from driver.placement import learner_group, on_bundle, rollout_group, worker_env
 from driver.remote import (
     DEATH_REPORT_S,
     ClusterError,
     WorkerDied,
+    actor_log,
     check_resources,
     check_weight_versions,
     chunk_seed,
@@ -47,36 +39,15 @@ from driver.remote import (
     first_death,
     free_ports,
     get,
-    is_death,
     learner_died,
     on_assigned_gpu,
-    placement_group_ready,
-    reason_of,
 )
+from driver.rollout_faults import Restarts, replace_actors
+from driver.spread import chunk_slices, spread
+from driver.sync_wait import RolloutsLost, SyncState, await_sync
 from r2ec.config import Config
 from r2ec.protocol import Rollout, StepResult, TrainShard, WarmupShard
-from r2ec.weight_sync import SyncGroup, request_abort
-
-
-class _RolloutsLost(Exception):
-    """Internal: rollout workers died during a weight sync (``dead``: index -> reason); ``stuck``: survivors left
-    waiting inside the broken group (index -> reason), to be replaced with them."""
-
-    def __init__(self, dead: dict[int, str], stuck: dict[int, str] | None = None):
-        super().__init__(f"rollout worker(s) {sorted(dead)} died")
-        self.dead, self.stuck = dead, stuck or {}
-
-
-# After a rollout worker died in a weight sync and the learner ranks are done with the broadcast, how long the other
-# rollout workers get to finish receiving before they are taken for stuck in the broken group.
-_SYNC_GRACE_S = 20.0
-
-
-@dataclass
-class _Sync:
-    info: SyncGroup
-    metas: list
-    joins: list  # refs of the rollout workers' join calls, checked after the first broadcast
+from r2ec.weight_sync import SyncGroup
 
 
 class System:
@@ -91,12 +62,11 @@ class System:
         self._pgs: list = []
         self.rollouts: list = []
         self.learners: list = []
-        self._sync: _Sync | None = None
+        self._sync: SyncState | None = None
         self._rollout_pgs: list = []  # one per rollout worker, kept for the run: a replacement lands on the same one
         self._rollout_env: dict[str, str] = {}
         self._incarnation: list[int] = []  # per rollout worker, +1 each time it is replaced
-        self._rollout_deaths = 0
-        self._events: list[dict] = []
+        self._restarts = Restarts(cfg.cluster.rollout.max_restarts, log)  # rollout-worker deaths and their events
         self._weight_version: int | None = None  # version of the last completed sync; None: initial weights
         self._sync_port_used = False
         self._weight_metas: list | None = None  # learner rank 0's, fixed for the run
@@ -127,76 +97,86 @@ class System:
             ray.shutdown()
 
     def _start(self) -> None:
-        import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        from learner.worker import LearnerWorker
-
-        cfg, c = self.cfg, self.cfg.cluster
+        """Connect, place and start every actor, and wait until all are ready."""
+        cfg = self.cfg
         self._owns_ray = connect(cfg, self.log)
         check_resources(cfg)
         t0 = time.perf_counter()
-
-        lr = c.learner
-        learner_pg = placement_group_ready([{"CPU": lr.cpus_per_worker, "GPU": lr.gpus_per_worker}] * lr.num_workers,
-                                      "PACK", c.placement_timeout_s, f"{lr.num_workers} learner rank(s)")
+        learner_pg = learner_group(cfg)
         self._pgs.append(learner_pg)
+        master_addr, ds_port = self._probe_ports(learner_pg)
+        learner_env, self._rollout_env = worker_env(cfg)
+        if cfg.cluster.colocate:
+            self._start_colocated(learner_pg, learner_env, master_addr, ds_port)
+        else:
+            self._start_learners(learner_pg, learner_env, master_addr, ds_port)
+            self._start_rollouts()
+        self._await_ready(t0)
 
-        def on(pg, bundle: int) -> PlacementGroupSchedulingStrategy:
-            return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=bundle)
-
-        # A cluster on 127.0.0.1 keeps gloo there too (gloo otherwise binds the address the hostname resolves to).
-        net_env = {}
-        if ray.util.get_node_ip_address() == "127.0.0.1" and "GLOO_SOCKET_IFNAME" not in os.environ:
-            loopback = [name for _, name in socket.if_nameindex() if name.startswith("lo")]
-            if loopback:
-                net_env["GLOO_SOCKET_IFNAME"] = loopback[0]
+    def _probe_ports(self, learner_pg) -> tuple[str, int]:
+        """The learner node's address and a free port for DeepSpeed; a second free port is kept for the first
+        weight-sync group."""
+        import ray
 
         probe = ray.remote(num_cpus=0)(free_ports)
-        master_addr, ds_port, sync_port = get(probe.options(scheduling_strategy=on(learner_pg, 0)).remote(),
+        master_addr, ds_port, sync_port = get(probe.options(scheduling_strategy=on_bundle(learner_pg, 0)).remote(),
                                               60, "probing the learner node for free ports")
         self._sync_addr = (master_addr, sync_port)
-        learner_env = {"OMP_NUM_THREADS": str(lr.omp_threads), "TOKENIZERS_PARALLELISM": "false", **net_env}
-        self._rollout_env = {"TOKENIZERS_PARALLELISM": "false", **net_env,
-                             "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
-                             "VLLM_CPU_KVCACHE_SPACE": str(cfg.rollout.vllm.cpu_kvcache_space_gib)}
-        if c.colocate:
-            # One actor per learner rank, holding the rank and its rollout engine (driver/colocated.py): it is learner
-            # rank r and rollout worker r at once.
-            from driver.colocated import ColocatedWorker
+        return master_addr, ds_port
 
-            Colocated = ray.remote(on_assigned_gpu(ColocatedWorker))
-            self.learners = [
-                Colocated.options(num_cpus=lr.cpus_per_worker, num_gpus=lr.gpus_per_worker,
-                                  scheduling_strategy=on(learner_pg, rank),
-                                  runtime_env={"env_vars": {**self._rollout_env, **learner_env}},
-                                  name=f"colocated-{rank}").remote(
-                    cfg.model, cfg.rollout, cfg.learner, cfg.recpo, rank, lr.num_workers, master_addr, ds_port,
-                    device=self.device, seed=cfg.run.seed, load_universal=self.load_universal, warmup_cfg=cfg.warmup)
-                for rank in range(lr.num_workers)
-            ]
-            self.rollouts = list(self.learners)
-            self._incarnation = [0] * lr.num_workers
-        else:
-            Learner = ray.remote(on_assigned_gpu(LearnerWorker))
-            self.learners = [
-                Learner.options(num_cpus=lr.cpus_per_worker, num_gpus=lr.gpus_per_worker,
-                                scheduling_strategy=on(learner_pg, rank), runtime_env={"env_vars": learner_env},
-                                name=f"learner-{rank}").remote(
-                    cfg.model, cfg.learner, cfg.recpo, rank, lr.num_workers, master_addr, ds_port, device=self.device,
-                    seed=cfg.run.seed, load_universal=self.load_universal, warmup_cfg=cfg.warmup)
-                for rank in range(lr.num_workers)
-            ]
-            for i in range(c.rollout.num_workers):
-                # One group per worker: its tensor-parallel ranks must sit together, workers may spread out.
-                pg = placement_group_ready([{"CPU": c.rollout.cpus_per_worker, "GPU": c.rollout.gpus_per_worker}]
-                                      * c.rollout.tensor_parallel_size, "PACK", c.placement_timeout_s,
-                                      f"rollout worker {i}")
-                self._pgs.append(pg)
-                self._rollout_pgs.append(pg)
-                self._incarnation.append(0)
-                self.rollouts.append(self._start_rollout(i))
-        r = c.rollout
+    def _start_colocated(self, learner_pg, learner_env: dict[str, str], master_addr: str, ds_port: int) -> None:
+        """One actor per learner rank, holding the rank and its rollout engine (driver/colocated.py): it is learner
+        rank r and rollout worker r at once. Not waited for."""
+        import ray
+
+        from driver.colocated import ColocatedWorker
+
+        cfg, lr = self.cfg, self.cfg.cluster.learner
+        Colocated = ray.remote(on_assigned_gpu(ColocatedWorker))
+        self.learners = [
+            Colocated.options(num_cpus=lr.cpus_per_worker, num_gpus=lr.gpus_per_worker,
+                              scheduling_strategy=on_bundle(learner_pg, rank),
+                              runtime_env={"env_vars": {**self._rollout_env, **learner_env}},
+                              name=f"colocated-{rank}").remote(
+                cfg.model, cfg.rollout, cfg.learner, cfg.recpo, rank, lr.num_workers, master_addr, ds_port,
+                device=self.device, seed=cfg.run.seed, load_universal=self.load_universal, warmup_cfg=cfg.warmup,
+                log_file=actor_log(cfg, f"colocated-{rank}"))
+            for rank in range(lr.num_workers)
+        ]
+        self.rollouts = list(self.learners)
+        self._incarnation = [0] * lr.num_workers
+
+    def _start_learners(self, learner_pg, learner_env: dict[str, str], master_addr: str, ds_port: int) -> None:
+        """The learner ranks, one per bundle of ``learner_pg``. Not waited for."""
+        import ray
+
+        from learner.worker import LearnerWorker
+
+        cfg, lr = self.cfg, self.cfg.cluster.learner
+        Learner = ray.remote(on_assigned_gpu(LearnerWorker))
+        self.learners = [
+            Learner.options(num_cpus=lr.cpus_per_worker, num_gpus=lr.gpus_per_worker,
+                            scheduling_strategy=on_bundle(learner_pg, rank), runtime_env={"env_vars": learner_env},
+                            name=f"learner-{rank}").remote(
+                cfg.model, cfg.learner, cfg.recpo, rank, lr.num_workers, master_addr, ds_port, device=self.device,
+                seed=cfg.run.seed, load_universal=self.load_universal, warmup_cfg=cfg.warmup,
+                log_file=actor_log(cfg, f"learner-{rank}"))
+            for rank in range(lr.num_workers)
+        ]
+
+    def _start_rollouts(self) -> None:
+        """The rollout workers, each on a placement group of its own (kept for the run). Not waited for."""
+        for i in range(self.cfg.cluster.rollout.num_workers):
+            pg = rollout_group(self.cfg, i)
+            self._pgs.append(pg)
+            self._rollout_pgs.append(pg)
+            self._incarnation.append(0)
+            self.rollouts.append(self._start_rollout(i))
+
+    def _await_ready(self, t0: float) -> None:
+        """Wait until every actor is up (each wait bounded by its side's ``timeout_s``); log the layout."""
+        cfg, c = self.cfg, self.cfg.cluster
+        r, lr = c.rollout, c.learner
         get([a.ready.remote() for a in self.rollouts], cfg.rollout.timeout_s, "starting the rollout workers",
             [f"rollout worker {i}" for i in range(r.num_workers)])
         get([a.ready.remote() for a in self.learners], cfg.learner.timeout_s, "starting the learner ranks")
@@ -208,19 +188,16 @@ class System:
         """Create rollout worker ``i`` on its placement group (not waited for): at start-up, and to replace a dead
         one with the same options."""
         import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from rollout.worker import RolloutWorker
 
         cfg, r = self.cfg, self.cfg.cluster.rollout
         gpus = r.gpus_per_worker if r.tensor_parallel_size == 1 else 0  # with TP, vLLM's own workers take them
         return ray.remote(on_assigned_gpu(RolloutWorker)).options(
-            num_cpus=r.cpus_per_worker, num_gpus=gpus,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=self._rollout_pgs[i],
-                                                                 placement_group_bundle_index=0),
+            num_cpus=r.cpus_per_worker, num_gpus=gpus, scheduling_strategy=on_bundle(self._rollout_pgs[i], 0),
             runtime_env={"env_vars": self._rollout_env}, name=f"rollout-{i}").remote(
             cfg.model, cfg.rollout, cfg.run.seed, device=self.device, worker_index=i,
-            tensor_parallel_size=r.tensor_parallel_size)
+            tensor_parallel_size=r.tensor_parallel_size, log_file=actor_log(cfg, f"rollout-{i}"))
 
     # ------------------------------------------------------------------------------------------ rollout faults
     @property
@@ -231,8 +208,7 @@ class System:
 
     def drain_events(self) -> list[dict]:
         """Fault events since the last call (rollout workers replaced), oldest first; each is also logged."""
-        events, self._events = self._events, []
-        return events
+        return self._restarts.drain()
 
     def restart_rollout(self, i: int, call: str, reason: str) -> None:
         """Replace rollout worker ``i`` (dead, or to be treated as dead) and bring every rollout worker back to the
@@ -250,127 +226,44 @@ class System:
     def _replace_rollouts(self, dead: dict[int, str], call: str, stuck: dict[int, str] | None = None) -> None:
         """New actors for the ``dead`` workers (counted) and the ``stuck`` ones (killed by us, not counted), waited
         ready; the sync group is dropped, so the next sync builds a new one for everyone."""
-        import ray
-
-        limit = self.cfg.cluster.rollout.max_restarts
-        events = []
-        for i, reason in dead.items():
-            self._rollout_deaths += 1
-            self.log(f"fault: rollout worker {i} died during {call} ({reason})")
-            if self._rollout_deaths > limit:
-                raise ClusterError(
-                    f"rollout worker {i} died during {call} ({reason}); that is rollout-worker death "
-                    f"{self._rollout_deaths} in this run, over cluster.rollout.max_restarts={limit}. Something keeps "
-                    f"killing the rollout workers (out of memory? a failing node?); after fixing it, "
-                    f"`r2ec train --resume auto` continues from the last checkpoint")
-            events.append({"event": "rollout_restart", "worker": i, "call": call, "cause": "died", "reason": reason,
-                           "time": time.time(), "deaths": self._rollout_deaths})
-        for i, reason in (stuck or {}).items():
-            self.log(f"fault: rollout worker {i} is replaced too: {reason}")
-            events.append({"event": "rollout_restart", "worker": i, "call": call, "cause": "stuck", "reason": reason,
-                           "time": time.time(), "deaths": self._rollout_deaths})
+        events = self._restarts.begin(dead, stuck or {}, call)
         t0 = time.perf_counter()
         which = sorted({*dead, *(stuck or {})})
-        for i in which:
-            try:
-                ray.kill(self.rollouts[i], no_restart=True)
-            except Exception:  # noqa: BLE001 - it is usually gone already
-                pass
-        for i in which:
-            self._await_name_free(f"rollout-{i}")
-            self.rollouts[i] = self._start_rollout(i)
-            self._incarnation[i] += 1
-        try:
-            get([self.rollouts[i].ready.remote() for i in which], self.cfg.rollout.timeout_s,
-                f"restarting rollout worker(s) {which}", [f"rollout worker {i}" for i in which])
-        except WorkerDied as e:
-            raise ClusterError(f"a replacement rollout worker died while starting ({e}); "
-                               f"`r2ec train --resume auto` continues from the last checkpoint") from e
+        replace_actors(self.rollouts, self._incarnation, which, self._start_rollout, self.cfg.rollout.timeout_s)
         self._sync = None  # every member, survivors included, joins a new group at the next sync
-        elapsed = time.perf_counter() - t0
-        for ev in events:
-            ev["restart_s"] = elapsed
-            self._events.append(ev)
-        self.log(f"fault: rollout worker(s) {which} restarted in {elapsed:.1f}s "
-                 f"({self._rollout_deaths}/{limit} deaths allowed so far)")
-
-    def _await_name_free(self, name: str, timeout_s: float = 60.0) -> None:
-        """Ray frees a killed actor's name a moment after the kill; the replacement reuses the name."""
-        import ray
-
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                ray.get_actor(name)
-            except ValueError:
-                return
-            if time.monotonic() > deadline:
-                raise ClusterError(f"the killed rollout actor {name!r} still holds its name after {timeout_s:g}s")
-            time.sleep(0.2)
+        self._restarts.done(events, which, time.perf_counter() - t0)
 
     def _rollout_get(self, refs: list, timeout_s: float, what: str) -> list:
-        """``get`` over one call per rollout worker (in worker order); a dead worker raises ``_RolloutsLost``."""
+        """``get`` over one call per rollout worker (in worker order); a dead worker raises ``RolloutsLost``."""
         try:
             return get(refs, timeout_s, what, [f"rollout worker {i}" for i in range(len(refs))])
         except WorkerDied as e:
-            raise _RolloutsLost({e.index: e.reason}) from e
+            raise RolloutsLost({e.index: e.reason}) from e
 
     # ------------------------------------------------------------------------------------------ rollout side
     def _spread(self, method: str, chunks: Sequence[tuple], what: str) -> tuple[list, list[int]]:
-        """Run ``method(*chunk)`` for every chunk on the least-busy rollout worker; the results in chunk order and the
-        index of the worker that computed each.
-
-        A worker that dies is replaced (:meth:`_recover`) and its chunk goes back to the queue; chunks already done
-        by others are kept, so every chunk is computed and counted once."""
-        import ray
-
-        timeout = self.cfg.rollout.timeout_s
-        results: list = [None] * len(chunks)
-        workers = [-1] * len(chunks)
-        pending: dict = {}  # ref -> (worker, chunk, the worker's incarnation when the chunk was sent)
-        todo = list(range(len(chunks)))
-        idle = list(range(len(self.rollouts)))
-        while todo or pending:
-            while todo and idle:
-                w, j = idle.pop(0), todo.pop(0)
-                pending[getattr(self.rollouts[w], method).remote(*chunks[j])] = (w, j, self._incarnation[w])
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
-            if not done:
-                stuck = sorted({w for w, _, _ in pending.values()})
-                raise ClusterError(f"rollout worker(s) {stuck} did not finish {what} within {timeout:g}s")
-            ref = done[0]
-            w, j, incarnation = pending.pop(ref)
-            try:
-                results[j] = get(ref, timeout, f"rollout worker {w} ({what})", [f"rollout worker {w}"])
-                workers[j] = w
-            except WorkerDied as e:
-                todo.insert(0, j)  # its seed is fixed by the driver: the same result wherever it runs next
-                # A recovery in between (a sync finds dead workers itself) may have replaced this one already.
-                if incarnation == self._incarnation[w]:
-                    self._recover({w: e.reason}, what)
-            idle.append(w)
-        return results, workers
-
-    def _chunks(self, n: int, size: int) -> list[slice]:
-        return [slice(lo, min(n, lo + size)) for lo in range(0, n, size)]
+        """Run ``method(*chunk)`` for every chunk on the least-busy rollout worker (driver/spread.py); a worker that
+        dies is replaced (:meth:`_recover`) and its chunk computed again elsewhere."""
+        return spread(self.rollouts, self._incarnation, method, chunks, what, self.cfg.rollout.timeout_s,
+                      self._recover)
 
     def generate(self, prompt_ids: list[list[int]], group_size: int, seed: int, weight_version: int) -> Rollout:
         """G chains per prompt, every one sampled by weights of ``weight_version`` (else a ClusterError naming the
         worker). Chunk j is sampled with ``chunk_seed(seed, j)`` whichever worker takes it, so a step's rollout
         depends on the weights, the prompts and ``seed`` only."""
-        chunks = self._chunks(len(prompt_ids), self.cfg.rollout.batch_size)
+        chunks = chunk_slices(len(prompt_ids), self.cfg.rollout.batch_size)
         parts, workers = self._spread("generate", [(prompt_ids[s], group_size, chunk_seed(seed, j))
                                                    for j, s in enumerate(chunks)], "generate")
         check_weight_versions([p.weight_version for p in parts], workers, weight_version)
         return Rollout.concat(parts)
 
     def greedy(self, prompt_ids: list[list[int]], max_new_tokens: int) -> tuple[list, torch.Tensor]:
-        chunks = self._chunks(len(prompt_ids), self.cfg.eval.batch_size)
+        chunks = chunk_slices(len(prompt_ids), self.cfg.eval.batch_size)
         parts, _ = self._spread("greedy", [(prompt_ids[s], max_new_tokens) for s in chunks], "greedy generation")
         return [c for chains, _ in parts for c in chains], torch.cat([h for _, h in parts])
 
     def encode_items(self, item_prompt_ids: list[list[int]]) -> torch.Tensor:
-        chunks = [(item_prompt_ids[s],) for s in self._chunks(len(item_prompt_ids), self.cfg.eval.item_batch_size)]
+        chunks = [(item_prompt_ids[s],) for s in chunk_slices(len(item_prompt_ids), self.cfg.eval.item_batch_size)]
         return torch.cat(self._spread("encode_items", chunks, "item encoding")[0])
 
     # ------------------------------------------------------------------------------------------ learner side
@@ -440,7 +333,7 @@ class System:
         while True:
             try:
                 sent = self._sync_once(version)
-            except _RolloutsLost as lost:
+            except RolloutsLost as lost:
                 self._replace_rollouts(lost.dead, "weight sync", lost.stuck)
                 continue
             self._weight_version = version
@@ -472,77 +365,15 @@ class System:
             firsts = [1 + sum(ranks[:i]) for i in range(len(ranks))]
             # Each join completes once learner rank 0 joins too, inside its broadcast_weights call (given a new
             # SyncGroup, rank 0 drops the old group and hosts this one).
-            self._sync = _Sync(info, self._weight_metas, [a.join_sync_group.remote(info, f)
-                                                          for a, f in zip(self.rollouts, firsts, strict=True)])
+            self._sync = SyncState(info, self._weight_metas, [a.join_sync_group.remote(info, f)
+                                                              for a, f in zip(self.rollouts, firsts, strict=True)])
         s = self._sync
         joins, s.joins = s.joins, []
         send = [a.broadcast_weights.remote(s.info if rank == 0 else None, bucket)
                 for rank, a in enumerate(self.learners)]
         recv = [a.receive_weights.remote(s.metas, bucket, version) for a in self.rollouts]
-        results = self._await_sync(s.info, send, joins, recv, timeout)
+        results = await_sync(s.info, send, joins, recv, timeout)
         sent, got = results[send[0]], [results[r] for r in recv]
         if any(g != sent for g in got):
             raise ClusterError(f"weight sync checksum mismatch: learner sent {sent!r}, rollout workers got {got}")
         return sent
-
-    def _await_sync(self, info: SyncGroup, send: list, joins: list, recv: list, timeout: float) -> dict:
-        """Wait for every call of one sync; results by ref. Fail-fast on a dead learner rank. A dead rollout worker
-        raises ``_RolloutsLost``, once the learner ranks are done with the broadcast and the survivors had a grace
-        period to finish: any still waiting then sits in a group that will not complete (gloo's broadcast leaves
-        the others waiting when one member is gone) and is replaced too, rather than left hanging."""
-        import ray
-
-        labels = {**{r: ("learner", i) for i, r in enumerate(send)}, **{r: ("join", i) for i, r in enumerate(joins)},
-                  **{r: ("receive", i) for i, r in enumerate(recv)}}
-        results: dict = {}
-        dead: dict[int, str] = {}
-        errors: list[BaseException] = []
-        finished_send = set()
-        aborted: list = []
-        send_done_at: float | None = None
-        # The group's own timeout bounds every collective inside; the slack lets a timed-out member report back.
-        deadline = time.monotonic() + timeout + _SYNC_GRACE_S
-        pending = list(labels)
-        while pending:
-            now = time.monotonic()
-            if (dead or errors) and send_done_at is not None and now >= send_done_at + _SYNC_GRACE_S:
-                break
-            wait = deadline - now
-            if (dead or errors) and send_done_at is not None:
-                wait = min(wait, send_done_at + _SYNC_GRACE_S - now)
-            done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, wait))
-            if not done:
-                if time.monotonic() >= deadline:
-                    waiting = sorted({f"{'learner rank' if k == 'learner' else 'rollout worker'} {i}"
-                                      for k, i in (labels[r] for r in pending)})
-                    raise ClusterError(f"weight sync did not finish within {timeout:g}s (still waiting for "
-                                       f"{', '.join(waiting)})")
-                continue
-            ref = done[0]
-            kind, i = labels[ref]
-            try:
-                results[ref] = ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))  # ready: at once
-            except Exception as e:  # noqa: BLE001 - sorted below: a death here is expected, the rest re-raised
-                if kind == "learner" and is_death(e):
-                    raise learner_died(i, "the weight broadcast", reason_of(e)) from e
-                if kind != "learner" and is_death(e):
-                    call = "join_sync_group" if kind == "join" else "receive_weights"
-                    dead.setdefault(i, f"{reason_of(e)} (in {call})")
-                    if not aborted:
-                        # Learner rank 0 and the other receivers may be waiting on the dead member (on NCCL until
-                        # the sync timeout): ask every member to give up now, so the sync is redone at once.
-                        aborted.append(request_abort(info))
-                else:
-                    # Maybe a consequence (a broadcast to a member that just died fails): decided below.
-                    errors.append(e)
-            if kind == "learner":
-                finished_send.add(ref)
-                if len(finished_send) == len(send):
-                    send_done_at = time.monotonic()
-        if dead:
-            stuck = {i: f"left waiting in the weight-sync group after rollout worker(s) {sorted(dead)} died"
-                     for k, i in (labels[r] for r in pending) if k != "learner" and i not in dead}
-            raise _RolloutsLost(dead, stuck)
-        if errors:
-            raise errors[0]
-        return results

@@ -151,7 +151,7 @@ def test_a_chunk_from_other_weights_is_refused_naming_its_worker():
 def test_rollout_restarts_are_events_and_bounded(tiny_model_dir, data_dir, tmp_path, fresh_names, monkeypatch):
     import ray
 
-    from driver import system as system_module
+    from driver import sync_wait
     from driver.system import System
 
     cfg = fault_cfg(tiny_model_dir, data_dir, tmp_path, "cluster.rollout.num_workers=2",
@@ -181,7 +181,7 @@ def test_rollout_restarts_are_events_and_bounded(tiny_model_dir, data_dir, tmp_p
         # A worker that dies inside the sync group (here: the check before the sync is skipped once): learner rank
         # 0's broadcast fails, the other worker may be left waiting for buckets that never come (then it is
         # replaced too, after the grace period); the sync is redone for everyone on a new group.
-        monkeypatch.setattr(system_module, "_SYNC_GRACE_S", 3.0)
+        monkeypatch.setattr(sync_wait, "_SYNC_GRACE_S", 3.0)
         check = System._rollout_get
         skipped: list = []
 
