@@ -75,24 +75,7 @@ class LearnerWorker(RecPOStep, Probes):
         self.rank, self.world_size, self.master_addr = rank, world_size, master_addr
         self.seed, self.load_universal, self.warmup_cfg = seed, load_universal, warmup_cfg
         self.zero3 = learner_cfg.zero_stage == 3
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0", MASTER_ADDR=master_addr,
-                          MASTER_PORT=str(master_port))
-        # One GPU per rank: "cuda:N" is the one Ray assigned, in this process's numbering (the Ray layer resolves it:
-        # driver.remote.local_cuda_index); plain "cuda" is cuda:0, right when Ray narrowed CUDA_VISIBLE_DEVICES to it.
-        self.device = torch.device(device)
-        if self.device.type == "cuda":
-            self.device = torch.device("cuda", self.device.index or 0)
-            torch.cuda.set_device(self.device)
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
-        timeout = datetime.timedelta(seconds=learner_cfg.timeout_s)
-        if not torch.distributed.is_initialized():
-            # Our own store, listening on MASTER_ADDR only (torch's env:// store would listen on every interface);
-            # DeepSpeed then finds the process group initialised and uses it.
-            store = bound_store(master_addr, master_port, world_size, rank == 0, timeout)
-            torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world_size,
-                                                 timeout=timeout)
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, rank=rank,
-                                   world_size=world_size)
+        self._join_process_group(device, master_port)
 
         # The same seed on every rank: LoRA's random init must be identical everywhere (ZeRO-3 keeps each rank's
         # own shard of the freshly built model; ZeRO-0/1/2 broadcast rank 0's weights anyway).
@@ -126,6 +109,30 @@ class LearnerWorker(RecPOStep, Probes):
         self.export = WeightExport(base, rank, self.zero3, model_cfg.dtype, self._gathered)
         self.item_prompt_ids: list[list[int]] = []
         self.items: ItemTable | None = None  # this rank's copy of the item table (r2ec/item_table.py)
+
+    def _join_process_group(self, device: str, master_port: int) -> None:
+        """Place this rank on its device and join the learner ranks' process group (DeepSpeed's too)."""
+        import deepspeed
+
+        rank, world_size, master_addr = self.rank, self.world_size, self.master_addr
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0", MASTER_ADDR=master_addr,
+                          MASTER_PORT=str(master_port))
+        # One GPU per rank: "cuda:N" is the one Ray assigned, in this process's numbering (the Ray layer resolves it:
+        # driver.remote.local_cuda_index); plain "cuda" is cuda:0, right when Ray narrowed CUDA_VISIBLE_DEVICES to it.
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", self.device.index or 0)
+            torch.cuda.set_device(self.device)
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=self.learner_cfg.timeout_s)
+        if not torch.distributed.is_initialized():
+            # Our own store, listening on MASTER_ADDR only (torch's env:// store would listen on every interface);
+            # DeepSpeed then finds the process group initialised and uses it.
+            store = bound_store(master_addr, master_port, world_size, rank == 0, timeout)
+            torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                                 timeout=timeout)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, rank=rank,
+                                   world_size=world_size)
 
     # ------------------------------------------------------------------------------------------ small helpers
     def ready(self) -> dict[str, Any]:

@@ -216,8 +216,12 @@ class RecPOConfig(Section):
     beta: float = Field(0.05, ge=0, le=1, description="R = beta * R_c + (1 - beta) * R_d")
     k_r: int = Field(1000, ge=1, description="R_d = NDCG@k_r of the target")
     advantage: Literal["grpo", "rloo"] = "grpo"
-    eps_low: float = Field(0.2, ge=0, lt=1)
-    eps_high: float = Field(0.28, ge=0)
+    eps_low: float = Field(
+        0.2, ge=0, lt=1, description="token ratio clipped below at 1 - eps_low for negative advantages (paper: "
+        "0.2 / 0.28 for eps_low / eps_high); binds only with learner.mini_batches > 1: with one update per rollout "
+        "the ratio is exactly 1")
+    eps_high: float = Field(0.28, ge=0, description="token ratio clipped above at 1 + eps_high for positive "
+                            "advantages; binds only with learner.mini_batches > 1, like eps_low")
     relabel_topk: int = Field(1, ge=1, description="item term on the top-k chains per group (paper 1, code 2)")
     kl_coef: float = Field(
         0.0, ge=0, description="weight of a KL penalty to the reference policy, added to the token term (k3 "
