@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM ?= false
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "$(TORCH)" -e ".[dev,mlflow,wandb]"
+	$(PIP) install -q "$(TORCH)" -e ".[dev,mlflow,wandb,plot]"
 	touch $@
 
 venv: $(VENV)/.installed

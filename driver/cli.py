@@ -75,6 +75,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=_count, default=None,
                    help="reasoning length limit; 0 = no reasoning (default: the run's eval.max_new_tokens)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+
+    p = sub.add_parser("timeline", help="a Gantt chart (PNG) of every actor's phases over a run's last steps, and "
+                       "how busy each actor was (from RUN_DIR/timeline.jsonl)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a training run's output_dir")
+    p.add_argument("--steps", type=_positive_int, default=3, help="how many of the last steps to draw (default 3)")
+    p.add_argument("--out", metavar="PNG", default=None, help="where to write the chart (default RUN_DIR/timeline.png)")
     return parser
 
 
@@ -166,6 +172,10 @@ def _run(args) -> int:
                                args.labels)
     if args.command == "train":
         return _train_command(args.config, args.overrides, args.resume)
+    if args.command == "timeline":
+        from driver.timeline import timeline_command
+
+        return timeline_command(args.run_dir, args.steps, args.out)
     if args.command in ("export", "recommend") or getattr(args, "checkpoint", None):
         return _model_command(args)
     if args.command == "eval" and args.config is None:

@@ -20,6 +20,7 @@ from r2ec.evaluate import EvalSubset, format_metrics, rank_split
 from r2ec.item_table import ItemTable
 from r2ec.prompts import PromptBuilder, item_prompt_ids, user_prompt_ids
 from r2ec.protocol import StepResult
+from r2ec.spans import Span, SpanRecorder
 
 FIRST_VALID = "valid_step0"  # step 0's validation, kept beside the run's last one
 
@@ -77,6 +78,7 @@ class Session:
         self.cfg, self.inputs, self.system, self.metrics, self.out_dir, self.log = (
             cfg, inputs, system, metrics, out_dir, log)
         self.trained_items = cfg.model.item_table == "trained"  # "frozen": the step-0 table, never re-encoded
+        self.spans = SpanRecorder("driver")  # the driver's phases (sync, refresh, validate, checkpoint)
 
     def start(self, resumed) -> RunState:
         """A fresh run's initial item table (encoded once, centred with model.center_items), or the checkpoint's
@@ -100,13 +102,15 @@ class Session:
         None) and a checkpoint when due."""
         cfg, W = self.cfg, self.cfg.warmup.steps
         t_step = time.perf_counter()
-        results, record = self._train(run, step)
+        results, record, worker_spans = self._train(run, step)
         run.step = step
         run.write_back(results)
         validating = bool(cfg.eval.valid_every and step % cfg.eval.valid_every == 0) or step == self.inputs.steps
         if self.trained_items and (validating or step % cfg.recpo.refresh_every == 0):
+            t0 = time.perf_counter()
             t_sync, record["table_refresh_row_cos"] = self.refresh_table(run)
             record["time_sync_s"] += t_sync
+            self.spans.mark("refresh", t0, time.perf_counter())
         record.update(phase=phase_of(step, W), time_step_s=time.perf_counter() - t_step,
                       epoch=self.inputs.sampler.epoch)
         events = self.system.drain_events()  # rollout workers restarted during this step (already logged)
@@ -118,26 +122,34 @@ class Session:
             bar.set_postfix(phase="warmup", loss=f"{record['loss_item']:.4f}")
         else:
             bar.set_postfix(reward=f"{record['reward_mean']:.4f}", loss=f"{record['loss_token']:+.4f}")
+        t0 = time.perf_counter()
         valid, new_best = self.validate(run) if validating else (None, False)
+        if validating:
+            self.spans.mark("validate", t0, time.perf_counter())
         every = cfg.run.checkpoint_every
         if every and (step % every == 0 or step == self.inputs.steps or new_best):
+            t0 = time.perf_counter()
             save(self.system, cfg, run, self.inputs.sampler, new_best, compat, self.log)
+            self.spans.mark("checkpoint", t0, time.perf_counter())
+        self.metrics.log_spans(step, worker_spans + self.spans.take())
         return valid
 
-    def _train(self, run: RunState, step: int) -> tuple[list[StepResult], dict]:
-        """Global step ``step`` of its phase: the ranks' StepResults and the step's record."""
+    def _train(self, run: RunState, step: int) -> tuple[list[StepResult], dict, list[Span]]:
+        """Global step ``step`` of its phase: the ranks' StepResults, the step's record and the workers' spans."""
         cfg, inputs, system, W = self.cfg, self.inputs, self.system, self.cfg.warmup.steps
         users = cfg.warmup.prompts_per_step if step <= W else cfg.learner.prompts_per_step
         rows = [inputs.train_ds[i] for i in inputs.sampler.next(users)]
         prompts, earlier, target = batch_inputs(rows, inputs.prepared, inputs.builder, inputs.tokenizer,
                                                 inputs.titles)
         if step <= W:
-            return warmup_step(system, prompts, inputs.marker_ids, earlier, target, run.items.pending)
+            results, record = warmup_step(system, prompts, inputs.marker_ids, earlier, target, run.items.pending)
+            return results, record, [s for r in results for s in r.spans]
         t_sync = sync_rollouts(system, step - 1)  # the rollout of step k samples the weights after step k-1
-        rollout, results, timings = rl_step(system, cfg, prompts, earlier, target, run.items.pending, version=step)
+        rollout, results, timings = rl_step(system, cfg, prompts, earlier, target, run.items.pending, version=step,
+                                            spans=self.spans)
         record = recpo_record(cfg, rollout, results, timings)
         record["time_sync_s"] += t_sync
-        return results, record
+        return results, record, rollout.spans + [s for r in results for s in r.spans]
 
     def evaluate_split(self, run: RunState, split: str) -> dict:
         cfg, inputs, system = self.cfg, self.inputs, self.system

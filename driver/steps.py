@@ -15,6 +15,7 @@ from r2ec.config import Config
 from r2ec.data.sampler import history_tensor
 from r2ec.prompts import user_prompt_ids
 from r2ec.protocol import Rollout, StepMetrics, StepResult, TrainShard, WarmupMetrics, WarmupShard
+from r2ec.spans import SpanRecorder
 
 
 def recpo_steps(cfg: Config, num_train: int) -> int:
@@ -71,9 +72,10 @@ def sync_rollouts(system, version: int) -> float:
 
 
 def rl_step(system, cfg: Config, prompts: list[list[int]], earlier: torch.Tensor, target: torch.Tensor,
-            updates: tuple[torch.Tensor, torch.Tensor], version: int) -> tuple[Rollout, list, dict]:
+            updates: tuple[torch.Tensor, torch.Tensor], version: int, spans: SpanRecorder | None = None
+            ) -> tuple[Rollout, list, dict]:
     """One RecPO step across the system: rollout, learner step, weight broadcast. Returns the rollout, the
-    ranks' StepResults and the step's timings."""
+    ranks' StepResults and the step's timings; ``spans`` (the driver's) gets the weight sync."""
     t = time.perf_counter()
     rollout = system.generate(prompts, cfg.recpo.group_size, seed=rollout_seed(cfg.run.seed, version),
                               weight_version=version - 1)  # the rollout of step k samples the weights after k-1
@@ -85,6 +87,8 @@ def rl_step(system, cfg: Config, prompts: list[list[int]], earlier: torch.Tensor
     t = time.perf_counter()
     system.sync_weights(version=version)
     t_sync = time.perf_counter() - t
+    if spans is not None:
+        spans.mark("sync", t, t + t_sync)
     return rollout, results, {"time_rollout_s": t_rollout, "time_learner_s": t_learn, "time_sync_s": t_sync}
 
 

@@ -11,8 +11,11 @@ W&B: the run is ``run.name`` in ``run.wandb_project``, written under ``<output_d
 configured (``WANDB_API_KEY``, ``wandb login``), else offline (``wandb sync`` uploads it later); ``WANDB_MODE``, when
 set, decides instead.
 
+Each step's phases per actor go to ``timeline.jsonl`` (``log_spans``; ``r2ec timeline`` draws them).
+
 Resume: a resumed run passes ``resume_step``. Records of later steps (written by the attempt that was interrupted
-after its last checkpoint) are removed from ``metrics.jsonl`` and purged from TensorBoard, so every step appears once.
+after its last checkpoint) are removed from ``metrics.jsonl`` and ``timeline.jsonl`` and purged from TensorBoard,
+so every step appears once.
 MLflow and W&B continue the interrupted attempt's run (ids in ``<output_dir>/trackers.json``) but cannot unlog:
 - MLflow has no API that deletes metric points: the history of a step after the checkpoint holds both attempts'
   values (the resumed attempt's with the later timestamp, which the run's latest-value summary shows);
@@ -34,6 +37,9 @@ from pathlib import Path
 
 from r2ec.checkpoint import write_json_atomic, write_text_atomic
 from r2ec.config import ConfigError
+from r2ec.spans import Span
+
+TIMELINE = "timeline.jsonl"
 
 _MLFLOW_BAD = re.compile(r"[^/\w.\- ]")  # MLflow's allowed set (mlflow.utils.validation), without ':' (not on Windows)
 _PARAM_LEN = 500  # the smallest param value limit of MLflow servers still in use (3.x allows 6000)
@@ -60,12 +66,17 @@ class MetricsWriter:
             _require("wandb", ["wandb"])
         out_dir.mkdir(parents=True, exist_ok=True)
         self.path = out_dir / "metrics.jsonl"
+        self.timeline_path = out_dir / TIMELINE  # every actor's phases per step (r2ec.spans, driver.timeline)
         self.dropped = 0
         if resume_step is not None:
             self.dropped = _truncate_after(self.path, resume_step)
-        elif self.path.exists():  # a fresh run in a used folder: keep the old log aside, never mix two runs
-            self.path.rename(self.path.with_suffix(f".jsonl.{int(self.path.stat().st_mtime)}"))
+            _truncate_after(self.timeline_path, resume_step)
+        else:  # a fresh run in a used folder: keep the old logs aside, never mix two runs
+            for path in (self.path, self.timeline_path):
+                if path.exists():
+                    path.rename(path.with_suffix(f".jsonl.{int(path.stat().st_mtime)}"))
         self._file = open(self.path, "a", buffering=1)
+        self._timeline = open(self.timeline_path, "a", buffering=1)
         ids_path = out_dir / "trackers.json"
         ids = json.loads(ids_path.read_text()) if resume_step is not None and ids_path.exists() else {}
         config = config or {}
@@ -93,8 +104,15 @@ class MetricsWriter:
             for tracker in self._trackers:
                 tracker.log(step, scalars)
 
+    def log_spans(self, step: int, spans: Sequence[Span]) -> None:
+        """The step's phases, one line each: {step, actor, phase, start, end} (wall-clock seconds)."""
+        for actor, phase, start, end in spans:
+            self._timeline.write(json.dumps({"step": step, "actor": actor, "phase": phase, "start": start,
+                                             "end": end}) + "\n")
+
     def close(self, failed: bool = False) -> None:
         self._file.close()
+        self._timeline.close()
         for tracker in self._trackers:
             tracker.close(failed)
 

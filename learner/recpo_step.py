@@ -95,12 +95,15 @@ class RecPOStep:
         # 2. rewards from the rollout's h_T, group advantages, relabel mask
         scored = self._score(shard)
         t_reward = time.perf_counter() - t_start
+        self.spans.mark("reward", t_start, t_start + t_reward)
         # 3. pi_old: with one update it is the current policy (ratio 1, computed inside the update); with several,
         # every update is measured against the weights that sampled the chains, computed once here.
         t0, M = time.perf_counter(), self.learner_cfg.mini_batches
         h_T_learner = torch.empty(len(shard.rollout), self.hidden_size, dtype=torch.float32)
         old_logp = self._chain_logp(shard, h_T_learner) if M > 1 else None
         t_old = time.perf_counter() - t0
+        if old_logp is not None:
+            self.spans.mark("old_logp", t0, t0 + t_old)
         # 4. the updates, each on whole groups: token term, item term, optimiser step
         U = len(shard.prompt_ids)
         ups = [self._update(shard, list(range(U))[m * U // M:(m + 1) * U // M], scored.adv.flatten(),
@@ -111,7 +114,7 @@ class RecPOStep:
         metrics = self._step_metrics(shard, scored, ups, h_T_learner, old_logp, table_cos, t_reward, t_old)
         return StepResult(metrics=metrics, table_updates_idx=items.cpu(),
                           table_updates=self.table[items.to(self.device)].float().cpu(), rewards=scored.rewards,
-                          rewards_learner=reward_learner.rewards.float().cpu())
+                          rewards_learner=reward_learner.rewards.float().cpu(), spans=self.spans.take())
 
     def _check_shard(self, shard: TrainShard) -> None:
         """Refuse a malformed shard before the first collective (not in the middle of one)."""
@@ -161,14 +164,18 @@ class RecPOStep:
         # max(., 1): all chains may be appended markers only: loss 0, not NaN
         token = self._token_term(shard, rows_all, adv, old_logp, h_T_learner, max(num_tokens, 1))
         t_token = time.perf_counter() - t0
+        self.spans.mark("token", t0, t0 + t_token)
         token_grads = self._grads_snapshot()
         t0 = time.perf_counter()
         term = self._item_term(shard, rows_all, adv, relabel, num_chains)
         t_item = time.perf_counter() - t0
+        self.spans.mark("item", t0, t0 + t_item)
         t0 = time.perf_counter()
         norms = self._optimizer_step(token_grads)
+        t_opt = time.perf_counter() - t0
+        self.spans.mark("optimizer", t0, t0 + t_opt)
         return {**token, "loss_item": term.loss_local, "items": term.items, "candidates": term.candidates,
-                "t_token": t_token, "t_item": t_item, "t_opt": time.perf_counter() - t0, **norms}
+                "t_token": t_token, "t_item": t_item, "t_opt": t_opt, **norms}
 
     def _token_term(self, shard: TrainShard, rows_all: list[int], adv: torch.Tensor, old_logp: torch.Tensor | None,
                     h_T_learner: torch.Tensor, num_tokens: int) -> dict[str, float]:

@@ -52,6 +52,7 @@ from r2ec.config import LearnerConfig, ModelConfig, RecPOConfig, WarmupConfig
 from r2ec.item_table import ItemTable
 from r2ec.model import DualHeadModel
 from r2ec.protocol import StepResult, WarmupMetrics, WarmupShard
+from r2ec.spans import SpanRecorder
 from r2ec.weight_sync import SyncGroup, TensorMeta, bound_store
 
 
@@ -109,6 +110,7 @@ class LearnerWorker(RecPOStep, Probes):
         self.export = WeightExport(base, rank, self.zero3, model_cfg.dtype, self._gathered)
         self.item_prompt_ids: list[list[int]] = []
         self.items: ItemTable | None = None  # this rank's copy of the item table (r2ec/item_table.py)
+        self.spans = SpanRecorder(f"learner-{rank}")  # this rank's phases per step, for the timeline
 
     def _join_process_group(self, device: str, master_port: int) -> None:
         """Place this rank on its device and join the learner ranks' process group (DeepSpeed's too)."""
@@ -222,6 +224,8 @@ class LearnerWorker(RecPOStep, Probes):
         t0 = time.perf_counter()
         norms = self._optimizer_step(None)
         t_opt = time.perf_counter() - t0
+        self.spans.mark("item", t_start, t_start + t_item)
+        self.spans.mark("optimizer", t0, t0 + t_opt)
         metrics = WarmupMetrics(
             loss_item=term.loss_local,
             target_rank_mean=float(rank.mean()) if U else float("nan"),
@@ -237,7 +241,7 @@ class LearnerWorker(RecPOStep, Probes):
         )
         return StepResult(metrics=metrics, table_updates_idx=term.items,
                           table_updates=term.h_items.float().cpu(), rewards=torch.zeros(0),
-                          rewards_learner=torch.zeros(0))
+                          rewards_learner=torch.zeros(0), spans=self.spans.take())
 
     def _agree_sum(self, n: int) -> int:
         if self.world_size == 1:

@@ -16,6 +16,8 @@ from typing import Literal
 
 import torch
 
+from r2ec.spans import Span
+
 
 @dataclass
 class Rollout:
@@ -28,6 +30,7 @@ class Rollout:
     h_T: torch.Tensor  # (N, d) float32: final hidden state (after the final norm) at the chain's last token
     weight_version: int  # the learner step whose weights produced these chains
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase ("generate", "hidden")
+    spans: list[Span] = field(default_factory=list)  # each worker's phases, for the step timeline (r2ec.spans)
 
     def __post_init__(self) -> None:
         n = len(self.chain_ids)
@@ -46,11 +49,12 @@ class Rollout:
         rows = list(rows)
         idx = torch.as_tensor(rows, dtype=torch.long)
         return Rollout([self.chain_ids[r] for r in rows], self.logp[idx], self.logp_mask[idx],
-                       self.appended_marker[idx], self.h_T[idx], self.weight_version, dict(self.timings))
+                       self.appended_marker[idx], self.h_T[idx], self.weight_version, dict(self.timings),
+                       list(self.spans))
 
     @classmethod
     def concat(cls, parts: Sequence[Rollout]) -> Rollout:
-        """Join rollouts in order; timings are summed (worker-seconds), the version must agree."""
+        """Join rollouts in order; timings are summed (worker-seconds), spans joined, the version must agree."""
         if not parts:
             raise ValueError("nothing to concatenate")
         versions = {p.weight_version for p in parts}
@@ -67,7 +71,7 @@ class Rollout:
                 timings[k] = timings.get(k, 0.0) + v
         return cls([c for p in parts for c in p.chain_ids], torch.cat([pad(p.logp) for p in parts]),
                    torch.cat([pad(p.logp_mask) for p in parts]), torch.cat([p.appended_marker for p in parts]),
-                   torch.cat([p.h_T for p in parts]), versions.pop(), timings)
+                   torch.cat([p.h_T for p in parts]), versions.pop(), timings, [s for p in parts for s in p.spans])
 
 
 @dataclass
@@ -222,3 +226,4 @@ class StepResult:
     table_updates: torch.Tensor  # (K, d) float32: their embeddings after the forward pass (before the step)
     rewards: torch.Tensor  # (U*G,) float32: fused reward of each chain from the rollout's h_T ((0,) in warm-up)
     rewards_learner: torch.Tensor  # (U*G,) float32: the same from the learner's recomputed h_T ((0,) in warm-up)
+    spans: list[Span] = field(default_factory=list)  # this rank's phases, for the step timeline (r2ec.spans)

@@ -17,6 +17,7 @@ import torch
 
 from r2ec.model import Chain, ChainFinisher
 from r2ec.protocol import Rollout
+from r2ec.spans import SpanRecorder
 from r2ec.weight_sync import SyncGroup, TensorMeta
 from rollout.engine import Completion, Engine, Sampling
 
@@ -72,6 +73,7 @@ class RolloutWorker:
         s = self.sampling_cfg
         sampling = Sampling(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                             max_new_tokens=s.max_new_tokens, stop=(self.finisher.marker,), seed=seed)
+        spans = SpanRecorder(f"rollout-{self.worker_index}")
         t0 = time.perf_counter()
         chains, logps = self._finish(self.engine.sample(prompt_ids, group_size, sampling))
         t1 = time.perf_counter()
@@ -90,10 +92,13 @@ class RolloutWorker:
         for i, lp in enumerate(logps):
             logp[i, : len(lp)] = torch.as_tensor(lp, dtype=torch.float32)
             logp_mask[i, : len(lp)] = 1.0
+        spans.mark("generate", t0, t1)
+        spans.mark("hidden", t1, t2)
         return Rollout(chain_ids, logp, logp_mask,
                        torch.as_tensor([c.appended_marker for c in chains], dtype=torch.bool), h_T.float(),
                        self.weight_version,
-                       {"generate": t1 - t0, "hidden": t2 - t1, "generated_tokens": float(sum(map(len, chain_ids)))})
+                       {"generate": t1 - t0, "hidden": t2 - t1, "generated_tokens": float(sum(map(len, chain_ids)))},
+                       spans.take())
 
     def greedy(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> tuple[list[Chain], torch.Tensor]:
         """Greedy reasoning and h_T for evaluation: (chains, h_T (B, d) float32). ``max_new_tokens`` 0 = no

@@ -130,6 +130,21 @@ def test_train_end_to_end_with_lora(tiny_model_dir, tmp_path, capfd):
     assert "===== RolloutWorker: pid" in rollout_log and "vllm" in rollout_log.lower()  # the engine's own lines
     assert "===== LearnerWorker: pid" in learner_log and "deepspeed" in learner_log.lower()
     assert (tmp_path / "logs" / "driver.log").is_file()
+    # the step timeline: every actor's phases per step; in the synchronous loop the sides take turns
+    from driver.timeline import load_spans, timeline_command
+
+    spans = load_spans(tmp_path)
+    for step in (1, 2):
+        phases = {(s["actor"], s["phase"]) for s in spans if s["step"] == step}
+        assert {("rollout-0", "generate"), ("rollout-0", "hidden"), ("learner-0", "reward"), ("learner-0", "token"),
+                ("learner-0", "item"), ("learner-0", "optimizer"), ("driver", "sync"),
+                ("driver", "validate")} <= phases, phases
+        rollout_end = max(s["end"] for s in spans if s["step"] == step and s["actor"] == "rollout-0")
+        learner = [s for s in spans if s["step"] == step and s["actor"] == "learner-0"]
+        sync = next(s for s in spans if s["step"] == step and s["phase"] == "sync")
+        assert rollout_end <= min(s["start"] for s in learner) + 0.05  # one host: the clocks agree
+        assert max(s["end"] for s in learner) <= sync["start"] + 0.05
+    assert timeline_command(str(tmp_path), 2, None) == 0 and (tmp_path / "timeline.png").stat().st_size > 5000
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "reward_mean" in r]
     assert [r["step"] for r in steps] == [1, 2] and [r["weight_version"] for r in steps] == [0, 1]
