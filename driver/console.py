@@ -36,13 +36,15 @@ def library_logs(cfg: Config) -> Iterator[Path | None]:
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     saved = []
-    for name in LIBRARY_LOGGERS:
+    for name in LIBRARY_LOGGERS:  # their console handlers off; their records travel up to the root's file handler
         lg = logging.getLogger(name)
         saved.append((lg, lg.handlers[:], lg.propagate))
-        lg.handlers[:] = [handler]
-        lg.propagate = False
+        lg.handlers[:] = []
+        lg.propagate = True
     root = logging.getLogger()
-    root.addHandler(handler)  # any other library's records too (instead of Python's last-resort stderr handler)
+    # At the root, so a library that resets its own logger's handlers (ray.init(configure_logging=False) clears
+    # the "ray" logger's) still ends up here, as does any other library (instead of Python's last-resort stderr).
+    root.addHandler(handler)
     logging.captureWarnings(True)
     try:
         yield path

@@ -53,6 +53,11 @@ from r2ec.evaluate import format_metrics
 def train(cfg: Config, log=print, resume: str = "auto") -> dict:
     """Train (or continue) a run; ``resume`` is ``auto`` (the newest complete checkpoint of ``run.output_dir``, if
     any), ``none`` (a fresh run; refused if the folder has checkpoints) or a checkpoint folder."""
+    with library_logs(cfg):  # from the first import on: Ray and DeepSpeed log as they load (driver.console)
+        return _train(cfg, log, resume)
+
+
+def _train(cfg: Config, log, resume: str) -> dict:
     from tqdm import tqdm
 
     from driver.system import System
@@ -75,10 +80,9 @@ def train(cfg: Config, log=print, resume: str = "auto") -> dict:
     # a ZeRO-1/2/3 checkpoint of another learner world size is re-sharded first
     universal = resumed is not None and needs_universal(resumed.folder / "learner", cfg.cluster.learner.num_workers)
     # the trackers first: a missing optional package fails the run before Ray and the engines start
-    with library_logs(cfg), MetricsWriter(out_dir, cfg.run.trackers, resume_step=resumed.step if resumed else None,
-                                          run_name=cfg.run.name, mlflow_tracking_uri=cfg.run.mlflow_tracking_uri,
-                                          wandb_project=cfg.run.wandb_project,
-                                          config=cfg.model_dump(mode="json")) as metrics, \
+    with MetricsWriter(out_dir, cfg.run.trackers, resume_step=resumed.step if resumed else None,
+                       run_name=cfg.run.name, mlflow_tracking_uri=cfg.run.mlflow_tracking_uri,
+                       wandb_project=cfg.run.wandb_project, config=cfg.model_dump(mode="json")) as metrics, \
             System(cfg, inputs.device, log, load_universal=universal) as system:
         session = Session(cfg, inputs, system, metrics, out_dir, log)
         run = session.start(resumed)

@@ -22,6 +22,8 @@ def test_library_logs_go_to_the_run_folder_and_every_logger_is_restored(tmp_path
     before = (ray_logger.handlers[:], ray_logger.propagate)
     with library_logs(_Cfg(tmp_path, "file")) as path:
         logging.getLogger("ray._private.some_module").warning("ray chatter")
+        logging.getLogger("ray").handlers.clear()  # what ray.init(configure_logging=False) does
+        logging.getLogger("ray._private.other").warning("more ray chatter")
         logging.getLogger("deepspeed").warning("deepspeed chatter")
         logging.getLogger("some.other.library").warning("other chatter")
         warnings.warn("a library warning", UserWarning, stacklevel=1)
@@ -29,7 +31,7 @@ def test_library_logs_go_to_the_run_folder_and_every_logger_is_restored(tmp_path
     assert "chatter" not in out + err and "a library warning" not in out + err
     text = path.read_text()
     assert path == tmp_path / "logs" / "driver.log"
-    for line in ("ray chatter", "deepspeed chatter", "other chatter", "a library warning"):
+    for line in ("ray chatter", "more ray chatter", "deepspeed chatter", "other chatter", "a library warning"):
         assert line in text
     assert (ray_logger.handlers, ray_logger.propagate) == before
     assert path.name not in str(logging.getLogger().handlers)
