@@ -22,17 +22,24 @@ from r2ec.config import Config
 LIBRARY_LOGGERS = ("ray", "vllm", "deepspeed", "DeepSpeed", "transformers", "torch", "py.warnings")
 
 
+def logs_dir(cfg: Config) -> Path | None:
+    """``<output_dir>/logs`` with ``run.worker_logs: file`` (absolute: actors resolve it in their own working
+    directory), None with ``console``."""
+    return Path(cfg.run.output_dir).absolute() / "logs" if cfg.run.worker_logs == "file" else None
+
+
 @contextlib.contextmanager
 def library_logs(cfg: Config) -> Iterator[Path | None]:
     """Route the driver's library logging to ``<output_dir>/logs/driver.log`` while the block runs (yields the path;
     None and nothing changed with ``run.worker_logs: console``). Every logger touched is restored afterwards."""
-    if cfg.run.worker_logs != "file":
+    folder = logs_dir(cfg)
+    if folder is None:
         yield None
         return
     import ray  # noqa: F401  (Ray installs its console handler when first imported: take over after that)
 
-    path = Path(cfg.run.output_dir) / "logs" / "driver.log"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = folder / "driver.log"
+    folder.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     saved = []

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from driver.console import library_logs
+from driver.console import library_logs, logs_dir
 from driver.run_state import best_key, compat_of, find_checkpoint
 from driver.session import FIRST_VALID, RunInputs, Session
 from r2ec.config import Config
@@ -75,8 +75,8 @@ def _train(cfg: Config, log, resume: str) -> dict:
     log(f"train: {len(inputs.train_ds)} samples, {cfg.warmup.steps} warm-up steps of {cfg.warmup.prompts_per_step} "
         f"users, then {steps - cfg.warmup.steps} RecPO steps of {cfg.learner.prompts_per_step} users x "
         f"G={cfg.recpo.group_size}")
-    if cfg.run.worker_logs == "file":
-        log(f"logs: Ray, vLLM and DeepSpeed output goes to {out_dir / 'logs'} (run.worker_logs=console shows it here)")
+    if logs_dir(cfg) is not None:
+        log(f"logs: Ray, vLLM and DeepSpeed output goes to {logs_dir(cfg)} (run.worker_logs=console shows it here)")
     # a ZeRO-1/2/3 checkpoint of another learner world size is re-sharded first
     universal = resumed is not None and needs_universal(resumed.folder / "learner", cfg.cluster.learner.num_workers)
     # the trackers first: a missing optional package fails the run before Ray and the engines start

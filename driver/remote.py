@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from driver.console import logs_dir
 from r2ec.config import Config
 
 
@@ -84,11 +85,10 @@ def redirect_output(path: str, name: str) -> None:
 
 
 def actor_log(cfg: Config, name: str) -> str | None:
-    """The file actor ``name`` writes its output to with ``run.worker_logs: file`` (an absolute path, resolved on the
-    driver: a worker's working directory may differ), or None to leave it to Ray's own log streaming."""
-    if cfg.run.worker_logs != "file":
-        return None
-    return str(Path(cfg.run.output_dir).absolute() / "logs" / f"{name}.log")
+    """The file actor ``name`` writes its output to with ``run.worker_logs: file`` (in ``driver.console.logs_dir``,
+    resolved on the driver), or None to leave it to Ray's own log streaming."""
+    folder = logs_dir(cfg)
+    return None if folder is None else str(folder / f"{name}.log")
 
 
 def on_assigned_gpu(cls: type) -> type:

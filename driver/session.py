@@ -102,7 +102,7 @@ class Session:
         None) and a checkpoint when due."""
         cfg, W = self.cfg, self.cfg.warmup.steps
         t_step = time.perf_counter()
-        results, record, worker_spans = self._train(run, step)
+        results, record, rollout_spans = self._train(run, step)
         run.step = step
         run.write_back(results)
         validating = bool(cfg.eval.valid_every and step % cfg.eval.valid_every == 0) or step == self.inputs.steps
@@ -131,25 +131,25 @@ class Session:
             t0 = time.perf_counter()
             save(self.system, cfg, run, self.inputs.sampler, new_best, compat, self.log)
             self.spans.mark("checkpoint", t0, time.perf_counter())
-        self.metrics.log_spans(step, worker_spans + self.spans.take())
+        self.metrics.log_spans(step, rollout_spans + [s for r in results for s in r.spans] + self.spans.take())
         return valid
 
     def _train(self, run: RunState, step: int) -> tuple[list[StepResult], dict, list[Span]]:
-        """Global step ``step`` of its phase: the ranks' StepResults, the step's record and the workers' spans."""
+        """Global step ``step`` of its phase: the ranks' StepResults, the step's record and the rollout workers'
+        spans (none in warm-up)."""
         cfg, inputs, system, W = self.cfg, self.inputs, self.system, self.cfg.warmup.steps
         users = cfg.warmup.prompts_per_step if step <= W else cfg.learner.prompts_per_step
         rows = [inputs.train_ds[i] for i in inputs.sampler.next(users)]
         prompts, earlier, target = batch_inputs(rows, inputs.prepared, inputs.builder, inputs.tokenizer,
                                                 inputs.titles)
         if step <= W:
-            results, record = warmup_step(system, prompts, inputs.marker_ids, earlier, target, run.items.pending)
-            return results, record, [s for r in results for s in r.spans]
+            return (*warmup_step(system, prompts, inputs.marker_ids, earlier, target, run.items.pending), [])
         t_sync = sync_rollouts(system, step - 1)  # the rollout of step k samples the weights after step k-1
         rollout, results, timings = rl_step(system, cfg, prompts, earlier, target, run.items.pending, version=step,
                                             spans=self.spans)
         record = recpo_record(cfg, rollout, results, timings)
         record["time_sync_s"] += t_sync
-        return results, record, rollout.spans + [s for r in results for s in r.spans]
+        return results, record, rollout.spans
 
     def evaluate_split(self, run: RunState, split: str) -> dict:
         cfg, inputs, system = self.cfg, self.inputs, self.system
