@@ -46,6 +46,7 @@ from driver.rollout_faults import Restarts, replace_actors
 from driver.spread import chunk_slices, spread
 from driver.sync_wait import RolloutsLost, SyncState, await_sync
 from r2ec.config import Config
+from r2ec.lora_delta import DeltaPlan
 from r2ec.protocol import Rollout, StepResult, TrainShard, WarmupShard
 from r2ec.weight_sync import SyncGroup
 
@@ -70,6 +71,7 @@ class System:
         self._weight_version: int | None = None  # version of the last completed sync; None: initial weights
         self._sync_port_used = False
         self._weight_metas: list | None = None  # learner rank 0's, fixed for the run
+        self._delta: DeltaPlan | None = None  # learner.weight_sync 'lora_delta': what a sync sends, fixed too
 
     # ------------------------------------------------------------------------------------------ start / stop
     def __enter__(self) -> System:
@@ -359,7 +361,10 @@ class System:
                 self._sync_port_used = True
             backend = "nccl" if self.device == "cuda" else "gloo"
             info = SyncGroup(addr, port, 1 + sum(ranks), backend, self.cfg.learner.sync_timeout_s)
-            if self._weight_metas is None:
+            if self._weight_metas is None and self.cfg.learner.weight_sync == "lora_delta":
+                self._delta = self._learner_get([self.learners[0].delta_plan.remote()], "learner rank 0 delta_plan")[0]
+                self._weight_metas = list(self._delta.metas)
+            elif self._weight_metas is None:
                 self._weight_metas = self._learner_get([self.learners[0].weight_metas.remote()],
                                                        "learner rank 0 weight_metas")[0]
             firsts = [1 + sum(ranks[:i]) for i in range(len(ranks))]
@@ -371,7 +376,7 @@ class System:
         joins, s.joins = s.joins, []
         send = [a.broadcast_weights.remote(s.info if rank == 0 else None, bucket)
                 for rank, a in enumerate(self.learners)]
-        recv = [a.receive_weights.remote(s.metas, bucket, version) for a in self.rollouts]
+        recv = [a.receive_weights.remote(s.metas, bucket, version, self._delta) for a in self.rollouts]
         results = await_sync(s.info, send, joins, recv, timeout)
         sent, got = results[send[0]], [results[r] for r in recv]
         if any(g != sent for g in got):

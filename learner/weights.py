@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from r2ec.lora_delta import A_SUFFIX, B_SUFFIX, DeltaPlan, LoraTarget, base_checksum
 from r2ec.weight_share import pack
 from r2ec.weight_sync import SyncGroup, TensorMeta, close_group, open_group, send
 
@@ -46,15 +47,30 @@ def full_shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(getattr(t, "ds_shape", t.shape))  # ZeRO-3 partitioned parameters have shape (0,)
 
 
-def merged_lora_weight(layer: torch.nn.Module) -> torch.Tensor:
-    """W + sum_a B_a A_a * scaling_a over the active adapters, exactly as peft's ``merge_and_unload`` computes it."""
+def _check_plain_lora(layer: torch.nn.Module) -> None:
     if getattr(layer, "lora_variant", None) or any(getattr(layer, "lora_bias", {}).values()):
         raise NotImplementedError("weight export merges plain LoRA only (no DoRA or other variants, no lora_bias)")
+
+
+def merged_lora_weight(layer: torch.nn.Module) -> torch.Tensor:
+    """W + sum_a B_a A_a * scaling_a over the active adapters, exactly as peft's ``merge_and_unload`` computes it."""
+    _check_plain_lora(layer)
     weight = layer.get_base_layer().weight.detach()
     for adapter in layer.active_adapters:
         if adapter in layer.lora_A or adapter in getattr(layer, "lora_embedding_A", {}):
             weight = weight + layer.get_delta_weight(adapter).detach()
     return weight
+
+
+def lora_adapter(layer: torch.nn.Module) -> tuple[torch.nn.Parameter, torch.nn.Parameter, float]:
+    """(A (r, in), B (out, r), scaling) of a LoRA linear layer's one active adapter, for the LoRA-delta sync."""
+    _check_plain_lora(layer)
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if len(active) != 1 or getattr(layer, "fan_in_fan_out", False):
+        raise NotImplementedError(f"LoRA-delta sync needs one active linear adapter per layer (not transposed), got "
+                                  f"{active}; use learner.weight_sync: full")
+    name = active[0]
+    return layer.lora_A[name].weight, layer.lora_B[name].weight, float(layer.scaling[name])
 
 
 def export_units(base: torch.nn.Module) -> list[ExportUnit]:
@@ -88,10 +104,14 @@ class WeightExport:
     every rank at once. ``gathered(params)`` is the rank's context manager that gathers ZeRO-3 parameters."""
 
     def __init__(self, base: torch.nn.Module, rank: int, zero3: bool, dtype: str,
-                 gathered: Callable[[list[torch.nn.Parameter]], contextlib.AbstractContextManager]):
+                 gathered: Callable[[list[torch.nn.Parameter]], contextlib.AbstractContextManager],
+                 lora_delta: bool = False):
         self.units = export_units(base)
         self.rank, self.zero3, self.dtype, self._gathered = rank, zero3, dtype, gathered
         self._sync: tuple[SyncGroup, Any] | None = None  # rank 0: the broadcast group it hosts
+        # LoRA-delta sync: the checksum of the LoRA layers' base weights, which never change; computed once here
+        # because under ZeRO-3 it gathers (construction runs on every rank at once).
+        self._base_checksum = self._lora_base_checksum() if lora_delta else None
 
     @staticmethod
     def _name(unit: ExportUnit, local: str) -> str:
@@ -125,6 +145,61 @@ class WeightExport:
             for _ in weights if weights is not None else self.full_weights(materialize=False):
                 pass
 
+    # ------------------------------------------------------------------------------------------ LoRA-delta sync
+    def _delta_units(self) -> Iterator[tuple[ExportUnit, list[torch.nn.Parameter]]]:
+        """Units the LoRA-delta sync sends, with the parameters it gathers: each LoRA layer's A and B, and every
+        other unit with a trainable parameter."""
+        for unit in self.units:
+            if unit.lora:
+                a, b, _ = lora_adapter(unit.module)
+                yield unit, [a, b]
+            elif any(p.requires_grad for p in unit.params()):
+                yield unit, unit.params()
+
+    def _lora_base_checksum(self) -> int:
+        weights = []
+        for unit in self.units:
+            if unit.lora:
+                base = unit.module.get_base_layer().weight
+                with self._gathered([base]):
+                    weights.append(base.detach().clone() if self.zero3 else base.detach())
+        dtype = weights[0].dtype if weights else torch.float32
+        return base_checksum(weights, dtype) if self.rank == 0 else 0
+
+    def delta_plan(self) -> DeltaPlan:
+        """What a LoRA-delta sync sends (``r2ec.lora_delta``): names, shapes and dtypes in order, the targets'
+        scalings, the base weights' checksum. Local, no communication."""
+        if self._base_checksum is None:
+            raise RuntimeError("delta_plan needs a WeightExport built with lora_delta=True")
+        metas: list[TensorMeta] = []
+        targets: list[LoraTarget] = []
+        train_dtype = "float32"
+        for unit, params in self._delta_units():
+            if unit.lora:
+                (a, b), scaling = params, lora_adapter(unit.module)[2]
+                train_dtype = str(a.dtype).removeprefix("torch.")
+                metas += [TensorMeta(unit.prefix + A_SUFFIX, train_dtype, full_shape(a)),
+                          TensorMeta(unit.prefix + B_SUFFIX, train_dtype, full_shape(b))]
+                targets.append(LoraTarget(unit.prefix, scaling))
+            else:
+                metas += [TensorMeta(self._name(unit, local), self.dtype, full_shape(t)) for local, t in unit.tensors()]
+        if not targets:
+            raise ValueError("LoRA-delta sync: the learner's model has no LoRA layers (use learner.weight_sync: full)")
+        return DeltaPlan(tuple(metas), tuple(targets), self.dtype, self._base_checksum, train_dtype)
+
+    def delta_tensors(self, materialize: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) in ``delta_plan().metas`` order, gathered one unit at a time under ZeRO-3."""
+        for unit, params in self._delta_units():
+            with self._gathered(params):
+                if not materialize:
+                    continue
+                if unit.lora:
+                    out = [(unit.prefix + A_SUFFIX, params[0].detach()), (unit.prefix + B_SUFFIX, params[1].detach())]
+                else:
+                    out = [(self._name(unit, local), t.detach()) for local, t in unit.tensors()]
+                out = [(n, t.clone() if self.zero3 else t) for n, t in out]
+            yield from out
+
     def full_state_dict(self, merged: bool = True) -> dict[str, torch.Tensor]:
         """The full model (LoRA merged unless ``merged=False``, which gives the frozen base weights) on CPU on rank 0;
         {} elsewhere. Holds the whole model on rank 0: for export and tests."""
@@ -138,23 +213,26 @@ class WeightExport:
         this rank's own engine; the buffer's checksum. Every rank packs (each feeds its own engine)."""
         return pack(buf, self.metas(), self.full_weights())
 
-    def broadcast(self, info: SyncGroup | None, bucket_bytes: int, device: torch.device) -> int | None:
-        """Send the full merged weights to every rollout engine (``r2ec.weight_sync``); the checksum on rank 0, None
-        elsewhere. Rank 0 joins the group (``open_group(info, 0)``) on its first call, which blocks until every
-        receiver has joined; a different ``info`` means the driver rebuilt the group after replacing a rollout
-        worker: the old one (its store, its connections to a dead member) is dropped before the new one is hosted."""
+    def broadcast(self, info: SyncGroup | None, bucket_bytes: int, device: torch.device, delta: bool = False
+                  ) -> int | None:
+        """Send the full merged weights (or with ``delta``, what ``delta_plan`` lists) to every rollout engine
+        (``r2ec.weight_sync``); the checksum on rank 0, None elsewhere. Rank 0 joins the group
+        (``open_group(info, 0)``) on its first call, which blocks until every receiver has joined; a different
+        ``info`` means the driver rebuilt the group after replacing a rollout worker: the old one (its store, its
+        connections to a dead member) is dropped before the new one is hosted."""
         if self.rank != 0:
-            self._join_gathers()
+            self._join_gathers(self.delta_tensors(materialize=False) if delta else None)
             return None
         if info is None:
             raise ValueError("broadcast_weights on rank 0 needs the SyncGroup")
-        weights = self.full_weights()
+        weights = self.delta_tensors() if delta else self.full_weights()
+        metas = list(self.delta_plan().metas) if delta else self.metas()
         try:
             if self._sync is None or self._sync[0] != info:
                 self._drop_group()
                 self._sync = (info, open_group(info, 0))
             send_device = device if info.backend == "nccl" else torch.device("cpu")
-            return send(self._sync[1], self.metas(), weights, bucket_bytes, device=send_device)
+            return send(self._sync[1], metas, weights, bucket_bytes, device=send_device)
         except Exception:
             # A receiver died before or during the broadcast, or the sync timed out or was aborted by the driver.
             # The group is spent: abort it now rather than leave NCCL's watchdog a communicator to time out on.

@@ -50,6 +50,7 @@ from learner.weights import WeightExport
 from r2ec.algo.metrics import ndcg_at_k
 from r2ec.config import LearnerConfig, ModelConfig, RecPOConfig, WarmupConfig
 from r2ec.item_table import ItemTable
+from r2ec.lora_delta import DeltaPlan
 from r2ec.model import DualHeadModel
 from r2ec.protocol import StepResult, WarmupMetrics, WarmupShard
 from r2ec.spans import SpanRecorder
@@ -107,7 +108,8 @@ class LearnerWorker(RecPOStep, Probes):
         torch.manual_seed(seed + rank)  # dropout etc. differ across ranks from here on
 
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.export = WeightExport(base, rank, self.zero3, model_cfg.dtype, self._gathered)
+        self.export = WeightExport(base, rank, self.zero3, model_cfg.dtype, self._gathered,
+                                   lora_delta=learner_cfg.weight_sync == "lora_delta")
         self.item_prompt_ids: list[list[int]] = []
         self.items: ItemTable | None = None  # this rank's copy of the item table (r2ec/item_table.py)
         self.spans = SpanRecorder(f"learner-{rank}")  # this rank's phases per step, for the timeline
@@ -302,9 +304,15 @@ class LearnerWorker(RecPOStep, Probes):
         """Colocated mode: the full merged weights into this rank's hand-off buffer. Collective under ZeRO-3."""
         return self.export.pack(buf)
 
+    def delta_plan(self) -> DeltaPlan:
+        """What a LoRA-delta sync sends (``learner.weight_sync: lora_delta``). Local."""
+        return self.export.delta_plan()
+
     def broadcast_weights(self, info: SyncGroup | None, bucket_bytes: int) -> int | None:
-        """Rank 0 sends the full merged weights to every rollout engine. Call on every rank at once."""
-        return self.export.broadcast(info, bucket_bytes, self.device)
+        """Rank 0 sends the full merged weights (with ``learner.weight_sync: lora_delta``, the adapters) to every
+        rollout engine. Call on every rank at once."""
+        return self.export.broadcast(info, bucket_bytes, self.device,
+                                     delta=self.learner_cfg.weight_sync == "lora_delta")
 
     def sync_address(self) -> tuple[str, int]:
         """Address for the weight-sync group's store: MASTER_ADDR (rank 0's node) and a port free right now."""

@@ -203,6 +203,11 @@ class LearnerConfig(Section):
         "clip binds from the second update on); weights are synced once after the last")
     weight_decay: float = Field(0.0, ge=0)
     sync_bucket_mb: int = Field(256, ge=1, description="weight broadcast bucket size")
+    weight_sync: Literal["full", "lora_delta"] = Field(
+        "full", description="what a weight broadcast sends: 'full' = every weight, LoRA merged; 'lora_delta' = the "
+        "LoRA adapters (and any other trainable tensor) only, each rollout worker merging them onto base weights it "
+        "reads once from the model's safetensors files (r2ec/lora_delta.py). Needs model.lora.enabled; not with "
+        "cluster.colocate (its same-host hand-off is the full weights)")
     timeout_s: float = Field(900, gt=0, description="every learner call fails after this long")
     sync_timeout_s: float = Field(
         300, gt=0, description="a weight sync (joining its group, or every bucket of one broadcast) fails on each "
@@ -363,6 +368,9 @@ class Config(Section):
                 f"recpo.kl_coef ({self.recpo.kl_coef:g}) needs model.lora.enabled: the reference policy is the model "
                 "with its adapters disabled; full fine-tuning would need a frozen copy of the whole model on every "
                 "learner rank, which the learner does not build. Enable LoRA or set recpo.kl_coef to 0")
+        if self.learner.weight_sync == "lora_delta" and (self.cluster.colocate or not self.model.lora.enabled):
+            raise ValueError("learner.weight_sync 'lora_delta' sends LoRA adapters to rollout workers over the "
+                             "broadcast: it needs model.lora.enabled and no cluster.colocate; use 'full'")
         if self.cluster.colocate and self.rollout.engine == "hf" and self.learner.zero_stage == 3:
             raise ValueError(
                 "cluster.colocate with rollout.engine 'hf' samples with the learner's own module, which ZeRO-3 "

@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 
+from r2ec.lora_delta import DeltaPlan
 from r2ec.weight_sync import SyncGroup, TensorMeta
 
 
@@ -49,8 +50,10 @@ class Engine(Protocol):
     def join_sync_group(self, info: SyncGroup, first_rank: int) -> None:
         """Join the weight-broadcast group; this engine's model processes take ranks first_rank.. in TP order."""
 
-    def receive_weights(self, metas: Sequence[TensorMeta], bucket_bytes: int) -> int:
-        """Receive one broadcast (see r2ec.weight_sync) and load it in place; returns the receive checksum."""
+    def receive_weights(self, metas: Sequence[TensorMeta], bucket_bytes: int, delta: DeltaPlan | None = None) -> int:
+        """Receive one broadcast (see r2ec.weight_sync) and load it in place; returns the receive checksum. With
+        ``delta`` the broadcast is a LoRA-delta sync (``metas`` = ``delta.metas``): load the merged weights of its
+        targets (``r2ec.lora_delta.DeltaApplier``)."""
 
     @property
     def num_sync_ranks(self) -> int:

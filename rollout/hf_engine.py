@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from r2ec.lora_delta import DeltaApplier, DeltaPlan
 from r2ec.model import DualHeadModel
 from r2ec.weight_sync import SyncGroup, TensorMeta, close_group, open_group, receive
 from rollout.engine import Completion, Sampling
@@ -28,7 +29,11 @@ from rollout.engine import Completion, Sampling
 class HFEngine:
     def __init__(self, model_cfg, rollout_cfg, seed: int, device: str, model: DualHeadModel | None = None):
         self.shared = model is not None  # the colocated learner's own module (see the module docstring)
+        self._delta: DeltaApplier | None = None  # LoRA-delta sync: the base weights, read at the first delta
         if model is None:
+            from r2ec.assets import resolve
+
+            self._delta = DeltaApplier(resolve(model_cfg.name_or_path))
             base_cfg = model_cfg.model_copy(update={"lora": model_cfg.lora.model_copy(update={"enabled": False})})
             model = DualHeadModel.from_config(base_cfg, device)
         self.model = model
@@ -104,14 +109,19 @@ class HFEngine:
         self._group = open_group(info, first_rank)
 
     @torch.no_grad()
-    def receive_weights(self, metas: Sequence[TensorMeta], bucket_bytes: int) -> int:
+    def receive_weights(self, metas: Sequence[TensorMeta], bucket_bytes: int, delta: DeltaPlan | None = None) -> int:
+        """Copy a broadcast into the model in place; with ``delta`` (a LoRA-delta sync, ``metas`` = its metas), the
+        merged weights of its targets (``r2ec.lora_delta``). Returns the receive checksum."""
         self._not_shared("receive_weights")
         if self._group is None:
             raise RuntimeError("receive_weights before join_sync_group")
         # state_dict() lists tied weights under both names (sharing storage), so lm_head.weight has a home.
         params = self.model.model.state_dict(keep_vars=True)
         box, unknown = [0], []
-        for name, t in receive(self._group, metas, bucket_bytes, device=self.model.device, checksum=box):
+        stream = receive(self._group, metas, bucket_bytes, device=self.model.device, checksum=box)
+        if delta is not None:
+            stream = self._delta.merged(delta, stream)
+        for name, t in stream:
             if name in params:
                 params[name].data.copy_(t)
             else:  # keep draining the broadcast so the sender is not left hanging, then fail

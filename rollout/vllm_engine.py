@@ -48,6 +48,7 @@ from typing import Any
 import torch
 
 from r2ec.config import ModelConfig, RolloutConfig, VllmConfig
+from r2ec.lora_delta import DeltaPlan
 from r2ec.weight_sync import SyncGroup, TensorMeta
 from rollout.engine import Completion, Sampling
 
@@ -258,9 +259,11 @@ class VllmEngine:
         # Joining blocks until the learner joins too: give it the group's own timeout plus slack.
         self._rpc("r2ec_join_sync_group", fields, first_rank, timeout=info.timeout_s + 60)
 
-    def receive_weights(self, metas: Sequence[TensorMeta], bucket_bytes: int) -> float:
+    def receive_weights(self, metas: Sequence[TensorMeta], bucket_bytes: int, delta: DeltaPlan | None = None
+                        ) -> float:
         plain = [(m.name, m.dtype, list(m.shape)) for m in metas]
-        return self._after_update(self._rpc("r2ec_receive_weights", plain, bucket_bytes), "received")
+        delta_plain = delta.to_plain() if delta is not None else None
+        return self._after_update(self._rpc("r2ec_receive_weights", plain, bucket_bytes, delta_plain), "received")
 
     def _after_update(self, checksums: list[Any], what: str) -> int:
         """After new weights were loaded: drop the prefix cache (cached KV was computed with the old weights: a

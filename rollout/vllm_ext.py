@@ -31,6 +31,8 @@ used here, and why:
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -146,8 +148,12 @@ class R2ecWorkerExtension:
         self._r2ec_group = open_group(SyncGroup(**info), rank)
         return rank
 
-    def r2ec_receive_weights(self, metas: Sequence[tuple[str, str, Sequence[int]]], bucket_bytes: int) -> float:
-        """Receive one broadcast straight into vLLM's in-place reload; returns the receive checksum."""
+    def r2ec_receive_weights(self, metas: Sequence[tuple[str, str, Sequence[int]]], bucket_bytes: int,
+                             delta: dict[str, Any] | None = None) -> float:
+        """Receive one broadcast straight into vLLM's in-place reload; returns the receive checksum. With ``delta``
+        (``DeltaPlan.to_plain()``), a LoRA-delta sync: the merged weights of its targets are reloaded, every other
+        layer keeps what it holds."""
+        from r2ec.lora_delta import DeltaApplier, DeltaPlan
         from r2ec.weight_sync import TensorMeta, receive
 
         group = getattr(self, "_r2ec_group", None)
@@ -156,8 +162,33 @@ class R2ecWorkerExtension:
         ms = [TensorMeta(name, dtype, tuple(shape)) for name, dtype, shape in metas]
         checksum = [0]
         stream = receive(group, ms, bucket_bytes, device=self.device, checksum=checksum)  # type: ignore[attr-defined]
-        self._r2ec_reload(stream, len(ms), "broadcast")
+        if delta is None:
+            self._r2ec_reload(stream, len(ms), "broadcast")
+            return checksum[0]
+        plan = DeltaPlan.from_plain(delta)
+        if getattr(self, "_r2ec_delta", None) is None:  # the base weights are read from the served model's folder
+            self._r2ec_delta = DeltaApplier(self.model_runner.model_config.model)  # type: ignore[attr-defined]
+        also = self._r2ec_fused_siblings(plan)
+        with _quiet_partial_reload():
+            self._r2ec_reload(self._r2ec_delta.merged(plan, stream, also), plan.num_loaded + len(also), "merged",
+                              tied_head=any(m.name.endswith("embed_tokens.weight") for m in plan.metas))
         return checksum[0]
+
+    def _r2ec_fused_siblings(self, plan: Any) -> list[str]:
+        """Base weights to reload with a delta: the shards of a fused layer (``packed_modules_mapping``, e.g.
+        qkv_proj = q, k, v) that LoRA does not target, when another shard of it is targeted. The layer-wise reload
+        processes a fused layer once all its elements are loaded; a partial one would be processed with the
+        missing shards never written."""
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        mapping = getattr(model, "packed_modules_mapping", None) or {}
+        targets = {t.module for t in plan.targets}
+        extra: set[str] = set()
+        for module in targets:
+            parent, _, leaf = module.rpartition(".")
+            for shards in mapping.values():
+                if leaf in shards:
+                    extra.update(f"{parent}.{s}.weight" for s in shards if f"{parent}.{s}" not in targets)
+        return sorted(extra)
 
     def r2ec_load_packed(self, source: dict[str, Any], metas: Sequence[tuple[str, str, Sequence[int]]]) -> int:
         """Colocated: reload every weight from the learner's flat buffer on this host (``r2ec.weight_share``);
@@ -175,8 +206,10 @@ class R2ecWorkerExtension:
         del buf  # the learner frees its buffer once this returns
         return total
 
-    def _r2ec_reload(self, weights: Iterator[tuple[str, torch.Tensor]], expected: int, how: str) -> None:
-        """Feed ``weights`` to vLLM's in-place reload, check it took all ``expected`` tensors, refresh a tied head."""
+    def _r2ec_reload(self, weights: Iterator[tuple[str, torch.Tensor]], expected: int, how: str,
+                     tied_head: bool = True) -> None:
+        """Feed ``weights`` to vLLM's in-place reload, check it took all ``expected`` tensors, refresh a tied head
+        (unless ``tied_head`` is False: the embedding was not in ``weights``)."""
         counted = _Counted(weights)
         try:
             self.reload_weights(weights_iterator=counted, is_checkpoint_format=True)  # type: ignore[attr-defined]
@@ -188,7 +221,8 @@ class R2ecWorkerExtension:
                 pass
         if consumed != expected:
             raise RuntimeError(f"r2ec: vLLM's weight loader took {consumed} of the {expected} tensors {how}")
-        self._r2ec_refresh_tied_head()
+        if tied_head:
+            self._r2ec_refresh_tied_head()
 
     def _r2ec_refresh_tied_head(self) -> None:
         model = self.model_runner.get_model()  # type: ignore[attr-defined]
@@ -200,6 +234,25 @@ class R2ecWorkerExtension:
         method = getattr(lm_head, "quant_method", None)
         if method is not None:
             method.process_weights_after_loading(lm_head)
+
+
+class _DropUnloaded(logging.Filter):
+    """Drops the layer-wise reload's "Failed to load weights" warning, which it logs for every layer the update did
+    not include. A LoRA-delta sync includes only the merged layers on purpose: the others keep their weights."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Failed to load weights" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_partial_reload() -> Iterator[None]:
+    log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    drop = _DropUnloaded()
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
 
 
 class _Counted:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from r2ec.lora_delta import DeltaPlan
 from r2ec.model import Chain, ChainFinisher
 from r2ec.protocol import Rollout
 from r2ec.spans import SpanRecorder
@@ -129,8 +130,11 @@ class RolloutWorker:
     def join_sync_group(self, info: SyncGroup, first_rank: int) -> None:
         self.engine.join_sync_group(info, first_rank)
 
-    def receive_weights(self, metas: Sequence[TensorMeta], bucket_bytes: int, version: int) -> int:
-        checksum = self.engine.receive_weights(metas, bucket_bytes)
+    def receive_weights(self, metas: Sequence[TensorMeta], bucket_bytes: int, version: int,
+                        delta: DeltaPlan | None = None) -> int:
+        """One broadcast of the weights of ``version`` (with ``delta``, a LoRA-delta sync: ``r2ec.lora_delta``);
+        returns the receive checksum."""
+        checksum = self.engine.receive_weights(metas, bucket_bytes, delta)
         self.weight_version = version
         return checksum
 

@@ -115,11 +115,14 @@ def test_two_rollout_workers_two_learner_ranks(engine, stage, tiny_model_dir, tm
 @pytest.mark.ray
 @pytest.mark.vllm
 def test_train_end_to_end_with_lora(tiny_model_dir, tmp_path, capfd):
-    """The `r2ec train` path in miniature: vLLM workers, LoRA merged into the broadcast, metrics and eval files;
-    the console shows the run while the workers' output goes to the run folder's logs/."""
+    """The `r2ec train` path in miniature: vLLM workers, LoRA-delta weight sync (the worker merges the adapters:
+    the learner/rollout alarms below prove it serves the learner's merged weights; the full sync of a LoRA model is
+    tests/test_resume.py's), metrics and eval files; the console shows the run while the workers' output goes to the
+    run folder's logs/."""
     from driver.loop import train
 
     cfg = tiny_cfg(tiny_model_dir, tmp_path, "rollout.engine=vllm", "model.lora.enabled=true",
+                   "learner.weight_sync=lora_delta",
                    "cluster.rollout.num_workers=1", "cluster.learner.num_workers=1", "cluster.local_num_cpus=2",
                    "eval.valid_every=1")
     result = train(cfg)

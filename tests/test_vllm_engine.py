@@ -347,3 +347,36 @@ def test_weight_update_in_place(engine, tiny_model, tiny_model_dir, seqs, prompt
     with torch.no_grad():
         ref = tiny_model.last_hidden(seqs).float()
     assert (engine.last_hidden(seqs) - ref).abs().max().item() < TOL
+
+
+def test_lora_delta_update_equals_the_full_sync_of_the_merged_model(engine, tiny_model, tiny_model_dir, seqs):
+    """LoRA on q, v and gate only: vLLM fuses q/k/v and gate/up, so the receiver reloads k and up from its base
+    weights with them (a partly loaded fused layer would be processed with shards never written)."""
+    from tests.test_lora_delta import _lora_export, sync_delta
+
+    model, export = _lora_export(tiny_model_dir, targets=("q_proj", "v_proj", "gate_proj"))
+    before = engine.last_hidden(seqs)
+    sent, received = sync_delta(engine, export)
+    assert sent == received
+    after_delta = engine.last_hidden(seqs)
+    merged = DualHeadModel_from(model.merge_and_unload(), tiny_model)
+    with torch.no_grad():
+        ref = merged.last_hidden(seqs).float()
+    assert (after_delta - ref).abs().max().item() < TOL
+    assert (after_delta - before).abs().max().item() > 1e-3  # really changed
+    # The same merged weights through a full sync: the engine computes exactly the same states.
+    learner = _Learner(engine)
+    full = _checkpoint_state(merged)
+    sent, received = learner.sync(engine, full, bucket_bytes=64 * 1024)
+    assert sent == received
+    assert torch.equal(engine.last_hidden(seqs), after_delta)
+    # Leave the module's engine as the other tests expect it: the base weights.
+    sent, received = learner.sync(engine, _checkpoint_state(tiny_model), bucket_bytes=64 * 1024)
+    assert (engine.last_hidden(seqs) - before).abs().max().item() < TOL
+
+
+def DualHeadModel_from(hf_model, like):  # noqa: N802 - reads as the constructor it wraps
+    """A DualHeadModel around ``hf_model`` with ``like``'s tokenizer and settings."""
+    from r2ec.model import DualHeadModel
+
+    return DualHeadModel(hf_model.eval(), like.tokenizer, tau=like.tau, marker=like.marker)
