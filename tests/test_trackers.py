@@ -6,6 +6,7 @@ import glob
 import json
 import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -142,7 +143,18 @@ def wandb_offline(tmp_path, monkeypatch):
     wbauth.unauthenticate_session()  # a test's wandb.login must not make the next test's run online
 
 
-def _wandb_log(path: str) -> tuple[dict, list[dict]]:
+def _wandb_log(path: str, rows_expected: int = 1, wait_s: float = 30.0) -> tuple[dict, list[dict]]:
+    """``_read_wandb_log`` once the file holds ``rows_expected`` history rows: wandb's service process may still be
+    writing the offline file when ``finish`` returns on a loaded machine (seen once: no rows yet)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        config, rows = _read_wandb_log(path)
+        if len(rows) >= rows_expected or time.monotonic() > deadline:
+            return config, rows
+        time.sleep(0.2)
+
+
+def _read_wandb_log(path: str) -> tuple[dict, list[dict]]:
     """The config and the history rows (``step`` and the values) of an offline run's ``run-<id>.wandb``: W&B's
     transaction log, LevelDB log blocks of protobuf ``Record``s after a 7-byte header."""
     from wandb.proto import wandb_internal_pb2 as pb
@@ -176,7 +188,7 @@ def test_wandb_offline_run_logs_each_step_and_a_resume_continues_its_id(tmp_path
         m.log(3, {"valid/hit@10": 0.5})  # a second record of a step merges into its row
     run_id = _ids(out)["wandb"]["run_id"]
     [first] = glob.glob(str(out / "wandb" / f"offline-run-*-{run_id}" / f"run-{run_id}.wandb"))
-    config, rows = _wandb_log(first)
+    config, rows = _wandb_log(first, 3)
     assert [(r["step"], r["loss"], r["valid/ndcg@10"]) for r in rows] == [(1, 1.0, 0.1), (2, 2.0, 0.2), (3, 3.0, 0.3)]
     assert rows[-1]["valid/hit@10"] == 0.5 and "phase" not in rows[0] and "nan" not in rows[0]
     assert config == CONFIG
@@ -190,7 +202,7 @@ def test_wandb_offline_run_logs_each_step_and_a_resume_continues_its_id(tmp_path
     folders = sorted(glob.glob(str(out / "wandb" / f"offline-run-*-{run_id}*")))
     assert len(folders) == 2 and folders[0] == str(Path(first).parent)
     [second] = glob.glob(f"{folders[1]}/run-{run_id}.wandb")
-    assert [(r["step"], r["loss"]) for r in _wandb_log(second)[1]] == [(3, 30.0), (4, 40.0)]
+    assert [(r["step"], r["loss"]) for r in _wandb_log(second, 2)[1]] == [(3, 30.0), (4, 40.0)]
 
 
 def test_wandb_drops_a_record_of_a_lower_step(tmp_path, wandb_offline):
