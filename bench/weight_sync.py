@@ -10,6 +10,13 @@ worker receives and loads them in place (``RolloutWorker.receive_weights``). Cas
 - ``lora-merged``: the learner holds a peft LoRA model (the project's LoRA config: r 4, all linear projections);
   each LoRA layer's weight is merged (W + B A * scaling) while the stream is produced, as the learner does.
   ``export_s`` is the time to produce the whole stream without sending it (the merges; ~0 for ``full``).
+- ``lora-delta``: the same LoRA learner with ``learner.weight_sync: lora_delta`` (``r2ec/lora_delta.py``): only the
+  adapters are sent, and each receiver merges them onto the base weights it read from the model folder (once, at
+  its first delta: that read falls in the unmeasured round) and loads the merged layers in place.
+
+Every case runs side by side: each repetition syncs every case once, in turn. The JSON's top level compares the
+LoRA-delta sync with the full one (``full_s``, ``full_bytes``, ``lora_delta_s``, ``lora_delta_bytes`` and their
+ratios) on the vLLM receiver where it ran, else on one HF receiver (``pair`` says which).
 
 How: the sender is this process and runs the learner's own export code (``learner.weights.WeightExport``'s
 ``metas`` and ``full_weights`` on the model without DeepSpeed, i.e. what ZeRO-0/1/2 rank 0 does; ZeRO-3 adds one
@@ -18,8 +25,8 @@ Receivers are real ``RolloutWorker`` processes (torch.multiprocessing spawn) wit
 runs from the start of ``send`` until the last receiver has finished ``receive_weights`` (receive, per-bucket
 checksum, copy into the model's parameters); the receivers' checksums are checked against the sender's. One
 unmeasured sync first, then the median of ``--repeat`` syncs. Optionally (on by default when vLLM is installed, off
-with ``--no-vllm``) a rollout worker with the vLLM engine takes the ``full`` broadcasts alone (vLLM's in-place
-layer-wise reload, heavier: reported in its own row; the LoRA case differs only on the sender side).
+with ``--no-vllm``) a rollout worker with the vLLM engine takes the ``full`` and ``lora-delta`` broadcasts alone (vLLM's in-place
+layer-wise reload, heavier: reported in its own rows; ``lora-merged`` differs from ``full`` only on the sender side).
 
 Baseline (``copy_s``, ``copy_gb_s``): a plain in-memory copy of the same bytes in one process, ``Tensor.copy_`` of
 every exported tensor into preallocated buffers (median of 3 or more); ``sync_over_copy`` = sync seconds / copy
@@ -43,6 +50,7 @@ import importlib.util
 import os
 import queue
 import socket
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -55,7 +63,7 @@ from bench.common import RunClock, report, run_with_quick_model, timeit  # noqa:
 
 NAME = "weight_sync"
 DEFAULT_MODEL = "asset://smollm2-135m-instruct"
-COLUMNS = ["case", "engine", "receivers", "tensors", "gb", "export_s", "checksum_s", "send_s", "receive_s", "seconds",
+COLUMNS = ["case", "engine", "receivers", "tensors", "bytes", "export_s", "checksum_s", "send_s", "receive_s", "seconds",
            "gb_s", "copy_s", "copy_gb_s", "sync_over_copy"]
 
 
@@ -66,7 +74,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="model.dtype: the dtype broadcast and served")
     p.add_argument("--bucket-mb", type=int, default=256, help="learner.sync_bucket_mb")
     p.add_argument("--receivers", type=int, nargs="+", default=[1, 2], help="HF rollout workers per case")
-    p.add_argument("--repeat", type=int, default=3, help="timed syncs per case (median), after one warm-up sync")
+    p.add_argument("--repeat", type=int, default=5, help="timed syncs per case (median), after one warm-up round")
     p.add_argument("--threads", type=int, default=1, help="torch threads of every process")
     p.add_argument("--no-vllm", dest="vllm", action="store_false", help="skip the vLLM receiver")
     p.add_argument("--kv-cache-gib", type=int, default=1, help="vLLM receiver: rollout.vllm.cpu_kvcache_space_gib")
@@ -106,9 +114,9 @@ def _receiver(index: int, engine: str, model_cfg, kv_cache_gib: int, threads: in
                 worker.join_sync_group(info, rank)
                 results.put(("joined", index, rank))
             elif cmd == "receive":
-                metas, bucket_bytes, version = rest
+                metas, bucket_bytes, version, delta = rest
                 t = time.perf_counter()
-                checksum = worker.receive_weights(metas, bucket_bytes, version)
+                checksum = worker.receive_weights(metas, bucket_bytes, version, delta)
                 results.put(("received", index, time.perf_counter() - t, time.perf_counter(), checksum))
             else:
                 break
@@ -167,9 +175,10 @@ class Receivers:
 
 
 # ------------------------------------------------------------------------------------------------ sender
-def learner_export(model_cfg):
+def learner_export(model_cfg, lora_delta: bool = False):
     """The learner's own export code (``WeightExport``, ZeRO-0/1/2 path: no gathers) on ``model_cfg``'s model, held
-    as the learner holds it, without DeepSpeed. LoRA adapters get random B so the merge is real."""
+    as the learner holds it, without DeepSpeed. LoRA adapters get random B so the merge is real; ``lora_delta``
+    prepares the LoRA-delta sync (``learner.weight_sync: lora_delta``)."""
     import contextlib
 
     from learner.ds_config import training_dtype
@@ -186,7 +195,7 @@ def learner_export(model_cfg):
                 if "lora_B" in name:
                     p.copy_(0.01 * torch.randn(p.shape, generator=g))
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return WeightExport(base, 0, False, model_cfg.dtype, lambda params: contextlib.nullcontext())
+    return WeightExport(base, 0, False, model_cfg.dtype, lambda params: contextlib.nullcontext(), lora_delta=lora_delta)
 
 
 def copy_baseline(learner, repeat: int) -> float:
@@ -215,44 +224,72 @@ def checksum_seconds(learner, bucket_bytes: int) -> float:
     return total
 
 
-def run_case(case: str, engine: str, learner, group, receivers: Receivers, which: list[int], args, version: list[int],
-             copy_s: float, checksum_s: float) -> dict:
+def _stream(case: str, learner):
+    """What one sync of ``case`` sends: (metas, tensors, the delta plan or None)."""
+    if case == "lora-delta":
+        plan = learner.delta_plan()
+        return list(plan.metas), learner.delta_tensors(), plan
+    return learner.metas(), learner.full_weights(), None
+
+
+def run_cases(cases: dict, engine: str, group, receivers: Receivers, which: list[int], args, version: list[int],
+              copy_s: float, checksum_s: float) -> list[dict]:
+    """Every case's syncs, alternating case by case within each repetition (side by side on the same machine
+    state), one unmeasured round first; one row per case."""
     from r2ec.weight_sync import send
 
-    metas = learner.metas()
     bucket_bytes = args.bucket_mb * 2**20
-    nbytes = sum(m.numel * m.torch_dtype.itemsize for m in metas)
-    export = []
-    for _ in range(args.repeat):
-        t = time.perf_counter()
-        for _ in learner.full_weights():
-            pass
-        export.append(time.perf_counter() - t)
-    sends, totals, receives = [], [], []
+    times: dict[str, dict[str, list[float]]] = {c: {"export": [], "send": [], "total": [], "receive": []} for c in cases}
     for rep in range(args.repeat + (0 if args.quick else 1)):
-        version[0] += 1
-        receivers.send(which, "receive", metas, bucket_bytes, version[0])
-        t0 = time.perf_counter()
-        sent = send(group, metas, learner.full_weights(), bucket_bytes)
-        t_send = time.perf_counter() - t0
-        got = receivers.expect("received", len(which))
-        t_all = max(msg[3] for msg in got) - t0  # perf_counter is the system-wide monotonic clock on Linux
-        bad = [msg[1] for msg in got if msg[4] != sent]
-        if bad:
-            raise RuntimeError(f"{case}: receivers {bad} got a different checksum than was sent")
-        if rep or args.quick:
-            sends.append(t_send)
-            totals.append(t_all)
-            receives.append(max(msg[2] for msg in got))
-    med = sorted(totals)[len(totals) // 2]
-    row = {"case": case, "engine": engine, "receivers": len(which), "tensors": len(metas), "gb": nbytes / 1e9,
-           "export_s": sorted(export)[len(export) // 2], "checksum_s": checksum_s,
-           "send_s": sorted(sends)[len(sends) // 2], "receive_s": sorted(receives)[len(receives) // 2],
-           "seconds": med, "gb_s": nbytes / med / 1e9, "copy_s": copy_s, "copy_gb_s": nbytes / copy_s / 1e9,
-           "sync_over_copy": med / copy_s, "all_seconds": totals}
-    print(f"{case} -> {len(which)} {engine} receiver(s): {med:.3f} s, {row['gb_s']:.3f} GB/s "
-          f"({row['sync_over_copy']:.1f}x a plain copy)", flush=True)
-    return row
+        for case, learner in cases.items():
+            t = time.perf_counter()
+            for _ in _stream(case, learner)[1]:
+                pass
+            export_s = time.perf_counter() - t
+            metas, tensors, plan = _stream(case, learner)
+            version[0] += 1
+            receivers.send(which, "receive", metas, bucket_bytes, version[0], plan)
+            t0 = time.perf_counter()
+            sent = send(group, metas, tensors, bucket_bytes)
+            t_send = time.perf_counter() - t0
+            got = receivers.expect("received", len(which))
+            t_all = max(msg[3] for msg in got) - t0  # perf_counter is the system-wide monotonic clock on Linux
+            bad = [msg[1] for msg in got if msg[4] != sent]
+            if bad:
+                raise RuntimeError(f"{case}: receivers {bad} got a different checksum than was sent")
+            if rep or args.quick:
+                for key, value in (("export", export_s), ("send", t_send), ("total", t_all),
+                                   ("receive", max(msg[2] for msg in got))):
+                    times[case][key].append(value)
+    rows = []
+    for case, learner in cases.items():
+        metas = _stream(case, learner)[0]
+        nbytes = sum(m.numel * m.torch_dtype.itemsize for m in metas)
+        med = statistics.median(times[case]["total"])
+        rows.append({
+            "case": case, "engine": engine, "receivers": len(which), "tensors": len(metas), "gb": nbytes / 1e9,
+            "bytes": nbytes, "export_s": statistics.median(times[case]["export"]), "checksum_s": checksum_s,
+            "send_s": statistics.median(times[case]["send"]), "receive_s": statistics.median(times[case]["receive"]),
+            "seconds": med, "gb_s": nbytes / med / 1e9, "copy_s": copy_s, "copy_gb_s": nbytes / copy_s / 1e9,
+            "sync_over_copy": med / copy_s, "measured_syncs": len(times[case]["total"]),
+            "all_seconds": times[case]["total"]})
+        print(f"{case} -> {len(which)} {engine} receiver(s): {med:.3f} s, {nbytes / 1e6:.1f} MB "
+              f"({rows[-1]['sync_over_copy']:.2f}x a plain copy of the full model)", flush=True)
+    return rows
+
+
+def delta_vs_full(rows: list[dict]) -> dict:
+    """The LoRA-delta sync against the full one, from the same run: the vLLM receiver's rows where it ran (the
+    engine a run uses), else one HF receiver's."""
+    for engine in ("vllm", "hf"):
+        pair = {r["case"]: r for r in rows if r["engine"] == engine and r["receivers"] == 1}
+        if "full" in pair and "lora-delta" in pair:
+            full, delta = pair["full"], pair["lora-delta"]
+            return {"pair": f"{engine}, 1 receiver", "full_s": full["seconds"], "full_bytes": full["bytes"],
+                    "lora_delta_s": delta["seconds"], "lora_delta_bytes": delta["bytes"],
+                    "lora_delta_over_full_s": delta["seconds"] / full["seconds"],
+                    "lora_delta_over_full_bytes": delta["bytes"] / full["bytes"]}
+    return {}
 
 
 def open_with(receivers: Receivers, which: list[int], timeout: float):
@@ -282,8 +319,9 @@ def run(args: argparse.Namespace) -> None:
     lora_cfg = base_cfg.model_copy(update={"lora": LoraConfig(enabled=True)})
     n_hf = max(args.receivers)
     hf = Receivers("hf", n_hf, 0, base_cfg, args)  # they load while the sender builds its models
-    learners = {"full": learner_export(base_cfg), "lora-merged": learner_export(lora_cfg)}
-    metas = [learner.metas() for learner in learners.values()]
+    learners = {"full": learner_export(base_cfg), "lora-merged": learner_export(lora_cfg),
+                "lora-delta": learner_export(lora_cfg, lora_delta=True)}
+    metas = [learners[case].metas() for case in ("full", "lora-merged")]
     if metas[0] != metas[1]:
         raise RuntimeError("the LoRA learner's merged export does not match the full model's names and shapes")
     copy_s = copy_baseline(learners["full"], args.repeat)
@@ -294,8 +332,7 @@ def run(args: argparse.Namespace) -> None:
         for count in args.receivers:
             which = hf.indices[:count]
             group = open_with(hf, which, args.timeout)
-            for case, learner in learners.items():
-                rows.append(run_case(case, "hf", learner, group, hf, which, args, version, copy_s, checksum_s))
+            rows += run_cases(learners, "hf", group, hf, which, args, version, copy_s, checksum_s)
             close_group(group)
     finally:
         hf.stop()
@@ -310,9 +347,9 @@ def run(args: argparse.Namespace) -> None:
                 vl.expect("ready", 1)
                 vllm_note = f"vLLM receiver started in {time.perf_counter() - t:.1f} s"
                 group = open_with(vl, vl.indices, args.timeout)
-                # The full case only: the LoRA merge is sender-side work, already measured in the HF rows.
-                rows.append(run_case("full", "vllm", learners["full"], group, vl, vl.indices, args, version, copy_s,
-                                     checksum_s))
+                # Not lora-merged: its merge is sender-side work, already measured in the HF rows.
+                cases = {case: learners[case] for case in ("full", "lora-delta")}
+                rows += run_cases(cases, "vllm", group, vl, vl.indices, args, version, copy_s, checksum_s)
                 close_group(group)
             finally:
                 vl.stop()
@@ -324,7 +361,7 @@ def run(args: argparse.Namespace) -> None:
     notes = ("seconds: start of send -> last receiver done loading in place (median); gb_s per receiver; "
              "copy: Tensor.copy_ of the same bytes in one process; sync_over_copy = seconds / copy_s")
     report(NAME, rows, COLUMNS, out_dir=Path(args.out_dir) if args.out_dir else None,
-           settings=settings, notes=notes)
+           settings=settings, notes=notes, **delta_vs_full(rows))
 
 
 if __name__ == "__main__":

@@ -62,6 +62,10 @@ def test_gpu_check_cpu_dry_run(tmp_path):
 
 @pytest.mark.slow
 def test_weight_sync_quick(tmp_path):
-    rows = _run("weight_sync.py", tmp_path, "--no-vllm")["rows"]
+    record = _run("weight_sync.py", tmp_path, "--no-vllm")
+    rows = record["rows"]
     assert {r["receivers"] for r in rows} == {1, 2}
+    assert {r["case"] for r in rows} == {"full", "lora-merged", "lora-delta"}
     assert all(r["gb"] > 0 and r["seconds"] > 0 for r in rows)
+    assert record["pair"] == "hf, 1 receiver" and 0 < record["lora_delta_bytes"] < record["full_bytes"]
+    assert record["full_s"] > 0 and record["lora_delta_s"] > 0
