@@ -153,7 +153,13 @@ def _scenario_lora(worker, rank: int, payload: dict[str, Any]) -> dict[str, Any]
     out = {"result": result, "base_before": base_before, "adapters_before": adapters_before,
            "base_after": worker.full_state_dict(merged=False), "adapters_after": worker.trainable_state_dict(),
            "merged": worker.full_state_dict(merged=True), "metas": worker.weight_metas()}
-    out["checksum"] = worker.broadcast_weights(payload["sync"] if rank == 0 else None, bucket_bytes=20_000)
+    sync = payload["sync"] if rank == 0 else None
+    if payload.get("delta"):  # the full merge first, then learner.weight_sync's LoRA delta on the same group
+        out["checksum"] = worker.export.broadcast(sync, 20_000, worker.device, delta=False)
+        out["plan"] = worker.delta_plan()
+        out["delta_checksum"] = worker.broadcast_weights(sync, bucket_bytes=20_000)
+    else:
+        out["checksum"] = worker.broadcast_weights(sync, bucket_bytes=20_000)
     return out
 
 
@@ -227,15 +233,21 @@ def _run_ranks(scenario: str, world_size: int, cfgs: tuple, payload: dict, recei
     return out
 
 
-def _receiver(info, metas):
-    """The rollout side of the weight sync: join as rank 1 and collect every tensor (with the checksum)."""
+def _receiver(info, metas, delta=None, model_dir: str | None = None):
+    """The rollout side of the weight sync: join as rank 1 and collect every tensor (with the checksum); with
+    ``delta`` (a DeltaPlan), then a LoRA-delta sync merged as a rollout worker merges it."""
+    from r2ec.lora_delta import DeltaApplier
     from r2ec.weight_sync import open_group, receive
 
-    def run() -> tuple[dict[str, torch.Tensor], float]:
+    def run() -> tuple:
         group = open_group(info, 1)
         box: list[int] = []
         got = {name: t.clone() for name, t in receive(group, metas, bucket_bytes=20_000, checksum=box)}
-        return got, box[0]
+        if delta is None:
+            return got, box[0]
+        stream = receive(group, list(delta.metas), bucket_bytes=20_000, checksum=(delta_box := [0]))
+        merged = {name: t.clone() for name, t in DeltaApplier(model_dir).merged(delta, stream)}
+        return got, box[0], merged, delta_box[0]
 
     return run
 
@@ -383,12 +395,16 @@ def test_lora_trains_only_adapters_and_broadcasts_the_merge(tiny_model_dir, step
     from r2ec.model import DualHeadModel
     from r2ec.weight_sync import SyncGroup
 
+    """ZeRO-3, 2 ranks: the adapters alone train; the full sync delivers peft's merge, and the LoRA-delta sync
+    (learner.weight_sync: lora_delta, gathered under ZeRO-3) merged on the receiver delivers the same weights."""
     step, _ = step_data
-    cfgs = _configs(str(tiny_model_dir), 3, lora=True, checkpointing=True)
+    model_cfg, learner_cfg, recpo_cfg = _configs(str(tiny_model_dir), 3, lora=True, checkpointing=True)
+    cfgs = (model_cfg, learner_cfg.model_copy(update={"weight_sync": "lora_delta"}), recpo_cfg)
     info = SyncGroup("127.0.0.1", _free_port(), world_size=2, backend="gloo", timeout_s=TIMEOUT_S)
     metas = _expected_metas(str(tiny_model_dir))
-    ranks = _run_ranks("lora", 2, cfgs, {"step": step, "users": [[0, 1], [2, 3]], "sync": info},
-                       receiver=_receiver(info, metas))
+    plan = _local_delta_plan(model_cfg)
+    ranks = _run_ranks("lora", 2, cfgs, {"step": step, "users": [[0, 1], [2, 3]], "sync": info, "delta": True},
+                       receiver=_receiver(info, metas, plan, str(tiny_model_dir)))
     r0 = ranks[0]
     _assert_finite_metrics(r0["result"].metrics)
     # only adapters change
@@ -401,12 +417,28 @@ def test_lora_trains_only_adapters_and_broadcasts_the_merge(tiny_model_dir, step
     missing, unexpected = peft_model.load_state_dict(r0["adapters_after"], strict=False)
     assert not unexpected and not any("lora_" in k for k in missing)
     reference = peft_model.merge_and_unload().state_dict()
-    merged, (got, checksum) = r0["merged"], r0["received"]
+    merged, (got, checksum, delta_got, delta_checksum) = r0["merged"], r0["received"]
     assert r0["metas"] == metas and list(merged) == list(reference) == list(got) == [m.name for m in metas]
     assert _max_diff(merged, reference) < 1e-6
     assert all(torch.equal(got[k], merged[k]) for k in merged)
     assert _max_diff(merged, r0["base_after"]) > 0  # the merge is not a no-op
     assert checksum == r0["checksum"]
+    # the delta: the plan (base checksum gathered under ZeRO-3 included) is the one a plain model gives
+    assert r0["plan"] == plan and delta_checksum == r0["delta_checksum"]
+    assert set(delta_got) == {t.weight for t in plan.targets}
+    assert all(torch.equal(delta_got[k], merged[k]) for k in delta_got)
+
+
+def _local_delta_plan(model_cfg):
+    """The DeltaPlan a learner rank should send, from a plain (no DeepSpeed) model of the same config."""
+    import contextlib
+
+    from learner.weights import WeightExport
+    from r2ec.model import DualHeadModel
+
+    model = DualHeadModel.from_config(model_cfg).model
+    return WeightExport(model.get_base_model(), 0, False, model_cfg.dtype, lambda p: contextlib.nullcontext(),
+                        lora_delta=True).delta_plan()
 
 
 @pytest.mark.parametrize("zero", [2, pytest.param(3, marks=pytest.mark.multirank)])
