@@ -1,7 +1,8 @@
 """The DeepSpeed learner (learner/worker.py) on CPU: real ranks as spawned processes (gloo), a tiny random Llama.
 
 What is checked, against values computed independently in the test process with ``DualHeadModel``:
-- a train_step under ZeRO-2 and ZeRO-3 changes the parameters and returns finite metrics;
+- a train_step under ZeRO-2 and ZeRO-3 changes the parameters and returns finite metrics (with the default
+  ``learner.pack_prompts``, against an unpacked reference: packing is exact);
 - sharded equals global: 2 ranks with half the users each take the same update as 1 rank with all users (ZeRO-2
   and ZeRO-3), and the reported gradient norm equals a plain-PyTorch reference of the RecPO loss;
 - rewards from the learner's recomputed h_T equal the rollout's when the rollout used the same weights;
@@ -448,7 +449,8 @@ def test_packed_prompts_and_token_budget_take_the_unpacked_update(tiny_model_dir
     packed_cfg = learner.model_copy(update={"pack_prompts": True, "max_tokens_per_micro_batch": budget,
                                             "mini_batches": 2})
     packed = _run_ranks("kl", 1, (model, packed_cfg, recpo), payload)[0]
-    plain = _run_ranks("kl", 1, (model, learner.model_copy(update={"mini_batches": 2}), recpo), payload)[0]
+    plain_cfg = learner.model_copy(update={"pack_prompts": False, "mini_batches": 2})
+    plain = _run_ranks("kl", 1, (model, plain_cfg, recpo), payload)[0]
     for when in ("first", "second"):
         for key in ("loss_token", "loss_item", "grad_norm", "loss_kl", "alarm_logp_abs_diff_mean",
                     "alarm_h_T_max_diff", "clip_frac"):
