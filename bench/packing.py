@@ -112,7 +112,7 @@ def run(args) -> None:
             m = worker.train_step(shard).metrics
             rows.append({"step": k, "warmup": k == 0, "packed": packed, "train_s": m["time_train_s"],
                          "token_s": m["time_token_s"], "item_s": m["time_item_s"], "prompt_tokens": P,
-                         "chain_tokens": C, "forward_tokens": P + C if packed else G * P + C})
+                         "chain_tokens": C, "forward_tokens": m["tokens_forward_learner"]})
             print(f"  step {k} packed={packed}: train {m['time_train_s']:.2f} s (token {m['time_token_s']:.2f} s)")
     summary = {}
     for side, packed in (("unpacked", False), ("packed", True)):

@@ -189,7 +189,7 @@ class RecPOStep:
         G, rollout, W = self.recpo_cfg.group_size, shard.rollout, self.world_size
         self.engine.train()
         batches = self._micro_batches(shard, rows_all)
-        out = {"loss_token": 0.0, "loss_kl": 0.0, "clipped": 0.0, "logp_abs_diff": 0.0}
+        out = {"loss_token": 0.0, "loss_kl": 0.0, "clipped": 0.0, "logp_abs_diff": 0.0, "tokens_forward": 0}
         kl_coef = self.recpo_cfg.kl_coef
         for k in range(self._agree_max(len(batches))):
             self.engine.set_gradient_accumulation_boundary(False)
@@ -203,6 +203,7 @@ class RecPOStep:
             prompts, chains = [shard.prompt_ids[r // G] for r in rows], [rollout.chain_ids[r] for r in rows]
             kind, args = self._chain_call(shard, rows)
             logp, _, h_T = self.engine(kind, *args)
+            out["tokens_forward"] += sum(len(p) for p in args[0]) + sum(len(c) for c in chains)  # a prompt per row
             grid = tuple(logp.shape)
             mask, logp_rollout = self._align_chain_tokens(rows, prompts, chains, grid, rollout.logp_mask, rollout.logp)
             old = logp.detach() if old_logp is None else self._align_chain_tokens(
@@ -273,6 +274,7 @@ class RecPOStep:
             diag_score_std=score_std_mean(scored.scores),
             chain_len_mean=sum(len(c) for c in rollout.chain_ids) / N,
             num_tokens=float(local_tokens),
+            tokens_forward_learner=float(sum(u["tokens_forward"] for u in ups)),
             item_candidates=sum(u["candidates"] for u in ups) / M,
             alarm_h_T_max_diff=float((h_T_learner - rollout.h_T.float()).abs().max()),
             alarm_logp_abs_diff_mean=logp_abs_diff / max(local_tokens, 1),

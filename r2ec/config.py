@@ -196,11 +196,10 @@ class LearnerConfig(Section):
         4, ge=1, description="chains per forward/backward of the token term (with pack_prompts: as many whole groups "
         "as fit in this many chains, at least one); unused when max_tokens_per_micro_batch is set")
     pack_prompts: bool = Field(
-        True, description="compute each group's prompt once: the token term's forwards run one row per group, "
-        "[prompt, chain_1, ..., chain_G] behind a block attention mask (each chain sees the prompt and itself), "
-        "P + G x C tokens instead of G x (P + C); same log-probs, h_T and gradients within float rounding. Not with "
-        "a sliding-window model whose window is shorter than prompt + chain (refused at the first step). On by default: "
-        "0.58x the learner step time of false on the quickstart (docs/performance.md section 10)")
+        True, description="the token term's forwards run one row [prompt, chain_1, ..., chain_G] per group behind a "
+        "block attention mask: P + G x C tokens instead of G x (P + C), the same results within float rounding "
+        "(0.58x the learner step on the quickstart, docs/performance.md section 10). Refused at the first step for a "
+        "sliding-window model whose window is shorter than prompt + chain")
     max_tokens_per_micro_batch: int | None = Field(
         None, ge=2, description="token budget of a token-term micro-batch: rows (whole groups with pack_prompts, "
         "else chains) are taken in order while rows x the longest row's length stays within it; a row longer than "

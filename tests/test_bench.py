@@ -49,7 +49,8 @@ def test_packing_quick(tmp_path):
     measured = [r for r in record["rows"] if not r["warmup"]]
     assert sorted(r["packed"] for r in measured) == [False, True] and all(r["train_s"] > 0 for r in measured)
     # the packed step's forwards hold each prompt once, the unpacked one's G times
-    assert record["packed_forward_tokens"] < record["unpacked_forward_tokens"]
+    assert all(r["forward_tokens"] == r["prompt_tokens"] + r["chain_tokens"] for r in measured if r["packed"])
+    assert all(r["forward_tokens"] == 4 * r["prompt_tokens"] + r["chain_tokens"] for r in measured if not r["packed"])
 
 
 @pytest.mark.slow

@@ -456,6 +456,9 @@ def test_packed_prompts_and_token_budget_take_the_unpacked_update(tiny_model_dir
                     "alarm_h_T_max_diff", "clip_frac"):
             assert packed[when][key] == pytest.approx(plain[when][key], rel=1e-4, abs=1e-6), (when, key)
     assert packed["second"]["loss_kl"] > 0 and packed["second"]["grad_norm"] > 0
+    P, C = sum(len(p) for p in step["prompts"]), sum(len(c) for c in step["chains"])
+    assert packed["first"]["tokens_forward_learner"] == P + C  # each prompt once
+    assert plain["first"]["tokens_forward_learner"] == G * P + C
     assert _max_diff(packed["after_first"], plain["after_first"]) < 1e-5
     assert _max_diff(packed["after_second"], plain["after_second"]) < 1e-5
 
