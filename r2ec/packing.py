@@ -5,7 +5,7 @@ step costs G x (P + C) tokens; packed, it runs one row [prompt, chain_1, ..., ch
 Two things make the packed row compute exactly what the G unpacked rows compute:
 
 - a block attention mask (R, 1, L, L): every chain token attends to the whole prompt and causally to its own chain,
-  never to another chain of the row; padding attends to nothing real;
+  never to another chain of the row; padding attends to itself only (no empty softmax) and nothing attends to it;
 - position ids that restart at P for each chain, so rotary (or learned) positions are those of prompt + chain.
 
 The prompt's activations are computed once; in the backward pass they receive the sum of the G chains'
