@@ -28,6 +28,8 @@ class PolicyNet(torch.nn.Module):
     def forward(self, kind: str, *args: Any) -> Any:
         if kind == "chain":  # (prompt_ids, chains) -> logp (B, L-1), mask (B, L-1), h_T (B, d)
             return self.dual.chain_forward(*args)
+        if kind == "chain_packed":  # (prompt_ids (U,), chains (U, G)) -> as "chain" for the U x G chains
+            return self.dual.chain_forward_packed(*args)
         if kind == "last":  # (seqs,) -> (B, d) final hidden state at each sequence's last token
             return self.dual.last_hidden(*args)
         if kind == "greedy":  # (prompt_ids, max_new_tokens, synced) -> token ids of each finished chain

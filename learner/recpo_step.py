@@ -37,6 +37,10 @@ Deviations from the paper / official code (github YRYangang/RRec):
 - Warm-up steps and catalogue negatives are not in the paper (both off by default).
 - Appended answer-marker tokens (chains cut by length or EOS) are not policy actions and get no token loss
   (``rollout.logp_mask``); they still enter the forward pass that gives h_T.
+- With ``learner.pack_prompts`` the token term's forwards (and pi_old's, and the KL reference's) compute each
+  group's prompt once, its G chains in one row behind a block attention mask (``chain_forward_packed``,
+  r2ec/packing.py): the same log-probs, h_T and gradients within float rounding, P + G x C tokens per group instead
+  of G x (P + C). The item term's forward stays one row per relabelled chain (top-k of G, usually one).
 - A KL penalty (not in the paper, off by default): with ``recpo.kl_coef > 0`` the token term also gets
   kl_coef x k3(pi_ref, pi_theta) on the sampled tokens, pi_ref being the model with its LoRA adapters disabled (the
   weights the run started from, no copy): one extra no-grad forward per micro-batch. LoRA only (the config refuses
@@ -58,6 +62,7 @@ from typing import Any
 import torch
 
 from learner.item_term import item_term, score_std_mean, table_cosine_mean
+from learner.micro_batches import plan_micro_batches
 from learner.policy import chain_positions
 from r2ec.algo.recpo import RewardOutput, compute_advantages, fused_reward, kl_penalty, relabel_mask, token_loss
 from r2ec.protocol import StepMetrics, StepResult, TrainShard
@@ -183,21 +188,22 @@ class RecPOStep:
         backward. Fills ``h_T_learner`` for these rows when pi_old was not computed beforehand."""
         G, rollout, W = self.recpo_cfg.group_size, shard.rollout, self.world_size
         self.engine.train()
-        mbs = self.learner_cfg.micro_batch_size
-        batches = [rows_all[lo:lo + mbs] for lo in range(0, len(rows_all), mbs)]
-        out = {"loss_token": 0.0, "loss_kl": 0.0, "clipped": 0.0, "logp_abs_diff": 0.0}
+        batches = self._micro_batches(shard, rows_all)
+        out = {"loss_token": 0.0, "loss_kl": 0.0, "clipped": 0.0, "logp_abs_diff": 0.0, "tokens_forward": 0}
         kl_coef = self.recpo_cfg.kl_coef
         for k in range(self._agree_max(len(batches))):
             self.engine.set_gradient_accumulation_boundary(False)
             if k >= len(batches):  # padding micro-batch: keeps ZeRO's collectives in step with busier ranks
                 logp, _, _ = self.engine("chain", *self._padding_chain())
                 if kl_coef > 0:
-                    self._ref_logp(*self._padding_chain())
+                    self._ref_logp("chain", self._padding_chain())
                 self.engine.backward(logp.sum() * 0.0, scale_wrt_gas=False)
                 continue
             rows = batches[k]
             prompts, chains = [shard.prompt_ids[r // G] for r in rows], [rollout.chain_ids[r] for r in rows]
-            logp, _, h_T = self.engine("chain", prompts, chains)
+            kind, args = self._chain_call(shard, rows)
+            logp, _, h_T = self.engine(kind, *args)
+            out["tokens_forward"] += sum(len(p) for p in args[0]) + sum(len(c) for c in chains)  # a prompt per row
             grid = tuple(logp.shape)
             mask, logp_rollout = self._align_chain_tokens(rows, prompts, chains, grid, rollout.logp_mask, rollout.logp)
             old = logp.detach() if old_logp is None else self._align_chain_tokens(
@@ -208,7 +214,7 @@ class RecPOStep:
             out["loss_token"] += float(term.loss.detach())
             out["clipped"] += float(term.clip_frac) * num_tokens
             if kl_coef > 0:
-                kl = kl_penalty(logp, self._ref_logp(prompts, chains), mask, num_tokens=num_tokens)
+                kl = kl_penalty(logp, self._ref_logp(kind, args), mask, num_tokens=num_tokens)
                 loss = loss + kl_coef * kl
                 out["loss_kl"] += float(kl.detach())
             if old_logp is None:  # else both come from the pass that computed pi_old
@@ -268,6 +274,7 @@ class RecPOStep:
             diag_score_std=score_std_mean(scored.scores),
             chain_len_mean=sum(len(c) for c in rollout.chain_ids) / N,
             num_tokens=float(local_tokens),
+            tokens_forward_learner=float(sum(u["tokens_forward"] for u in ups)),
             item_candidates=sum(u["candidates"] for u in ups) / M,
             alarm_h_T_max_diff=float((h_T_learner - rollout.h_T.float()).abs().max()),
             alarm_logp_abs_diff_mean=logp_abs_diff / max(local_tokens, 1),
@@ -283,11 +290,12 @@ class RecPOStep:
 
     @torch.no_grad()
 
-    def _ref_logp(self, prompts: list, chains: list) -> torch.Tensor:
-        """Log-probs (B, L-1) under the reference policy of the KL term: the same model with its LoRA adapters
-        disabled (peft's ``disable_adapter``), through the engine so ZeRO-3 gathers as for any forward."""
+    def _ref_logp(self, kind: str, args: tuple) -> torch.Tensor:
+        """Log-probs (B, L-1) of the forward ``engine(kind, *args)`` under the reference policy of the KL term: the
+        same model with its LoRA adapters disabled (peft's ``disable_adapter``), through the engine so ZeRO-3
+        gathers as for any forward."""
         with self.dual.model.disable_adapter():
-            return self.engine("chain", prompts, chains)[0]
+            return self.engine(kind, *args)[0]
 
     @torch.no_grad()
 
@@ -298,19 +306,41 @@ class RecPOStep:
         G, rollout = self.recpo_cfg.group_size, shard.rollout
         self.engine.train()
         out = torch.zeros_like(rollout.logp, dtype=torch.float32)
-        mbs = self.learner_cfg.micro_batch_size
-        batches = [list(range(lo, min(len(rollout), lo + mbs))) for lo in range(0, len(rollout), mbs)]
+        batches = self._micro_batches(shard, list(range(len(rollout))))
         for k in range(self._agree_max(len(batches)) if self.zero3 else len(batches)):
             if k >= len(batches):
                 self.engine("chain", *self._padding_chain())
                 continue
             rows = batches[k]
             prompts, chains = [shard.prompt_ids[r // G] for r in rows], [rollout.chain_ids[r] for r in rows]
-            logp, _, h = self.engine("chain", prompts, chains)
+            kind, args = self._chain_call(shard, rows)
+            logp, _, h = self.engine(kind, *args)
             h_T[rows] = h.float().cpu()
             for i, (r, p, c) in enumerate(zip(rows, prompts, chains, strict=True)):
                 out[r, :len(c)] = logp[i, chain_positions(len(p), len(c))].float().cpu()
         return out
+
+    def _micro_batches(self, shard: TrainShard, rows_all: list[int]) -> list[list[int]]:
+        """The rows (chains, in order) of each token-term micro-batch: whole groups when prompts are packed
+        (``rows_all`` is made of whole groups), chains otherwise; learner/micro_batches.py."""
+        G, cfg, rollout = self.recpo_cfg.group_size, self.learner_cfg, shard.rollout
+        if cfg.pack_prompts:
+            units = [rows_all[i:i + G] for i in range(0, len(rows_all), G)]
+            per_batch = max(1, cfg.micro_batch_size // G)
+        else:
+            units, per_batch = [[r] for r in rows_all], cfg.micro_batch_size
+        lengths = [len(shard.prompt_ids[u[0] // G]) + sum(len(rollout.chain_ids[r]) for r in u) for u in units]
+        return [[r for i in batch for r in units[i]]
+                for batch in plan_micro_batches(lengths, per_batch, cfg.max_tokens_per_micro_batch)]
+
+    def _chain_call(self, shard: TrainShard, rows: list[int]) -> tuple[str, tuple]:
+        """The engine call giving ``chain_forward``'s outputs for ``rows``: packed, one row per group, when
+        ``learner.pack_prompts`` (``rows`` are then whole groups in order), else one row per chain."""
+        G, chains = self.recpo_cfg.group_size, shard.rollout.chain_ids
+        if not self.learner_cfg.pack_prompts:
+            return "chain", ([shard.prompt_ids[r // G] for r in rows], [chains[r] for r in rows])
+        groups = [rows[i:i + G] for i in range(0, len(rows), G)]
+        return "chain_packed", ([shard.prompt_ids[g[0] // G] for g in groups], [[chains[r] for r in g] for g in groups])
 
     def _align_chain_tokens(self, rows: list[int], prompts: list[list[int]], chains: list[list[int]],
                             shape: tuple[int, ...], logp_mask: torch.Tensor, logp: torch.Tensor

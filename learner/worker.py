@@ -98,7 +98,10 @@ class LearnerWorker(RecPOStep, Probes):
 
         group_size = recpo_cfg.group_size
         self.chains_per_rank = learner_cfg.prompts_per_step // world_size * group_size
-        # Backward calls of one optimiser update: the token micro-batches of one mini-batch, plus the item term.
+        # Backward calls of one optimiser update: the token micro-batches of one mini-batch, plus the item term. The
+        # nominal count: packed micro-batches of whole groups (micro_batch_size < group_size) or a token budget make
+        # the real one differ. Only DeepSpeed's bookkeeping reads it: the boundaries are set by hand and no loss is
+        # scaled by it (scale_wrt_gas=False).
         chains_per_update = self.chains_per_rank // learner_cfg.mini_batches
         self.backward_calls = math.ceil(chains_per_update / learner_cfg.micro_batch_size) + 1
         ds_config = build_ds_config(learner_cfg, learner_cfg.micro_batch_size, self.backward_calls, self.dtype,

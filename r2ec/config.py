@@ -192,7 +192,18 @@ class LearnerConfig(Section):
     lr: float = Field(1e-5, gt=0)
     grad_clip: float = Field(1.0, gt=0)
     prompts_per_step: int = Field(12, ge=1, description="users per optimiser step; x group_size chains")
-    micro_batch_size: int = Field(4, ge=1, description="chains per forward/backward")
+    micro_batch_size: int = Field(
+        4, ge=1, description="chains per forward/backward of the token term (with pack_prompts: as many whole groups "
+        "as fit in this many chains, at least one); unused when max_tokens_per_micro_batch is set")
+    pack_prompts: bool = Field(
+        True, description="the token term's forwards run one row [prompt, chain_1, ..., chain_G] per group behind a "
+        "block attention mask: P + G x C tokens instead of G x (P + C), the same results within float rounding "
+        "(0.59x the learner step on the quickstart, docs/performance.md section 10). Refused at the first step for a "
+        "sliding-window model whose window is shorter than prompt + chain")
+    max_tokens_per_micro_batch: int | None = Field(
+        None, ge=2, description="token budget of a token-term micro-batch: rows (whole groups with pack_prompts, "
+        "else chains) are taken in order while rows x the longest row's length stays within it; a row longer than "
+        "the budget goes alone. None = micro_batch_size chains per micro-batch")
     gradient_checkpointing: bool = True
     epochs: int = Field(3, ge=1)
     max_steps: int | None = Field(

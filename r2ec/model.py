@@ -14,6 +14,9 @@ Deviations from the paper / official code:
 - Scores use cosine similarity (as the official code), not the paper's plain inner product.
 - Models whose attention soft-caps its logits (Gemma-2) load with eager attention (``attention_for``): the SDPA
   default would silently drop the cap that vLLM applies when sampling.
+- The learner may compute a group's G chains in one row behind one copy of their prompt
+  (``chain_forward_packed``, r2ec/packing.py): the same log-probs and h_T as ``chain_forward`` within float
+  rounding, with the prompt's tokens computed once instead of G times.
 - Optionally (``model.item_table: frozen``, ``model.center_items``; the driver applies them) H_V stays the initial
   weights' encodings, minus their mean row, instead of following the trained weights.
 """
@@ -202,17 +205,62 @@ class DualHeadModel:
         ids, attn, pos = pad_batch(seqs, self.pad_id, "right", self.device)
         h = self.hidden_states(ids, attn, pos)
         h_T = h[torch.arange(h.shape[0], device=h.device), last_token_index(attn)]
-        mask = torch.zeros(ids.shape[0], ids.shape[1] - 1, device=h.device)
+        mask = self._chain_mask(prompt_ids, chains, ids.shape[1], h.device)
+        at = mask.bool()
+        chain_logp = self._token_logp(h[:, :-1][at], ids[:, 1:][at])
+        logp = torch.zeros(mask.shape, dtype=chain_logp.dtype, device=h.device).masked_scatter(at, chain_logp)
+        return logp, mask, h_T
+
+    def chain_forward_packed(self, prompt_ids: Sequence[Sequence[int]],
+                             chains: Sequence[Sequence[Sequence[int]]], padding_side: str = "right"
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``chain_forward`` of every chain of the groups ``chains[g]`` (sampled from ``prompt_ids[g]``), computed
+        with each prompt once (r2ec/packing.py): one row [prompt, chain_1, ..., chain_G] per group behind a block
+        attention mask. Returns what ``chain_forward`` returns for the flattened chains (group by group), on its
+        (N, L-1) grid of prompt + chain: logp, mask, h_T."""
+        from r2ec.packing import pack_groups
+
+        window = self._sliding_window()
+        longest = max(len(p) + len(c) for p, g in zip(prompt_ids, chains, strict=True) for c in g)
+        if window is not None and longest > window:
+            # the block mask stands in for every layer's mask, so a binding sliding window would be lost
+            raise ValueError(f"packed chains need prompt + chain <= the model's sliding window ({window} tokens), "
+                             f"got {longest}: set learner.pack_prompts false")
+        rows = pack_groups(prompt_ids, chains, self.pad_id, padding_side, self.device)
+        h = self.hidden_states(rows.input_ids, rows.attention_bias(self.model.dtype), rows.position_ids)
+        h_T = h[rows.last]
+        flat_prompts = [p for p, g in zip(prompt_ids, chains, strict=True) for _ in g]
+        flat_chains = [c for g in chains for c in g]
+        width = max(len(p) + len(c) for p, c in zip(flat_prompts, flat_chains, strict=True))
+        mask = self._chain_mask(flat_prompts, flat_chains, width, h.device)
+        chain_logp = self._token_logp(h[rows.pred], rows.targets)  # chain by chain: the grid's row-major order
+        logp = torch.zeros(mask.shape, dtype=chain_logp.dtype, device=h.device).masked_scatter(mask.bool(),
+                                                                                                 chain_logp)
+        return logp, mask, h_T
+
+    def _sliding_window(self) -> int | None:
+        """The window of the model's sliding-window attention layers (Gemma-2's every other layer), else None."""
+        config = self.model.config
+        if "sliding_attention" in (getattr(config, "layer_types", None) or []):
+            return int(config.sliding_window)
+        return None
+
+    @staticmethod
+    def _chain_mask(prompt_ids: Sequence[Sequence[int]], chains: Sequence[Sequence[int]], width: int,
+                    device: torch.device) -> torch.Tensor:
+        """(B, width-1) float: 1 where position t predicts a chain token (``learner.policy.chain_positions``)."""
+        mask = torch.zeros(len(chains), width - 1, device=device)
         for i, (p, c) in enumerate(zip(prompt_ids, chains, strict=True)):
             mask[i, len(p) - 1: len(p) - 1 + len(c)] = 1.0
-        at = mask.bool()
-        logits = self.model.get_output_embeddings()(h[:, :-1][at]).float()  # (N_chain_tokens, vocab)
+        return mask
+
+    def _token_logp(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log p(target | hidden state) for (T, d) hidden states: the LM head on these rows only, in float32."""
+        logits = self.model.get_output_embeddings()(h).float()  # (T, vocab)
         softcap = getattr(self.model.config, "final_logit_softcapping", None)
         if softcap:  # Gemma-2 caps its logits inside the causal-LM forward, which we bypass here
             logits = torch.tanh(logits / softcap) * softcap
-        chain_logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:][at][:, None]).squeeze(-1)
-        logp = torch.zeros(mask.shape, dtype=chain_logp.dtype, device=h.device).masked_scatter(at, chain_logp)
-        return logp, mask, h_T
+        return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
 
     @torch.no_grad()
     def encode_items(self, item_prompt_ids: Sequence[Sequence[int]], batch_size: int = 32,

@@ -185,6 +185,8 @@ class StepMetrics(RankMetrics):
     diag_score_std: float = _metric("mean")  # std of catalogue scores per user
     chain_len_mean: float = _metric("mean")
     num_tokens: float = _metric("sum")  # sampled (policy) tokens of the step
+    tokens_forward_learner: float = _metric("sum")  # prompt + chain tokens the token term's forwards ran (padding
+    # excluded): G x (P + C) per group unpacked, P + G x C with learner.pack_prompts
     item_candidates: float = _metric("mean")  # catalogue rows in the item loss per update
     alarm_h_T_max_diff: float = _metric("max")  # learner vs rollout h_T: weights or numerics disagree
     alarm_logp_abs_diff_mean: float = _metric("max")  # learner vs sampler log-prob per token

@@ -64,6 +64,8 @@ def test_overrides_from_file(tmp_path):
         ("data.prompt.history_items=30", "cannot exceed max_history"),
         ("eval.ks=[0]", "ks must be a non-empty list of positive cut-offs"),
         ("model.tau=0", "model.tau: Input should be greater than 0"),
+        ("learner.max_tokens_per_micro_batch=1",
+         "learner.max_tokens_per_micro_batch: Input should be greater than or equal to 2 (got 1)"),
         ("data.prompt.rating_scale=[5, 1]", "data.prompt.rating_scale: Value error, rating_scale must be [min, max] "
          "with finite min < max (got [5, 1])"),
         ("data.prompt.rating_scale=[1, 1]", "rating_scale must be [min, max] with finite min < max (got [1, 1])"),

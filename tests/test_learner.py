@@ -1,7 +1,8 @@
 """The DeepSpeed learner (learner/worker.py) on CPU: real ranks as spawned processes (gloo), a tiny random Llama.
 
 What is checked, against values computed independently in the test process with ``DualHeadModel``:
-- a train_step under ZeRO-2 and ZeRO-3 changes the parameters and returns finite metrics;
+- a train_step under ZeRO-2 and ZeRO-3 changes the parameters and returns finite metrics (with the default
+  ``learner.pack_prompts``, against an unpacked reference: packing is exact);
 - sharded equals global: 2 ranks with half the users each take the same update as 1 rank with all users (ZeRO-2
   and ZeRO-3), and the reported gradient norm equals a plain-PyTorch reference of the RecPO loss;
 - rewards from the learner's recomputed h_T equal the rollout's when the rollout used the same weights;
@@ -465,3 +466,42 @@ def test_kl_coef_without_lora_is_refused(tiny_model_dir):
     model, learner, _ = _configs(str(tiny_model_dir), 2)
     with pytest.raises(ValueError, match="kl_coef > 0 needs model.lora.enabled"):
         LearnerWorker(model, learner, RecPOConfig(kl_coef=0.1), 0, 1, "127.0.0.1", _free_port(), "cpu", 0)
+
+@pytest.mark.slow
+def test_packed_prompts_and_token_budget_take_the_unpacked_update(tiny_model_dir, step_data):
+    """learner.pack_prompts (one row per group) with token-budget micro-batches of unequal sizes takes the same two
+    steps as the unpacked learner with fixed micro-batches: the token term, pi_old (two mini-batches) and the KL
+    reference (LoRA, second step) all go through the packed forward."""
+    step, _ = step_data
+    model, learner, recpo = _configs(str(tiny_model_dir), 2, lora=True)
+    recpo = recpo.model_copy(update={"kl_coef": 0.5})
+    payload = {"step": step, "users": [list(range(USERS))]}
+    lengths = [len(step["prompts"][u]) + sum(len(c) for c in step["chains"][u * G:(u + 1) * G]) for u in range(USERS)]
+    budget = 2 * max(lengths) - 1  # the longest row goes alone, a shorter pair may share a micro-batch
+    packed_cfg = learner.model_copy(update={"pack_prompts": True, "max_tokens_per_micro_batch": budget,
+                                            "mini_batches": 2})
+    packed = _run_ranks("kl", 1, (model, packed_cfg, recpo), payload)[0]
+    plain_cfg = learner.model_copy(update={"pack_prompts": False, "mini_batches": 2})
+    plain = _run_ranks("kl", 1, (model, plain_cfg, recpo), payload)[0]
+    for when in ("first", "second"):
+        for key in ("loss_token", "loss_item", "grad_norm", "loss_kl", "alarm_logp_abs_diff_mean",
+                    "alarm_h_T_max_diff", "clip_frac"):
+            assert packed[when][key] == pytest.approx(plain[when][key], rel=1e-4, abs=1e-6), (when, key)
+    assert packed["second"]["loss_kl"] > 0 and packed["second"]["grad_norm"] > 0
+    P, C = sum(len(p) for p in step["prompts"]), sum(len(c) for c in step["chains"])
+    assert packed["first"]["tokens_forward_learner"] == P + C  # each prompt once
+    assert plain["first"]["tokens_forward_learner"] == G * P + C
+    assert _max_diff(packed["after_first"], plain["after_first"]) < 1e-5
+    assert _max_diff(packed["after_second"], plain["after_second"]) < 1e-5
+
+
+def test_micro_batch_plans():
+    from learner.micro_batches import plan_micro_batches
+
+    assert plan_micro_batches([5, 5, 5, 5, 5], per_batch=2, max_tokens=None) == [[0, 1], [2, 3], [4]]
+    # budget 20: 2 x 9 fits, a third would make 3 x 9; 30 alone exceeds it and goes alone; 2 x max(4, 12) > 20
+    assert plan_micro_batches([9, 8, 7, 30, 4, 12], per_batch=1, max_tokens=20) == [[0, 1], [2], [3], [4], [5]]
+    assert plan_micro_batches([3, 3, 3, 3], per_batch=1, max_tokens=12) == [[0, 1, 2, 3]]
+    assert plan_micro_batches([], per_batch=4, max_tokens=None) == []
+    with pytest.raises(ValueError, match="per_batch must be at least 1"):
+        plan_micro_batches([1], per_batch=0, max_tokens=None)

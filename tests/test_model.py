@@ -202,3 +202,88 @@ def test_gemma2_loads_with_eager_attention_and_keeps_its_softcaps(tmp_path):
     torch.testing.assert_close(logp[0][at], ref_logp(dual.model)[at], atol=1e-5, rtol=1e-5)
     sdpa = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
     assert not torch.allclose(ref_logp(sdpa)[at], logp[0][at], atol=1e-3)  # the cap binds: SDPA would differ
+
+
+# ---------------------------------------------------------------------------------------------- packed chains
+PACK_PROMPTS = [[11, 12, 13, 14, 15], [21, 22, 23, 24, 25, 26, 27, 28]]
+PACK_CHAINS = [[[31, 32, 33], [41], [51, 52, 53, 54, 55]], [[61, 62], [71, 72, 73, 74], [81, 82, 83]]]
+
+
+def _packed_vs_unpacked(dual, side: str, prompts=PACK_PROMPTS, groups=PACK_CHAINS):
+    """(logp, mask, h_T, loss, grads) of a token loss, unpacked then packed with ``side`` padding."""
+    flat_p = [p for p, g in zip(prompts, groups, strict=True) for _ in g]
+    flat_c = [c for g in groups for c in g]
+    adv = torch.linspace(-1.0, 1.5, len(flat_c))
+    out = []
+    for packed in (False, True):
+        dual.model.zero_grad()
+        logp, mask, h_T = (dual.chain_forward_packed(prompts, groups, side) if packed
+                           else dual.chain_forward(flat_p, flat_c))
+        # a token loss plus a term on h_T, so both outputs' gradients reach the shared prompt
+        loss = -(adv[:, None] * logp * mask).sum() / mask.sum() + (h_T * torch.arange(h_T.shape[1])).mean()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in dual.model.named_parameters() if p.grad is not None}
+        out.append((logp.detach(), mask, h_T.detach(), loss.detach(), grads))
+    dual.model.zero_grad()
+    return out
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_chain_forward_equals_unpacked(tiny_model_dir, side, attn):
+    """One packed row per group (groups of unequal length, so one row is padded) gives the unpacked log-probs,
+    mask, h_T, loss and parameter gradients: the prompt's gradient is the sum over its chains."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from r2ec.model import DualHeadModel
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn)
+    assert model.config._attn_implementation == attn
+    dual = DualHeadModel(model, AutoTokenizer.from_pretrained(tiny_model_dir))
+    (logp, mask, h_T, loss, grads), (logp_p, mask_p, h_T_p, loss_p, grads_p) = _packed_vs_unpacked(dual, side)
+    assert torch.equal(mask, mask_p) and mask.sum() == sum(len(c) for g in PACK_CHAINS for c in g)
+    torch.testing.assert_close(logp_p, logp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h_T_p, h_T, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss_p, loss, atol=1e-6, rtol=1e-5)
+    assert grads.keys() == grads_p.keys() and len(grads) > 5
+    for name in grads:
+        torch.testing.assert_close(grads_p[name], grads[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_packed_chain_forward_detects_a_leak_between_chains(tiny_model):
+    """Chains of one row do not see each other: changing the middle chain moves its own outputs only (a mask that
+    let a chain attend to an earlier one would move the last chain's)."""
+    groups = [[[31, 32, 33], [41, 42], [51, 52, 53]]]
+    changed = [[[31, 32, 33], [99, 98], [51, 52, 53]]]
+    with torch.no_grad():
+        a = tiny_model.chain_forward_packed(PACK_PROMPTS[:1], groups)
+        b = tiny_model.chain_forward_packed(PACK_PROMPTS[:1], changed)
+    torch.testing.assert_close(a[0][[0, 2]], b[0][[0, 2]], atol=1e-6, rtol=0)
+    torch.testing.assert_close(a[2][[0, 2]], b[2][[0, 2]], atol=1e-6, rtol=0)
+    assert (a[2][1] - b[2][1]).abs().max() > 1e-4
+
+
+def test_packed_chain_forward_gemma2_softcaps_and_sliding_window(tmp_path):
+    """Gemma-2 (eager attention, soft-capped logits) packs exactly while prompt + chain fits its sliding window
+    (16 tokens in the tiny model), and refuses rows where the window would bind."""
+    from r2ec.config import ModelConfig
+    from r2ec.model import DualHeadModel
+    from r2ec.testing import build_tiny_model
+
+    dual = DualHeadModel.from_config(ModelConfig(name_or_path=str(build_tiny_model(tmp_path / "g2", arch="gemma2"))))
+    (logp, _, h_T, loss, grads), (logp_p, _, h_T_p, loss_p, grads_p) = _packed_vs_unpacked(dual, "right")
+    torch.testing.assert_close(logp_p, logp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h_T_p, h_T, atol=1e-5, rtol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads_p[name], grads[name], atol=1e-6, rtol=1e-4, msg=name)
+    with pytest.raises(ValueError, match="sliding window"):
+        dual.chain_forward_packed([list(range(10, 22))], [[list(range(30, 36))]])
+
+
+def test_pack_groups_refuses_malformed_groups():
+    from r2ec.packing import pack_groups
+
+    with pytest.raises(ValueError, match="one group of chains per prompt"):
+        pack_groups([[1, 2]], [[[3]], [[4]]], pad_id=0)
+    with pytest.raises(ValueError, match="non-empty"):
+        pack_groups([[1, 2]], [[[3], []]], pad_id=0)
