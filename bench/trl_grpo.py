@@ -253,9 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/quickstart.yaml")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured steps first, on each side")
-    p.add_argument("--steps", type=int, default=1,
-                   help="measured steps on each side; 1 keeps the default run near 5 min on an idle 2-core machine "
-                        "(a step costs about a CPU-minute on each side), more gives steadier numbers")
+    p.add_argument("--steps", type=int, default=5,
+                   help="measured steps on each side (the rows report their median); a TRL step costs about a "
+                        "CPU-minute here, so the default run takes ~10 min on an idle 2-core machine")
     p.add_argument("--engines", default="vllm", help="our rollout engines, comma-separated: vllm, hf")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (see the docstring)")
     p.add_argument("--skip-trl", action="store_true", help="only our side")

@@ -10,7 +10,9 @@ The driver's part of a checkpoint (see r2ec/checkpoint.py for the folder layout)
 - ``config.json``: the full config.
 
 Rollouts need no state of their own: the sampling seed of step k is ``rollout_seed(run.seed, k)`` and the
-rollout engines receive the learner's weights after loading, so the same steps are sampled again.
+rollout engines receive the learner's weights after loading, so the same steps are sampled again. The exception is
+``rollout.async``: the rollout of step k + 1, sampled during step k, is saved with step k (``ahead.safetensors`` and
+``ahead.json``, driver/pipeline.py), since the weights that sampled it are gone once step k is trained.
 
 Steps are numbered globally: 1..W are warm-up steps (W = ``warmup.steps``), W+1.. RecPO steps. A checkpoint can be
 continued with another ``warmup.steps`` only while no step it holds changes phase (``check_phase``).
@@ -29,6 +31,7 @@ import torch
 from r2ec.checkpoint import CONFIG, ITEM_TABLE, TRAINER_STATE, CheckpointError, Compat, catalogue_sha256
 from r2ec.config import Config
 from r2ec.item_table import ItemTable
+from r2ec.protocol import Rollout
 from r2ec.rng import rng_state, set_rng_state
 
 FORMAT_VERSION = 1
@@ -118,6 +121,53 @@ def check_phase(cfg: Config, state: dict[str, Any], folder: Path) -> None:
             f"change phase; set warmup.steps={old} or start over in another run.output_dir")
 
 
+# ---------------------------------------------------------------------------------------------- rollout.async
+AHEAD_TENSORS, AHEAD_JSON = "ahead.safetensors", "ahead.json"
+
+
+@dataclass
+class Ahead:
+    """A step's inputs and its rollout, sampled one step early."""
+
+    step: int  # the global step that trains on it
+    prompts: list[list[int]]  # B user prompts
+    earlier: torch.Tensor  # (B, H) long: every earlier item of each user, -1 padded
+    target: torch.Tensor  # (B,) long
+    rollout: Rollout  # B x G chains, sampled with the weights of version step - 2
+
+
+def save_ahead(folder: Path, ahead: Ahead) -> None:
+    """The waiting rollout into a checkpoint folder: tensors as safetensors, token ids and scalars as JSON."""
+    from safetensors.torch import save_file
+
+    r = ahead.rollout
+    save_file({"logp": r.logp.float().contiguous(), "logp_mask": r.logp_mask.float().contiguous(),
+               "appended_marker": r.appended_marker.to(torch.uint8).contiguous(), "h_T": r.h_T.float().contiguous(),
+               "earlier": ahead.earlier.long().contiguous(), "target": ahead.target.long().contiguous()},
+              str(folder / AHEAD_TENSORS))
+    (folder / AHEAD_JSON).write_text(json.dumps({
+        "step": ahead.step, "prompts": ahead.prompts, "chain_ids": r.chain_ids, "weight_version": r.weight_version,
+        "timings": r.timings}) + "\n")
+
+
+def load_ahead(folder: Path) -> Ahead | None:
+    """The rollout a checkpoint holds for its next step (None when it holds none: a synchronous run's, or the last
+    step's)."""
+    from safetensors.torch import load_file
+
+    if not (folder / AHEAD_JSON).is_file():
+        return None
+    meta = json.loads((folder / AHEAD_JSON).read_text())
+    t = load_file(str(folder / AHEAD_TENSORS))
+    rollout = Rollout(meta["chain_ids"], t["logp"], t["logp_mask"], t["appended_marker"].bool(), t["h_T"],
+                      int(meta["weight_version"]), dict(meta["timings"]))
+    B = len(meta["prompts"])
+    if not B or len(rollout) % B or t["target"].shape[0] != B or t["earlier"].shape[0] != B:
+        raise ValueError(f"{folder / AHEAD_JSON}: {B} prompts do not match the saved rollout's {len(rollout)} chains "
+                         f"and {t['target'].shape[0]} targets")
+    return Ahead(int(meta["step"]), meta["prompts"], t["earlier"], t["target"], rollout)
+
+
 # ---------------------------------------------------------------------------------------------- the driver's run
 @dataclass
 class RunState:
@@ -126,6 +176,7 @@ class RunState:
     items: ItemTable  # the reference copy of the item table (r2ec/item_table.py says who holds the others)
     step: int = 0
     best: dict | None = None  # {"step", "metric", "value"} of the best validation so far
+    ahead: Ahead | None = None  # rollout.async: the next step's inputs and rollout (driver.pipeline), checkpointed
 
     def write_back(self, results) -> None:
         """The rows the learner ranks re-encoded this step (StepResults): into the table, and pending for the next."""
@@ -196,7 +247,7 @@ def restore(system, cfg: Config, resumed: Resumed, sampler, log) -> RunState:
     set_rng_state(resumed.state["rng"])
     s = resumed.state
     return RunState(items=ItemTable(resumed.table.clone(), s["item_table_version"], resumed.updates),
-                    step=resumed.step, best=s["best"])
+                    step=resumed.step, best=s["best"], ahead=load_ahead(resumed.folder))
 
 
 def save(system, cfg: Config, run: RunState, sampler, best: bool, compat: Compat, log) -> Path:
@@ -214,6 +265,8 @@ def save(system, cfg: Config, run: RunState, sampler, best: bool, compat: Compat
         "compat": {**compat.__dict__, "hidden_size": run.items.width},
     }
     write_driver_state(tmp, cfg, state, run.items.rows, run.items.pending)
+    if run.ahead is not None:  # rollout.async: the rollout sampled for the next step (driver.pipeline)
+        save_ahead(tmp, run.ahead)
     final = ck.commit(tmp, run.step)
     if best:
         ck.mark_best(cfg.run.output_dir, run.step)

@@ -11,7 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from driver.run_state import RunState, best_key, phase_of, restore, save
+import torch
+
+from driver.pipeline import check_staleness, overlapped_step
+from driver.run_state import Ahead, RunState, best_key, phase_of, restore, rollout_seed, save
 from driver.steps import batch_inputs, recpo_record, rl_step, sync_rollouts, total_steps, warmup_step
 from r2ec.algo.metrics import mask_history
 from r2ec.algo.recpo import centred_rows, cosine_scores, unit_rows
@@ -134,22 +137,59 @@ class Session:
         self.metrics.log_spans(step, rollout_spans + [s for r in results for s in r.spans] + self.spans.take())
         return valid
 
-    def _train(self, run: RunState, step: int) -> tuple[list[StepResult], dict, list[Span]]:
-        """Global step ``step`` of its phase: the ranks' StepResults, the step's record and the rollout workers'
-        spans (none in warm-up)."""
-        cfg, inputs, system, W = self.cfg, self.inputs, self.system, self.cfg.warmup.steps
-        users = cfg.warmup.prompts_per_step if step <= W else cfg.learner.prompts_per_step
+    def _inputs(self, run: RunState, step: int) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
+        """Step ``step``'s prompts, earlier items and targets: drawn now, or one step early (``run.ahead``)."""
+        cfg, inputs = self.cfg, self.inputs
+        if run.ahead is not None and run.ahead.step == step:
+            return run.ahead.prompts, run.ahead.earlier, run.ahead.target
+        users = cfg.warmup.prompts_per_step if step <= cfg.warmup.steps else cfg.learner.prompts_per_step
         rows = [inputs.train_ds[i] for i in inputs.sampler.next(users)]
-        prompts, earlier, target = batch_inputs(rows, inputs.prepared, inputs.builder, inputs.tokenizer,
-                                                inputs.titles)
+        return batch_inputs(rows, inputs.prepared, inputs.builder, inputs.tokenizer, inputs.titles)
+
+    def _train(self, run: RunState, step: int) -> tuple[list[StepResult], dict, list[Span]]:
+        """Global step ``step`` of its phase: the ranks' StepResults, the step's record and the spans of the rollout
+        workers' work during the step (none in warm-up)."""
+        cfg, inputs, system, W = self.cfg, self.inputs, self.system, self.cfg.warmup.steps
+        prompts, earlier, target = self._inputs(run, step)
         if step <= W:
             return (*warmup_step(system, prompts, inputs.marker_ids, earlier, target, run.items.pending), [])
         t_sync = sync_rollouts(system, step - 1)  # the rollout of step k samples the weights after step k-1
+        if cfg.rollout.async_:
+            return self._train_overlapped(run, step, (prompts, earlier, target), t_sync)
+        run.ahead = None  # an async run's rollout for this step (resumed synchronously): sampled again, on-policy
         rollout, results, timings = rl_step(system, cfg, prompts, earlier, target, run.items.pending, version=step,
                                             spans=self.spans)
         record = recpo_record(cfg, rollout, results, timings)
         record["time_sync_s"] += t_sync
         return results, record, rollout.spans
+
+    def _train_overlapped(self, run: RunState, step: int, step_inputs: tuple, t_sync: float
+                          ) -> tuple[list[StepResult], dict, list[Span]]:
+        """``rollout.async`` (driver/pipeline.py): train on the rollout sampled during the previous step (or, for
+        the run's first RecPO step, one sampled now) while the next step's is sampled."""
+        cfg, system = self.cfg, self.system
+        ahead, run.ahead = run.ahead, None
+        spans: list[Span] = []
+        if ahead is not None and ahead.step == step:
+            rollout = ahead.rollout
+        else:
+            rollout = system.generate(step_inputs[0], cfg.recpo.group_size, seed=rollout_seed(cfg.run.seed, step),
+                                      weight_version=step - 1)
+            spans += rollout.spans
+        staleness = check_staleness(step, rollout)
+        next_inputs = self._inputs(run, step + 1) if step < self.inputs.steps else None
+        rollout_next, results, timings = overlapped_step(
+            system, cfg, rollout, step_inputs, run.items.pending, next_inputs[0] if next_inputs else None, step,
+            self.spans)
+        if next_inputs is not None and rollout_next is None:  # discarded: a rollout worker was replaced meanwhile
+            rollout_next = system.generate(next_inputs[0], cfg.recpo.group_size,
+                                           seed=rollout_seed(cfg.run.seed, step + 1), weight_version=step)
+        if next_inputs is not None:
+            run.ahead = Ahead(step + 1, *next_inputs, rollout_next)
+            spans += rollout_next.spans
+        record = recpo_record(cfg, rollout, results, timings)
+        record.update(time_sync_s=record["time_sync_s"] + t_sync, weight_staleness=float(staleness))
+        return results, record, spans
 
     def evaluate_split(self, run: RunState, split: str) -> dict:
         cfg, inputs, system = self.cfg, self.inputs, self.system

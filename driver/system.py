@@ -208,6 +208,12 @@ class System:
         when they hold the initial weights. A replaced worker is brought back to it."""
         return self._weight_version
 
+    @property
+    def rollout_incarnations(self) -> int:
+        """How many rollout workers have been started so far, replacements included: a change means one was
+        replaced in between."""
+        return sum(self._incarnation) + len(self._incarnation)
+
     def drain_events(self) -> list[dict]:
         """Fault events since the last call (rollout workers replaced), oldest first; each is also logged."""
         return self._restarts.drain()

@@ -64,6 +64,7 @@ import torch
 from learner.item_term import item_term, score_std_mean, table_cosine_mean
 from learner.micro_batches import plan_micro_batches
 from learner.policy import chain_positions
+from r2ec.algo.off_policy import off_policy_weights
 from r2ec.algo.recpo import RewardOutput, compute_advantages, fused_reward, kl_penalty, relabel_mask, token_loss
 from r2ec.protocol import StepMetrics, StepResult, TrainShard
 
@@ -189,8 +190,9 @@ class RecPOStep:
         G, rollout, W = self.recpo_cfg.group_size, shard.rollout, self.world_size
         self.engine.train()
         batches = self._micro_batches(shard, rows_all)
-        out = {"loss_token": 0.0, "loss_kl": 0.0, "clipped": 0.0, "logp_abs_diff": 0.0, "tokens_forward": 0}
-        kl_coef = self.recpo_cfg.kl_coef
+        out = {"loss_token": 0.0, "loss_kl": 0.0, "clipped": 0.0, "logp_abs_diff": 0.0, "tokens_forward": 0,
+               "op_tokens": 0, "op_ratio_sum": 0.0, "op_corrected": 0, "op_log_ratio_max": 0.0}
+        kl_coef, rc = self.recpo_cfg.kl_coef, self.recpo_cfg
         for k in range(self._agree_max(len(batches))):
             self.engine.set_gradient_accumulation_boundary(False)
             if k >= len(batches):  # padding micro-batch: keeps ZeRO's collectives in step with busier ranks
@@ -208,8 +210,15 @@ class RecPOStep:
             mask, logp_rollout = self._align_chain_tokens(rows, prompts, chains, grid, rollout.logp_mask, rollout.logp)
             old = logp.detach() if old_logp is None else self._align_chain_tokens(
                 rows, prompts, chains, grid, rollout.logp_mask, old_logp)[1]
-            term = token_loss(logp, old, adv[rows].to(self.device), mask, eps_low=self.recpo_cfg.eps_low,
-                              eps_high=self.recpo_cfg.eps_high, num_tokens=num_tokens)
+            # pi_old (the proximal policy) over the sampler's pi_b: the off-policy weight (rollout.async)
+            weights, op = off_policy_weights(old, logp_rollout, mask, rc.off_policy, rc.tis_cap, rc.icepop_low,
+                                             rc.icepop_high)
+            for key, value in (("op_tokens", op.tokens), ("op_ratio_sum", op.ratio_sum),
+                               ("op_corrected", op.corrected)):
+                out[key] += value
+            out["op_log_ratio_max"] = max(out["op_log_ratio_max"], op.log_ratio_abs_max)
+            term = token_loss(logp, old, adv[rows].to(self.device), mask, eps_low=rc.eps_low, eps_high=rc.eps_high,
+                              num_tokens=num_tokens, weights=None if rc.off_policy == "none" else weights)
             loss = term.loss
             out["loss_token"] += float(term.loss.detach())
             out["clipped"] += float(term.clip_frac) * num_tokens
@@ -275,6 +284,9 @@ class RecPOStep:
             chain_len_mean=sum(len(c) for c in rollout.chain_ids) / N,
             num_tokens=float(local_tokens),
             tokens_forward_learner=float(sum(u["tokens_forward"] for u in ups)),
+            offpolicy_ratio_mean=sum(u["op_ratio_sum"] for u in ups) / max(sum(u["op_tokens"] for u in ups), 1),
+            offpolicy_corrected_frac=sum(u["op_corrected"] for u in ups) / max(sum(u["op_tokens"] for u in ups), 1),
+            offpolicy_log_ratio_abs_max=max(u["op_log_ratio_max"] for u in ups),
             item_candidates=sum(u["candidates"] for u in ups) / M,
             alarm_h_T_max_diff=float((h_T_learner - rollout.h_T.float()).abs().max()),
             alarm_logp_abs_diff_mean=logp_abs_diff / max(local_tokens, 1),

@@ -9,8 +9,9 @@ Each component receives only its own sub-config (``cfg.data`` for the data pipel
 
 Defaults are the paper's (R2ec, arXiv 2505.16994 v3, §4 and Appendix) unless a comment says otherwise.
 
-Import ``Config``, the sections, ``ConfigError`` and ``load_config`` from here. Three parts live in modules of their
+Import ``Config``, the sections, ``ConfigError`` and ``load_config`` from here. Four parts live in modules of their
 own to keep this one short: ``r2ec.config_cluster`` (the ``cluster`` section: where the workers run),
+``r2ec.config_recpo`` (the ``recpo`` and ``warmup`` sections: the objective),
 ``r2ec.config_load`` (YAML reading, ``--set`` overrides, error formatting) and ``r2ec.config_base`` (the strict
 section base and ``ConfigError``, shared by all of them).
 """
@@ -22,11 +23,12 @@ import json
 import os
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from r2ec.config_base import ConfigError, Section
 from r2ec.config_cluster import ClusterConfig
 from r2ec.config_load import apply_overrides, format_validation_error, read_mapping
+from r2ec.config_recpo import RecPOConfig, WarmupConfig
 
 
 # --------------------------------------------------------------------------------------------------- model
@@ -179,7 +181,14 @@ class VllmConfig(Section):
 
 
 class RolloutConfig(Section):
+    # "async" is a Python keyword: the field is async_, read and written as "async"
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_by_name=True, validate_by_alias=True,
+                              serialize_by_alias=True)
     engine: Literal["hf", "vllm"] = "hf"
+    async_: bool = Field(
+        False, alias="async", description="one-step-off pipeline (not in the paper): the rollout of step k + 1 runs "
+        "while the learner trains step k, on weights one version older than the learner's (staleness 1, asserted); "
+        "recpo.off_policy corrects the token term for it. Not with cluster.colocate")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     batch_size: int = Field(16, ge=1, description="prompts per generate call")
     vllm: VllmConfig = Field(default_factory=VllmConfig)
@@ -224,51 +233,6 @@ class LearnerConfig(Section):
         300, gt=0, description="a weight sync (joining its group, or every bucket of one broadcast) fails on each "
         "member after this long, and a rollout worker lost in it is then replaced; NCCL's own watchdog, which kills "
         "the process, is set well beyond it. At most learner.timeout_s")
-
-
-# --------------------------------------------------------------------------------------------------- recpo
-class RecPOConfig(Section):
-    group_size: int = Field(4, ge=2, description="G chains per user; GRPO needs at least 2")
-    beta: float = Field(0.05, ge=0, le=1, description="R = beta * R_c + (1 - beta) * R_d")
-    k_r: int = Field(1000, ge=1, description="R_d = NDCG@k_r of the target")
-    advantage: Literal["grpo", "rloo"] = "grpo"
-    eps_low: float = Field(
-        0.2, ge=0, lt=1, description="token ratio clipped below at 1 - eps_low for negative advantages (paper: "
-        "0.2 / 0.28 for eps_low / eps_high); binds only with learner.mini_batches > 1: with one update per rollout "
-        "the ratio is exactly 1")
-    eps_high: float = Field(0.28, ge=0, description="token ratio clipped above at 1 + eps_high for positive "
-                            "advantages; binds only with learner.mini_batches > 1, like eps_low")
-    relabel_topk: int = Field(1, ge=1, description="item term on the top-k chains per group (paper 1, code 2)")
-    kl_coef: float = Field(
-        0.0, ge=0, description="weight of a KL penalty to the reference policy, added to the token term (k3 "
-        "estimator, token mean); the reference is the model with its LoRA adapters disabled (one extra no-grad "
-        "forward per micro-batch, no extra weights), so it needs model.lora.enabled. 0 = off (the paper)")
-    item_negatives: Literal["in_batch", "catalogue"] = Field(
-        "in_batch", description="negatives of the item term: 'in_batch' = the step's other targets, gathered over "
-        "the learner ranks (the paper's and the official code's); 'catalogue' = that in-batch term plus the user "
-        "side's softmax over every cached table row (detached), the user's history masked as in evaluation")
-    refresh_every: int = Field(50, ge=1, description="steps between full item-table re-encodings (every validation "
-                               "re-encodes it too); unused with model.item_table 'frozen', which never re-encodes")
-
-    @model_validator(mode="after")
-    def _topk(self) -> RecPOConfig:
-        if self.relabel_topk > self.group_size:
-            raise ValueError(
-                f"relabel_topk ({self.relabel_topk}) cannot exceed group_size ({self.group_size})"
-            )
-        return self
-
-
-# --------------------------------------------------------------------------------------------------- warm-up
-class WarmupConfig(Section):
-    """A supervised first phase (the paper's "w/o reasoning" objective): the item loss with h read at
-    prompt + answer marker (no chain), advantage 1 for every user. Not in the paper; off by default."""
-
-    steps: int = Field(0, ge=0, description="warm-up optimiser steps before the RecPO steps; 0 = off (paper)")
-    prompts_per_step: int = Field(16, ge=1, description="users per warm-up step")
-    lr: float = Field(1e-4, gt=0, description="learning rate of the warm-up steps (learner.lr applies after)")
-    item_negatives: Literal["in_batch", "catalogue"] = Field(
-        "catalogue", description="as recpo.item_negatives, for the warm-up's item loss")
 
 
 # --------------------------------------------------------------------------------------------------- eval
@@ -379,6 +343,9 @@ class Config(Section):
                 f"recpo.kl_coef ({self.recpo.kl_coef:g}) needs model.lora.enabled: the reference policy is the model "
                 "with its adapters disabled; full fine-tuning would need a frozen copy of the whole model on every "
                 "learner rank, which the learner does not build. Enable LoRA or set recpo.kl_coef to 0")
+        if self.rollout.async_ and self.cluster.colocate:
+            raise ValueError("rollout.async overlaps the rollout with the learner's step, which cluster.colocate runs "
+                             "on the same devices in turns: use one or the other")
         if self.learner.weight_sync == "lora_delta" and (self.cluster.colocate or not self.model.lora.enabled):
             raise ValueError("learner.weight_sync 'lora_delta' sends LoRA adapters to rollout workers over the "
                              "broadcast: it needs model.lora.enabled and no cluster.colocate; use 'full'")

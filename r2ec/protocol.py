@@ -190,6 +190,11 @@ class StepMetrics(RankMetrics):
     item_candidates: float = _metric("mean")  # catalogue rows in the item loss per update
     alarm_h_T_max_diff: float = _metric("max")  # learner vs rollout h_T: weights or numerics disagree
     alarm_logp_abs_diff_mean: float = _metric("max")  # learner vs sampler log-prob per token
+    # pi_old / pi_sampler over the trained tokens (r2ec/algo/off_policy.py): ~1 on-policy, the staleness with
+    # rollout.async; the share the correction truncated (tis) or dropped (icepop); the largest |log ratio|
+    offpolicy_ratio_mean: float = _metric("mean")
+    offpolicy_corrected_frac: float = _metric("mean")
+    offpolicy_log_ratio_abs_max: float = _metric("max")
     time_reward_s: float = _metric("max")
     time_old_logp_s: float = _metric("max")
     time_token_s: float = _metric("max")

@@ -120,6 +120,9 @@ CASES = [
     pytest.param("hf", 2, "learner.zero_stage=2", marks=pytest.mark.ray, id="hf-2ranks"),
     pytest.param("vllm", 1, "learner.zero_stage=2", marks=[pytest.mark.ray, pytest.mark.vllm], id="vllm-1rank"),
     pytest.param("vllm", 2, "learner.zero_stage=3", marks=[pytest.mark.ray, pytest.mark.vllm], id="vllm-2ranks"),
+    # the one-step-off pipeline: step 2's rollout, sampled during step 1, is in the step-1 checkpoint
+    pytest.param("vllm", 1, ("learner.zero_stage=2", "rollout.async=true", "recpo.off_policy=tis"),
+                 marks=[pytest.mark.ray, pytest.mark.vllm], id="vllm-async"),
 ]
 
 
@@ -148,21 +151,46 @@ def test_kill9_then_resume_equals_an_uninterrupted_run(engine, ranks, extra, tin
     assert sorted(ref) == list(range(1, STEPS + 1))
 
     out = tmp_path / "run"
-    killed_at = _kill_after_first_checkpoint(_cmd(tiny_model_dir, out, engine, ranks, extra, resume="none"), out,
+    extras = (extra,) if isinstance(extra, str) else extra
+    overlapped = "rollout.async=true" in extras
+    killed_at = _kill_after_first_checkpoint(_cmd(tiny_model_dir, out, engine, ranks, *extras, resume="none"), out,
                                              tmp_path / "killed.log")
     assert killed_at < STEPS, "the run finished before it could be killed: nothing left to compare"
-    _run(_cmd(tiny_model_dir, out, engine, ranks, extra), tmp_path / "resumed.log")
+    if overlapped:  # the killed run's checkpoint holds the rollout it had sampled for the next step
+        assert (out / "checkpoints" / f"step-{killed_at:08d}" / "ahead.safetensors").is_file()
+    _run(_cmd(tiny_model_dir, out, engine, ranks, *extras), tmp_path / "resumed.log")
     log = (tmp_path / "resumed.log").read_text()
     assert f"resume: {out / 'checkpoints' / f'step-{killed_at:08d}'}" in log
 
     got = _steps(out)
     assert sorted(got) == list(range(1, STEPS + 1))  # every step once: the killed attempt's later steps dropped
     _assert_same_steps(got, ref, range(1, STEPS + 1), tol=1e-6)
-    assert [got[s]["weight_version"] for s in got] == list(range(STEPS))
+    if not overlapped:
+        assert [got[s]["weight_version"] for s in got] == list(range(STEPS))
+    else:  # step 1 samples its own rollout; then each step trains on one sampled a version earlier, while it ran
+        assert [got[s]["weight_version"] for s in got] == [0, *range(STEPS - 1)]
+        assert [got[s]["weight_staleness"] for s in got] == [0, *[1] * (STEPS - 1)]
+        assert all(0 < got[s]["offpolicy_ratio_mean"] < 10 for s in got)
+        _assert_overlap(ref_dir)
     for split in ("valid", "test"):
         a = json.loads((out / f"eval_{split}.json").read_text())
         b = json.loads((ref_dir / f"eval_{split}.json").read_text())
         assert {k: v for k, v in a.items() if "@" in k} == {k: v for k, v in b.items() if "@" in k}
+
+
+def _assert_overlap(run_dir: Path) -> None:
+    """In the timeline of a one-step-off run, each step's rollout (the next step's chains) runs while its learner
+    trains: their spans intersect."""
+    from driver.timeline import load_spans
+
+    spans = load_spans(run_dir)
+    for step in range(1, STEPS):
+        gen = [s for s in spans if s["step"] == step and s["actor"].startswith("rollout") and s["phase"] == "generate"]
+        learn = [s for s in spans if s["step"] == step and s["actor"].startswith("learner")]
+        assert gen and learn, step
+        g0, g1 = min(s["start"] for s in gen), max(s["end"] for s in gen)
+        l0, l1 = min(s["start"] for s in learn), max(s["end"] for s in learn)
+        assert g0 < l1 and l0 < g1, f"step {step}: rollout {g0:.2f}-{g1:.2f} and learner {l0:.2f}-{l1:.2f} do not overlap"
 
 
 @pytest.mark.slow

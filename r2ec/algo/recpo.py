@@ -213,11 +213,12 @@ def token_loss(
     eps_low: float = 0.2,
     eps_high: float = 0.28,
     num_tokens: Normaliser = None,
+    weights: torch.Tensor | None = None,
 ) -> TokenLossOutput:
     """Clipped surrogate on the reasoning tokens, token-mean over the global number of trained tokens.
 
     per-token loss = -min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A), rho = exp(logp - old_logp);
-    loss = sum(mask * per-token loss) / num_tokens.
+    loss = sum(mask * weights * per-token loss) / num_tokens.
 
     Args:
         logp: (N, T) float, log pi(token) under the current policy (with grad).
@@ -227,6 +228,8 @@ def token_loss(
         eps_low, eps_high: clip range (asymmetric, "clip-higher").
         num_tokens: global number of masked tokens across all shards / micro-batches; default the local
             ``mask.sum()``.  With the global value the per-shard losses sum to the global loss.
+        weights: (N, T) per-token multipliers, treated as constants (an off-policy correction,
+            ``r2ec.algo.off_policy``); default 1.  The normaliser stays ``num_tokens``.
 
     Returns:
         TokenLossOutput(loss, clip_frac), both scalars over the same normaliser.
@@ -242,7 +245,10 @@ def token_loss(
     a = adv.detach().to(logp.dtype).unsqueeze(-1)  # (N, 1)
     unclipped = ratio * a
     clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * a
-    per_token = torch.where(keep, -torch.minimum(unclipped, clipped), zero)
+    per_token = -torch.minimum(unclipped, clipped)
+    if weights is not None:
+        per_token = per_token * weights.detach().to(per_token.dtype)
+    per_token = torch.where(keep, per_token, zero)
     denom = _resolve_normaliser(keep.sum(), num_tokens)
     loss = per_token.sum() / denom
     # Clipped branch active <=> it is strictly the smaller one <=> this token's gradient is zero.
