@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RunClock, report  # noqa: E402
 
-PINNED = ["rollout.vllm.cpu_threads_bind=0", "cluster.learner.omp_threads=1", "cluster.rollout.cpus_per_worker=1",
+PINNED = ["rollout.vllm.cpu_threads_bind='0'", "cluster.learner.omp_threads=1", "cluster.rollout.cpus_per_worker=1",
           "cluster.learner.cpus_per_worker=1"]
 
 
@@ -66,12 +66,12 @@ def run(cfg, data, table: torch.Tensor, steps: int, log) -> dict[str, list[dict]
             log(f"  sync step {version}: {out['sync'][-1]['step_s']:.2f}s")
         inputs = draw()
         rollout = system.generate(inputs[0], G, seed=rollout_seed(cfg.run.seed, version + 1), weight_version=version)
-        for i in range(steps):
+        for _ in range(steps):
             version += 1
-            nxt = draw() if i < steps - 1 else None
+            nxt = draw()  # the last step samples one more rollout too: every measured step overlaps the same work
             t = time.perf_counter()
-            rollout_next, results, timings = overlapped_step(system, cfg, rollout, inputs, updates,
-                                                             nxt[0] if nxt else None, version, spans)
+            rollout_next, results, timings = overlapped_step(system, cfg, rollout, inputs, updates, nxt[0], version,
+                                                             spans)
             out["async"].append(_row(time.perf_counter() - t, rollout, results, timings))
             log(f"  async step {version}: {out['async'][-1]['step_s']:.2f}s (staleness "
                 f"{version - 1 - rollout.weight_version}, ratio {out['async'][-1]['offpolicy_ratio_mean']:.4f})")
