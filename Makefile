@@ -55,7 +55,7 @@ $(VENV)/.bench: $(VENV)/.rollout-cpu
 	touch $@
 
 # The performance suite (docs/performance.md): each script prints a table and writes bench/results/<name>.json.
-# Each script is sized to finish within its share of 30 minutes on an idle 2-core CPU machine; keep it idle.
+# About 40 minutes on an idle 2-core CPU machine (docs/performance.md: the estimate); keep it idle.
 bench: $(VENV)/.bench assets
 	$(PY) bench/rollout_throughput.py
 	$(PY) bench/rec_head_scoring.py
@@ -66,6 +66,7 @@ bench: $(VENV)/.bench assets
 	$(PY) bench/item_encoding.py
 	$(PY) bench/chain_logits.py
 	$(PY) bench/packing.py
+	$(PY) bench/async_pipeline.py
 
 # The quality study on MovieLens-100k (docs/results.md): every method as its own resumable step (study/run.py keeps each
 # finished method's small result under study/results/ and skips it on a re-run), then the tables and the curves.

@@ -30,7 +30,8 @@ engine) + the item-table write-back, timed as ``train`` times ``time_step_s``. R
 
 What differs, plainly:
 - Not the same work per step. Ours also computes RecPO's item term (a forward/backward of the step's target item
-  prompts) and broadcasts the merged weights to a separate rollout engine each step; TRL has no item term (its
+  prompts) and sends the weights to a separate rollout engine each step (the quickstart's LoRA-delta sync: the
+  adapters, merged there); it packs each group's prompt once (``learner.pack_prompts``); TRL has no item term (its
   reward uses the fixed table) and generates with the training model in-process. TRL's reward pass (one no-grad
   forward over prompt + completion, nothing reused from generation) is the counterpart of our rollout's h_T pass
   (with vLLM, a 1-token prefill served from the prefix cache; with the HF engine, one forward that also gives the

@@ -131,6 +131,31 @@ def test_rollout_worker_killed_mid_run_is_replaced_and_the_run_is_unchanged(
     assert test_got["ndcg@10"] == pytest.approx(test_ref["ndcg@10"], abs=1e-9)
 
 
+@pytest.mark.ray
+def test_rollout_worker_killed_during_the_overlapped_rollout_is_replaced(
+        tiny_model_dir, data_dir, tmp_path, fresh_names, monkeypatch):
+    """rollout.async: rollout-0 dies while it samples step 2's chains during step 1's learner update. It is replaced
+    as in the synchronous loop; the replacement was brought to the weights while the learner changed them, so that
+    rollout is discarded and step 2's is sampled again after the sync (on-policy). No step is lost or repeated."""
+    from driver.loop import train
+
+    overrides = ("cluster.rollout.num_workers=2", "cluster.learner.num_workers=1", "cluster.rollout.max_restarts=2",
+                 "rollout.async=true", "recpo.off_policy=tis")
+    killed: list = []
+    _kill_at("generate", 2, "rollout-0", monkeypatch, killed)  # call 1: step 1's own rollout; call 2: step 2's
+    faults: list[str] = []
+    out = tmp_path / "faulty"
+    result = train(fault_cfg(tiny_model_dir, data_dir, out, *overrides),
+                   log=lambda m: (faults.append(m) if m.startswith("fault:") else None, print(m)))
+    assert [a for a, _ in killed] == ["rollout-0"] and result["steps"] == 3
+    got = _step_records(out)
+    assert [r["step"] for r in got] == [1, 2, 3]
+    assert [r["ahead_discarded"] for r in got] == [1.0, 0.0, 0.0]
+    assert [r["weight_staleness"] for r in got] == [0.0, 0.0, 1.0]  # step 2 resampled with step 1's weights
+    assert [r["weight_version"] for r in got] == [0, 1, 1]
+    assert any("rollout worker 0 died during generate" in m for m in faults), faults
+
+
 def _await_dead(name: str) -> None:
     import ray
 
