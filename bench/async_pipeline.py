@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RunClock, report  # noqa: E402
+from bench.common import RunClock, report, system_inputs  # noqa: E402
 
 PINNED = ["rollout.vllm.cpu_threads_bind='0'", "cluster.learner.omp_threads=1", "cluster.rollout.cpus_per_worker=1",
           "cluster.learner.cpus_per_worker=1"]
@@ -96,14 +96,7 @@ def main() -> None:
     p.add_argument("--out-dir", default=None, help="where the JSON goes (default bench/results)")
     args = p.parse_args()
 
-    from transformers import AutoTokenizer
-
-    from r2ec.assets import cache_root, resolve
     from r2ec.config import load_config
-    from r2ec.data.prepare import prepare_from_config
-    from r2ec.evaluate import zero_shot_item_table
-    from r2ec.model import DualHeadModel
-    from r2ec.prompts import PromptBuilder, item_prompt_ids
 
     logging.getLogger("ray").setLevel(logging.WARNING)
     overrides = ["run.checkpoint_every=null", "run.output_dir=outputs/bench/async_pipeline", "recpo.off_policy=tis",
@@ -112,18 +105,9 @@ def main() -> None:
         overrides += ["rollout.sampling.max_new_tokens=8"]
         args.steps = 2
     cfg = load_config(args.config, overrides)
-    prepared = prepare_from_config(cfg.data, log=print)
-    tokenizer = AutoTokenizer.from_pretrained(resolve(cfg.model.name_or_path))
-    builder = PromptBuilder.from_config(cfg.data.prompt, cfg.model.answer_marker)
-    item_prompts = item_prompt_ids(builder, tokenizer, prepared.items)
-    plain = cfg.model.model_copy(update={"lora": cfg.model.lora.model_copy(update={"enabled": False})})
-    model = DualHeadModel.from_config(plain, "cpu")
-    table = zero_shot_item_table(model, plain, item_prompts, cfg.eval.item_batch_size,
-                                 cache_root() / "item_tables").cpu()
-    del model
+    data, table = system_inputs(cfg)
     clock = RunClock()
-    per_step = run(cfg, (prepared, builder, tokenizer, list(prepared.items["title"]), item_prompts), table,
-                   args.steps, print)
+    per_step = run(cfg, data, table, args.steps, print)
     rows = []
     for mode, steps in per_step.items():
         measured = steps[1:] or steps

@@ -16,6 +16,10 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 # R2EC_BENCH_RESULTS redirects the JSON (the smoke tests write to a temporary folder, not over the recorded runs).
 RESULTS = Path(os.environ.get("R2EC_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
@@ -169,3 +173,27 @@ def run_with_quick_model(args, run: Callable[[object], None], default_model: str
             args.model = str(build_tiny_model(Path(tmp) / "tiny-model"))
             args.tiny_model = True
         run(args)
+
+
+def system_inputs(cfg) -> tuple[tuple, torch.Tensor]:
+    """What the scripts that drive a real ``System`` need besides it: (prepared data, prompt builder, tokenizer,
+    item titles, item prompts) and the zero-shot item table, encoded once with the HF model and cached on disk
+    (instead of the start-up vLLM encoding ``r2ec train`` does; the untrained LoRA adapter is zero, so the table
+    equals the one training starts from)."""
+    from transformers import AutoTokenizer
+
+    from r2ec.assets import cache_root, resolve
+    from r2ec.data.prepare import prepare_from_config
+    from r2ec.evaluate import zero_shot_item_table
+    from r2ec.model import DualHeadModel
+    from r2ec.prompts import PromptBuilder, item_prompt_ids
+
+    prepared = prepare_from_config(cfg.data, log=print)
+    tokenizer = AutoTokenizer.from_pretrained(resolve(cfg.model.name_or_path))
+    builder = PromptBuilder.from_config(cfg.data.prompt, cfg.model.answer_marker)
+    item_prompts = item_prompt_ids(builder, tokenizer, prepared.items)
+    plain = cfg.model.model_copy(update={"lora": cfg.model.lora.model_copy(update={"enabled": False})})
+    model = DualHeadModel.from_config(plain, "cpu")
+    table = zero_shot_item_table(model, plain, item_prompts, cfg.eval.item_batch_size,
+                                 cache_root() / "item_tables").cpu()
+    return (prepared, builder, tokenizer, list(prepared.items["title"]), item_prompts), table

@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RunClock, report  # noqa: E402
+from bench.common import RunClock, report, system_inputs  # noqa: E402
 
 PHASES = ("generate", "hidden", "reward", "train", "sync", "step")
 
@@ -101,14 +101,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="smoke run: base only, 1 step, 8-token chains")
     args = p.parse_args()
 
-    from transformers import AutoTokenizer
-
-    from r2ec.assets import cache_root, resolve
     from r2ec.config import load_config
-    from r2ec.data.prepare import prepare_from_config
-    from r2ec.evaluate import zero_shot_item_table
-    from r2ec.model import DualHeadModel
-    from r2ec.prompts import PromptBuilder, item_prompt_ids
 
     logging.getLogger("ray").setLevel(logging.WARNING)
     base = ["run.checkpoint_every=null", "run.output_dir=outputs/bench/train_step"]
@@ -126,16 +119,7 @@ def main() -> None:
         p.error(f"unknown variants {unknown}; expected some of {sorted(variants)}")
 
     cfg0 = load_config(args.config, base)
-    prepared = prepare_from_config(cfg0.data, log=print)
-    tokenizer = AutoTokenizer.from_pretrained(resolve(cfg0.model.name_or_path))
-    builder = PromptBuilder.from_config(cfg0.data.prompt, cfg0.model.answer_marker)
-    item_prompts = item_prompt_ids(builder, tokenizer, prepared.items)
-    plain = cfg0.model.model_copy(update={"lora": cfg0.model.lora.model_copy(update={"enabled": False})})
-    model = DualHeadModel.from_config(plain, "cpu")
-    table = zero_shot_item_table(model, plain, item_prompts, cfg0.eval.item_batch_size,
-                                 cache_root() / "item_tables").cpu()
-    del model
-    data = (prepared, builder, tokenizer, list(prepared.items["title"]), item_prompts)
+    data, table = system_inputs(cfg0)
 
     rows, raw = [], {}
     clock = RunClock()
