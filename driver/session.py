@@ -189,6 +189,12 @@ class Session:
             spans += rollout_next.spans
         record = recpo_record(cfg, rollout, results, timings)
         record.update(time_sync_s=record["time_sync_s"] + t_sync, weight_staleness=float(staleness))
+        # the rollout's throughput is the overlapped generate's (the next step's chains); none on the last step
+        overlapped = next_inputs is not None and not timings["ahead_discarded"]
+        record.pop("tokens_per_s_rollout")
+        if overlapped:
+            record["tokens_per_s_rollout"] = (rollout_next.timings.get("generated_tokens", 0.0)
+                                              / max(timings["time_rollout_s"], 1e-9))
         return results, record, spans
 
     def evaluate_split(self, run: RunState, split: str) -> dict:

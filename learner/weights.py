@@ -157,14 +157,15 @@ class WeightExport:
                 yield unit, unit.params()
 
     def _lora_base_checksum(self) -> int:
-        weights = []
+        """``base_checksum`` of the LoRA layers' base weights (rank 0; 0 elsewhere), one gathered layer at a time."""
+        total = 0
         for unit in self.units:
             if unit.lora:
                 base = unit.module.get_base_layer().weight
                 with self._gathered([base]):
-                    weights.append(base.detach().clone() if self.zero3 else base.detach())
-        dtype = weights[0].dtype if weights else torch.float32
-        return base_checksum(weights, dtype) if self.rank == 0 else 0
+                    if self.rank == 0:
+                        total = (total + base_checksum([base.detach()], base.dtype)) % 2**64
+        return total
 
     def delta_plan(self) -> DeltaPlan:
         """What a LoRA-delta sync sends (``r2ec.lora_delta``): names, shapes and dtypes in order, the targets'
