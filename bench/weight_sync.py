@@ -18,15 +18,15 @@ Every case runs side by side: each repetition syncs every case once, in turn. Th
 LoRA-delta sync with the full one (``full_s``, ``full_bytes``, ``lora_delta_s``, ``lora_delta_bytes`` and their
 ratios) on the vLLM receiver where it ran, else on one HF receiver (``pair`` says which).
 
-How: the sender is this process and runs the learner's own export code (``learner.weights.WeightExport``'s
-``metas`` and ``full_weights`` on the model without DeepSpeed, i.e. what ZeRO-0/1/2 rank 0 does; ZeRO-3 adds one
-parameter gather per module, not measured) and ``send`` as ``broadcast_weights`` calls it.
-Receivers are real ``RolloutWorker`` processes (torch.multiprocessing spawn) with the HF engine; the time of a sync
-runs from the start of ``send`` until the last receiver has finished ``receive_weights`` (receive, per-bucket
-checksum, copy into the model's parameters); the receivers' checksums are checked against the sender's. One
-unmeasured sync first, then the median of ``--repeat`` syncs. Optionally (on by default when vLLM is installed, off
-with ``--no-vllm``) a rollout worker with the vLLM engine takes the ``full`` and ``lora-delta`` broadcasts alone (vLLM's in-place
-layer-wise reload, heavier: reported in its own rows; ``lora-merged`` differs from ``full`` only on the sender side).
+How: the sender is this process and runs the learner's own export code (``learner.weights.WeightExport``'s ``metas``
+and ``full_weights`` on the model without DeepSpeed, i.e. what ZeRO-0/1/2 rank 0 does; ZeRO-3 adds one parameter
+gather per module, not measured) and ``send`` as ``broadcast_weights`` calls it. Receivers are real
+``RolloutWorker`` processes (torch.multiprocessing spawn) with the HF engine; the time of a sync runs from the start
+of ``send`` until the last receiver has finished ``receive_weights`` (receive, per-bucket checksum, copy into the
+model's parameters); the receivers' checksums are checked against the sender's. One unmeasured sync first, then the
+median of ``--repeat`` syncs. Optionally (on by default when vLLM is installed, off with ``--no-vllm``) a rollout
+worker with the vLLM engine takes the ``full`` and ``lora-delta`` broadcasts alone (vLLM's in-place layer-wise
+reload, heavier: reported in its own rows; ``lora-merged`` differs from ``full`` only on the sender side).
 
 Baseline (``copy_s``, ``copy_gb_s``): a plain in-memory copy of the same bytes in one process, ``Tensor.copy_`` of
 every exported tensor into preallocated buffers (median of 3 or more); ``sync_over_copy`` = sync seconds / copy
@@ -264,7 +264,7 @@ def run_cases(cases: dict, engine: str, group, receivers: Receivers, which: list
     rows = []
     for case, learner in cases.items():
         metas = _stream(case, learner)[0]
-        nbytes = sum(m.numel * m.torch_dtype.itemsize for m in metas)
+        nbytes = sum(m.nbytes for m in metas)
         med = statistics.median(times[case]["total"])
         rows.append({
             "case": case, "engine": engine, "receivers": len(which), "tensors": len(metas), "gb": nbytes / 1e9,

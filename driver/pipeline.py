@@ -7,9 +7,10 @@ idle while the learner trains and the reverse (docs/performance.md section 9). O
    rollout with v_{k-1}, staleness 0), while the rollout workers sample rollout_{k+1} with v_{k-1}, the weights they
    hold; ``System.generate`` asserts that version, ``check_staleness`` the bound;
 2. once both are done, v_k is broadcast (a sync never overlaps a generate: vLLM's weights change in place);
-3. rollout_{k+1} waits in ``RunState.ahead``, a ``driver.run_state.Ahead`` for step k + 1, and goes into the checkpoint of step k
-   (``driver.run_state.save_ahead``: token ids, behaviour log-probs, h_T, the prompts and their targets), so a run killed after step
-   k and resumed samples nothing twice and trains step k + 1 on the very rollout the uninterrupted run used.
+3. rollout_{k+1} waits for step k + 1 in ``RunState.ahead`` (a ``driver.run_state.Ahead``) and goes into the
+   checkpoint of step k (``driver.run_state.save_ahead``: token ids, behaviour log-probs, h_T, the prompts and their
+   targets), so a run killed after step k and resumed samples nothing twice and trains step k + 1 on the very
+   rollout the uninterrupted run used.
 
 The learner corrects the token term for the staleness with the sampler's log-probs (``recpo.off_policy``,
 r2ec/algo/off_policy.py) and logs the ratio statistics. Every wait keeps its own timeout (the rollout's
@@ -29,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from driver.run_state import rollout_seed
-from driver.steps import make_shards
+from driver.steps import make_shards, timed_sync
 from r2ec.config import Config
 from r2ec.protocol import Rollout
 from r2ec.spans import SpanRecorder
@@ -70,10 +71,7 @@ def overlapped_step(system, cfg: Config, rollout: Rollout, inputs: tuple, update
     discarded = system.rollout_incarnations != before and rollout_next is not None
     if discarded:  # a replacement was synced while the learner was changing the weights: sample again below
         rollout_next = None
-    t = time.perf_counter()
-    system.sync_weights(version=version)
-    t_sync = time.perf_counter() - t
-    spans.mark("sync", t, t + t_sync)
+    t_sync = timed_sync(system, version, spans)
     # time_rollout_s: the overlapped generate (the next step's rollout); time_overlap_wait_s: how long the learner's
     # side then waited for it (0 when the rollout finished first)
     return rollout_next, results, {"time_rollout_s": t_rollout, "time_learner_s": t_learn, "time_sync_s": t_sync,

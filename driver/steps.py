@@ -84,12 +84,19 @@ def rl_step(system, cfg: Config, prompts: list[list[int]], earlier: torch.Tensor
     shards = make_shards(prompts, rollout, earlier, target, len(system.learners), cfg.recpo.group_size, updates)
     results = system.train_step(shards)
     t_learn = time.perf_counter() - t
+    t_sync = timed_sync(system, version, spans)
+    return rollout, results, {"time_rollout_s": t_rollout, "time_learner_s": t_learn, "time_sync_s": t_sync}
+
+
+def timed_sync(system, version: int, spans: SpanRecorder | None = None) -> float:
+    """Broadcast the weights after step ``version`` to the rollout engines at the end of a step; returns the seconds
+    it took, marked as the driver's ``sync`` phase in ``spans``."""
     t = time.perf_counter()
     system.sync_weights(version=version)
     t_sync = time.perf_counter() - t
     if spans is not None:
         spans.mark("sync", t, t + t_sync)
-    return rollout, results, {"time_rollout_s": t_rollout, "time_learner_s": t_learn, "time_sync_s": t_sync}
+    return t_sync
 
 
 def warmup_step(system, prompts: Sequence[Sequence[int]], marker_ids: Sequence[int], earlier: torch.Tensor,

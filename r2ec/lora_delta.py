@@ -64,7 +64,7 @@ class DeltaPlan:
 
     @property
     def nbytes(self) -> int:
-        return sum(m.numel * m.torch_dtype.itemsize for m in self.metas)
+        return sum(m.nbytes for m in self.metas)
 
     @property
     def num_loaded(self) -> int:

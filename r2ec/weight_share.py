@@ -39,7 +39,7 @@ def layout(metas: Sequence[TensorMeta]) -> tuple[list[int], int]:
     for m in metas:
         start = -(-end // ALIGN) * ALIGN
         offsets.append(start)
-        end = start + m.numel * m.torch_dtype.itemsize
+        end = start + m.nbytes
     return offsets, end
 
 
@@ -50,7 +50,7 @@ def views(buf: torch.Tensor, metas: Sequence[TensorMeta]) -> Iterator[tuple[str,
         raise ValueError(f"weight share: expected a flat uint8 buffer of at least {total} bytes, got "
                          f"{buf.dtype} {tuple(buf.shape)}")
     for m, lo in zip(metas, offsets, strict=True):
-        nbytes = m.numel * m.torch_dtype.itemsize
+        nbytes = m.nbytes
         yield m.name, buf[lo: lo + nbytes].view(m.torch_dtype).view(m.shape)
 
 

@@ -55,6 +55,10 @@ class TensorMeta:
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
 
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.torch_dtype.itemsize
+
 
 @dataclass(frozen=True)
 class SyncGroup:
@@ -190,7 +194,7 @@ def plan_buckets(metas: Sequence[TensorMeta], bucket_bytes: int) -> list[list[in
     buckets: list[list[int]] = []
     size = 0
     for i, m in enumerate(metas):
-        nbytes = m.numel * m.torch_dtype.itemsize
+        nbytes = m.nbytes
         if buckets and metas[buckets[-1][0]].dtype == m.dtype and size + nbytes <= bucket_bytes:
             buckets[-1].append(i)
             size += nbytes
