@@ -104,7 +104,7 @@ def _catalogue_ranks(h_user: torch.Tensor, table: torch.Tensor, tau: float, hist
     return target_rank(scores, target) if len(target) else torch.zeros(0, dtype=torch.long)
 
 
-def item_term(encode: Callable[[list[list[int]]], torch.Tensor], item_prompt_ids: list[list[int]],
+def item_term(encode: Callable[[list[list[int]]], torch.Tensor], encode_items: Callable[[list[int]], torch.Tensor],
               table: torch.Tensor, seqs: list[list[int]], target_idx: torch.Tensor, history_idx: torch.Tensor,
               adv: torch.Tensor, num_norm: int, tau: float, negatives: Negatives, rank: int = 0,
               world_size: int = 1, items_frozen: bool = False) -> ItemTermOutput:
@@ -113,7 +113,8 @@ def item_term(encode: Callable[[list[list[int]]], torch.Tensor], item_prompt_ids
     Args:
         encode: the learner's forward, sequences -> (n, d) final hidden states with gradient (one call per side,
             made even when a side is empty, so ZeRO-3 ranks run the same number of forwards).
-        item_prompt_ids: token ids of every catalogue item's prompt.
+        encode_items: the same for catalogue items given by index: item ids (sorted) -> (K, d) encodings of their
+            prompts with gradient (the learner packs them behind the prefix all item prompts share).
         table: (V, d) float32, the cached item table (constants).
         seqs: n user sequences whose state scores the catalogue.
         target_idx: (n,) long, each sequence's target; history_idx: (n, H) long, -1 padded.
@@ -129,7 +130,7 @@ def item_term(encode: Callable[[list[list[int]]], torch.Tensor], item_prompt_ids
     if items_frozen:
         h_items = table[items.to(device)]
     else:
-        h_items = encode([item_prompt_ids[v] for v in items.tolist()]).float()
+        h_items = encode_items(items.tolist()).float()
     target, history, adv = target_idx.to(device), history_idx.to(device), adv.to(device, torch.float32)
 
     all_user = _all_ranks(h_user, rank, world_size)

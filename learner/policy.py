@@ -32,6 +32,8 @@ class PolicyNet(torch.nn.Module):
             return self.dual.chain_forward_packed(*args)
         if kind == "last":  # (seqs,) -> (B, d) final hidden state at each sequence's last token
             return self.dual.last_hidden(*args)
+        if kind == "last_packed":  # (prefixes (R,), tails (R, k_r)) -> (N, d) at each prefix + tail's last token
+            return self.dual.last_hidden_packed(*args)
         if kind == "greedy":  # (prompt_ids, max_new_tokens, synced) -> token ids of each finished chain
             return self._greedy(*args)
         raise ValueError(f"unknown forward kind {kind!r}")

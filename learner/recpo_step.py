@@ -40,7 +40,8 @@ Deviations from the paper / official code (github YRYangang/RRec):
 - With ``learner.pack_prompts`` the token term's forwards (and pi_old's, and the KL reference's) compute each
   group's prompt once, its G chains in one row behind a block attention mask (``chain_forward_packed``,
   r2ec/packing.py): the same log-probs, h_T and gradients within float rounding, P + G x C tokens per group instead
-  of G x (P + C). The item term's forward stays one row per relabelled chain (top-k of G, usually one).
+  of G x (P + C). The item term's user side stays one row per relabelled chain (top-k of G, usually one); its
+  target items run packed behind the prefix all item prompts share (``LearnerWorker._encode_items``).
 - A KL penalty (not in the paper, off by default): with ``recpo.kl_coef > 0`` the token term also gets
   kl_coef x k3(pi_ref, pi_theta) on the sampled tokens, pi_ref being the model with its LoRA adapters disabled (the
   weights the run started from, no copy): one extra no-grad forward per micro-batch. LoRA only (the config refuses
@@ -48,7 +49,7 @@ Deviations from the paper / official code (github YRYangang/RRec):
 
 ``RecPOStep`` uses the worker's ``engine`` (DeepSpeed), ``dual`` (``DualHeadModel``), ``model_cfg``, ``learner_cfg``,
 ``recpo_cfg``, ``rank``, ``world_size``, ``device``, ``zero3``, ``backward_calls``, its item table (``_items``,
-``table``, ``item_prompt_ids``, ``_encode``) and its collective helpers (``_agree_max``, ``_agree_sum``,
+``table``, ``_encode``, ``_encode_items``) and its collective helpers (``_agree_max``, ``_agree_sum``,
 ``_padding_chain``, ``_grads_snapshot``, ``_optimizer_step``); ``learner/worker.py`` builds them and says which
 calls are collective. Imports no vllm, no ray, no deepspeed.
 """
@@ -241,7 +242,7 @@ class RecPOStep:
         G, rollout, W = self.recpo_cfg.group_size, shard.rollout, self.world_size
         self.engine.set_gradient_accumulation_boundary(True)
         sel = [r for r in rows_all if relabel[r]]
-        term = item_term(self._encode, self.item_prompt_ids, self.table,
+        term = item_term(self._encode, self._encode_items, self.table,
                          [list(shard.prompt_ids[r // G]) + list(rollout.chain_ids[r]) for r in sel],
                          shard.target_idx[[r // G for r in sel]], shard.history_idx[[r // G for r in sel]],
                          adv[sel], num_chains, self.model_cfg.tau, self.recpo_cfg.item_negatives, self.rank, W,

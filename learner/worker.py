@@ -52,6 +52,7 @@ from r2ec.config import LearnerConfig, ModelConfig, RecPOConfig, WarmupConfig
 from r2ec.item_table import ItemTable
 from r2ec.lora_delta import DeltaPlan
 from r2ec.model import DualHeadModel
+from r2ec.packing import PACKED_ROW_TOKENS, shared_prefix, tail_rows
 from r2ec.protocol import StepResult, WarmupMetrics, WarmupShard
 from r2ec.spans import SpanRecorder
 from r2ec.weight_sync import SyncGroup, TensorMeta, bound_store
@@ -114,6 +115,7 @@ class LearnerWorker(RecPOStep, Probes):
         self.export = WeightExport(base, rank, self.zero3, model_cfg.dtype, self._gathered,
                                    lora_delta=learner_cfg.weight_sync == "lora_delta")
         self.item_prompt_ids: list[list[int]] = []
+        self.item_prefix = 0  # set_items: the item prompts' shared prefix length (0: not packed)
         self.items: ItemTable | None = None  # this rank's copy of the item table (r2ec/item_table.py)
         self.spans = SpanRecorder(f"learner-{rank}")  # this rank's phases per step, for the timeline
 
@@ -175,6 +177,8 @@ class LearnerWorker(RecPOStep, Probes):
         if table.dim() != 2 or table.shape[1] != self.hidden_size:
             raise ValueError(f"item table must be (V, {self.hidden_size}), got {tuple(table.shape)}")
         self.item_prompt_ids = [list(p) for p in item_prompt_ids]
+        # the tokens every item prompt shares (chat template + instruction), computed once per packed row
+        self.item_prefix = shared_prefix(self.item_prompt_ids) if self.learner_cfg.pack_prompts else 0
         self.items = ItemTable(table.detach().to(self.device, torch.float32).clone())
 
     def _items(self) -> ItemTable:
@@ -198,6 +202,19 @@ class LearnerWorker(RecPOStep, Probes):
             return self.engine("last", [[self.dual.pad_id]])[:0]
         return self.engine("last", [list(s) for s in seqs])
 
+    def _encode_items(self, items: list[int]) -> torch.Tensor:
+        """Items' encodings with gradient, by item index. With ``learner.pack_prompts`` the item prompts' shared
+        prefix is computed once per packed row and every target's own tokens attend to it (r2ec/packing.py):
+        the same encodings and gradients within float rounding, prefix + the targets' own tokens instead of
+        K x (prefix + own). One forward either way (ZeRO-3 ranks stay in step)."""
+        P = self.item_prefix
+        if not items or P == 0:
+            return self._encode([self.item_prompt_ids[v] for v in items])
+        tails = [self.item_prompt_ids[v][P:] for v in items]
+        rows = tail_rows(P, [len(t) for t in tails], PACKED_ROW_TOKENS)
+        prefix = self.item_prompt_ids[items[0]][:P]
+        return self.engine("last_packed", [prefix] * len(rows), [[tails[i] for i in row] for row in rows])
+
     # ------------------------------------------------------------------------------------------ training
     def warmup_step(self, shard: WarmupShard) -> StepResult:
         """One warm-up optimiser step (the paper's "w/o reasoning" objective): the item term with h read at
@@ -215,7 +232,7 @@ class LearnerWorker(RecPOStep, Probes):
         self.engine.train()
         self.engine.set_gradient_accumulation_boundary(True)
         U = len(shard.seqs)
-        term = item_term(self._encode, self.item_prompt_ids, self.table, shard.seqs, shard.target_idx,
+        term = item_term(self._encode, self._encode_items, self.table, shard.seqs, shard.target_idx,
                          shard.history_idx, torch.ones(U), shard.num_users, self.model_cfg.tau,
                          self.warmup_cfg.item_negatives, self.rank, self.world_size,
                          items_frozen=self.model_cfg.item_table == "frozen")

@@ -218,16 +218,7 @@ class DualHeadModel:
         with each prompt once (r2ec/packing.py): one row [prompt, chain_1, ..., chain_G] per group behind a block
         attention mask. Returns what ``chain_forward`` returns for the flattened chains (group by group), on its
         (N, L-1) grid of prompt + chain: logp, mask, h_T."""
-        from r2ec.packing import pack_groups
-
-        window = self._sliding_window()
-        longest = max(len(p) + len(c) for p, g in zip(prompt_ids, chains, strict=True) for c in g)
-        if window is not None and longest > window:
-            # the block mask stands in for every layer's mask, so a binding sliding window would be lost
-            raise ValueError(f"packed chains need prompt + chain <= the model's sliding window ({window} tokens), "
-                             f"got {longest}: set learner.pack_prompts false")
-        rows = pack_groups(prompt_ids, chains, self.pad_id, padding_side, self.device)
-        h = self.hidden_states(rows.input_ids, rows.attention_bias(self.model.dtype), rows.position_ids)
+        rows, h = self._packed_hidden(prompt_ids, chains, padding_side)
         h_T = h[rows.last]
         flat_prompts = [p for p, g in zip(prompt_ids, chains, strict=True) for _ in g]
         flat_chains = [c for g in chains for c in g]
@@ -237,6 +228,28 @@ class DualHeadModel:
         logp = torch.zeros(mask.shape, dtype=chain_logp.dtype, device=h.device).masked_scatter(mask.bool(),
                                                                                                  chain_logp)
         return logp, mask, h_T
+
+    def last_hidden_packed(self, prefixes: Sequence[Sequence[int]], tails: Sequence[Sequence[Sequence[int]]],
+                           padding_side: str = "right") -> torch.Tensor:
+        """``last_hidden`` of every prefixes[g] + tails[g][j], each prefix computed once (one packed row per g):
+        (N, d) in the flattened order. The learner's item re-encoding packs the step's targets behind the prefix
+        every item prompt shares (r2ec/packing.py ``shared_prefix``)."""
+        rows, h = self._packed_hidden(prefixes, tails, padding_side)
+        return h[rows.last]
+
+    def _packed_hidden(self, prompt_ids: Sequence[Sequence[int]], chains: Sequence[Sequence[Sequence[int]]],
+                       padding_side: str):
+        """The packed rows of the groups and their final hidden states (R, L, d)."""
+        from r2ec.packing import pack_groups
+
+        window = self._sliding_window()
+        longest = max(len(p) + len(c) for p, g in zip(prompt_ids, chains, strict=True) for c in g)
+        if window is not None and longest > window:
+            # the block mask stands in for every layer's mask, so a binding sliding window would be lost
+            raise ValueError(f"packed sequences need prefix + rest <= the model's sliding window ({window} tokens), "
+                             f"got {longest}: set learner.pack_prompts false")
+        rows = pack_groups(prompt_ids, chains, self.pad_id, padding_side, self.device)
+        return rows, self.hidden_states(rows.input_ids, rows.attention_bias(self.model.dtype), rows.position_ids)
 
     def _sliding_window(self) -> int | None:
         """The window of the model's sliding-window attention layers (Gemma-2's every other layer), else None."""

@@ -54,6 +54,19 @@ def test_packing_quick(tmp_path):
 
 
 @pytest.mark.slow
+def test_item_encoding_quick(tmp_path):
+    record = _run("item_encoding.py", tmp_path)
+    rows = record["rows"]
+    assert [(r["part"], r["packed"]) for r in rows] == [("learner", False), ("learner", True)]
+    assert record["shared_prefix_tokens"] == 20 and record["peak_gflops"]["1"] > 0
+    unpacked, packed = rows
+    # the packed step computes the shared prefix once per row; both give the same encodings and gradients
+    assert packed["forward_tokens"] < unpacked["forward_tokens"]
+    assert packed["max_abs_diff"] < 1e-4 and packed["grad_max_rel_diff"] < 1e-3
+    assert 0 < packed["of_bound"] and packed["bound_items_per_s"] > 0
+
+
+@pytest.mark.slow
 def test_gpu_check_cpu_dry_run(tmp_path):
     """bench/gpu_check.py --device cpu --quick: every phase passes (the learner resumes exactly, the alarms stay at
     float32 levels, the perf phase measures something)."""

@@ -38,7 +38,7 @@ def _inputs():
 def test_frozen_items_score_users_against_the_table_rows_as_constants(negatives):
     enc = ToyEncoder()
     item_prompts, table, seqs, target, history, adv = _inputs()
-    out = item_term(enc, item_prompts, table, seqs, target, history, adv, 3, TAU, negatives, items_frozen=True)
+    out = item_term(enc, lambda ids: enc([item_prompts[v] for v in ids]), table, seqs, target, history, adv, 3, TAU, negatives, items_frozen=True)
 
     assert enc.calls == [3]  # the users only: no item prompt is encoded
     assert len(out.items) == 0 and out.h_items.shape == (0, D)  # nothing to write back into the table
@@ -59,7 +59,7 @@ def test_frozen_items_score_users_against_the_table_rows_as_constants(negatives)
 def test_trained_items_encode_the_targets_with_gradient_and_write_them_back():
     enc = ToyEncoder()
     item_prompts, table, seqs, target, history, adv = _inputs()
-    out = item_term(enc, item_prompts, table, seqs, target, history, adv, 3, TAU, "in_batch")
+    out = item_term(enc, lambda ids: enc([item_prompts[v] for v in ids]), table, seqs, target, history, adv, 3, TAU, "in_batch")
 
     assert enc.calls == [3, 2]  # users, then the two distinct targets
     assert out.items.tolist() == [3, 7]

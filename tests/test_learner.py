@@ -2,7 +2,8 @@
 
 What is checked, against values computed independently in the test process with ``DualHeadModel``:
 - a train_step under ZeRO-2 and ZeRO-3 changes the parameters and returns finite metrics (with the default
-  ``learner.pack_prompts``, against an unpacked reference: packing is exact);
+  ``learner.pack_prompts``, against an unpacked reference: packing is exact, the groups' prompts and the item
+  prompts' shared prefix alike);
 - sharded equals global: 2 ranks with half the users each take the same update as 1 rank with all users (ZeRO-2
   and ZeRO-3), and the reported gradient norm equals a plain-PyTorch reference of the RecPO loss;
 - rewards from the learner's recomputed h_T equal the rollout's when the rollout used the same weights;
@@ -33,6 +34,7 @@ from r2ec.protocol import Rollout, TrainShard
 
 G = 4
 USERS = 4
+ITEM_PREFIX = [11, 12, 13]  # packed once per row by the learner's item re-encoding (learner.pack_prompts)
 TAU = 0.5
 TARGETS = [5, 9, 9, 7]  # users 0,1 -> rank 0 and 2,3 -> rank 1: candidates {5, 9} and {7, 9}, the step's {5, 7, 9}
 TIMEOUT_S = 420  # the first DeepSpeed init on a machine compiles a shm op (~1 min on 2 cores)
@@ -61,7 +63,7 @@ def _make_step(dual, seed: int = 0) -> dict[str, Any]:
     def ids(lo: int, hi: int) -> list[int]:
         return torch.randint(10, 400, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
 
-    items = [ids(4, 10) for _ in range(24)]
+    items = [ITEM_PREFIX + ids(1, 7) for _ in range(24)]  # a shared prefix, as real item prompts have
     prompts = [ids(6, 11) for _ in range(USERS)]
     chains = [ids(2, 8) for _ in range(USERS * G)]
     appended = torch.zeros(USERS * G, dtype=torch.bool)

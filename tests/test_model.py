@@ -287,3 +287,46 @@ def test_pack_groups_refuses_malformed_groups():
         pack_groups([[1, 2]], [[[3]], [[4]]], pad_id=0)
     with pytest.raises(ValueError, match="non-empty"):
         pack_groups([[1, 2]], [[[3], []]], pad_id=0)
+
+
+# ---------------------------------------------------------------------------------------------- packed item prefix
+def test_shared_prefix_and_tail_rows_hand_values():
+    from r2ec.packing import shared_prefix, tail_rows
+
+    assert shared_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3, 9, 9]]) == 2
+    assert shared_prefix([[1, 2, 3], [1, 2, 3, 4]]) == 2  # the shorter one keeps its last token as its tail
+    assert shared_prefix([[1, 2], [3, 4]]) == 0
+    assert shared_prefix([[1, 2, 3]]) == 0  # one sequence: nothing is shared
+    assert tail_rows(4, [3, 3, 3, 9, 1], max_row_tokens=10) == [[0, 1], [2], [3], [4]]
+    assert tail_rows(0, [1, 1, 1], max_row_tokens=100) == [[0, 1, 2]]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_packed_item_prefix_equals_unpacked_encodings_and_gradients(tiny_model_dir, side):
+    """The learner's item re-encoding packed behind the prompts' shared prefix (two rows of unequal length, so one
+    is padded) gives the unpacked encodings and parameter gradients: the prefix's gradient is the sum over items."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from r2ec.model import DualHeadModel
+    from r2ec.packing import shared_prefix, tail_rows
+
+    dual = DualHeadModel(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                         AutoTokenizer.from_pretrained(tiny_model_dir))
+    items = [[5, 6, 7, 8, 30 + v] + [40 + v] * (v % 3) for v in range(7)]
+    P = shared_prefix(items)
+    assert P == 4
+    tails = [s[P:] for s in items]
+    rows = tail_rows(P, [len(t) for t in tails], max_row_tokens=14)
+    assert len(rows) == 2
+    out = []
+    for packed in (False, True):
+        dual.model.zero_grad()
+        h = (dual.last_hidden_packed([items[0][:P]] * len(rows), [[tails[i] for i in r] for r in rows], side)
+             if packed else dual.last_hidden(items))
+        (h * torch.arange(h.shape[1])).mean().backward()
+        out.append((h.detach(), {n: p.grad.clone() for n, p in dual.model.named_parameters() if p.grad is not None}))
+    (h, grads), (h_p, grads_p) = out
+    torch.testing.assert_close(h_p, h, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == grads_p.keys() and len(grads) > 5
+    for name in grads:
+        torch.testing.assert_close(grads_p[name], grads[name], atol=1e-5, rtol=1e-4, msg=name)
