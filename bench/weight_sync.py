@@ -224,6 +224,37 @@ def checksum_seconds(learner, bucket_bytes: int) -> float:
     return total
 
 
+def delta_floor(learner, model_path: str, repeat: int, full_s: float | None) -> dict:
+    """What a LoRA-delta sync into a CPU vLLM engine costs without any transport: the receiver's merge
+    (``DeltaApplier.merged`` over the learner's own delta stream, W0 already read) and, where vLLM is installed,
+    the oneDNN packing its CPU linear layers redo for every merged weight (``create_onednn_mm``, what vLLM's
+    layer-wise reload runs after loading a layer; vLLM also concatenates q, k, v and gate, up first, not counted).
+    Both in this process on ``--threads`` threads, medians; ``floor_over_full_s`` divides their sum by the full
+    sync's seconds on the vLLM receiver."""
+    from r2ec.assets import resolve
+    from r2ec.lora_delta import DeltaApplier
+
+    applier, plan = DeltaApplier(resolve(model_path)), learner.delta_plan()
+    merged: list[torch.Tensor] = []
+
+    def merge() -> None:
+        merged[:] = [t for _, t in applier.merged(plan, learner.delta_tensors())]
+
+    out = {"merge_s": timeit(merge, repeat=max(repeat, 3), warmup=1), "merged_tensors": len(merged),
+           "merged_bytes": sum(t.numel() * t.element_size() for t in merged)}
+    if importlib.util.find_spec("vllm") is not None:
+        from vllm import _custom_ops as ops
+
+        if getattr(ops, "_supports_onednn", False):
+            weights = [t for t in merged if t.dim() == 2]
+            out["repack_s"] = timeit(lambda: [ops.create_onednn_mm(w.t(), 32) for w in weights],
+                                     repeat=max(repeat, 3), warmup=1)
+    out["floor_s"] = out["merge_s"] + out.get("repack_s", 0.0)
+    if full_s:
+        out["floor_over_full_s"] = out["floor_s"] / full_s
+    return out
+
+
 def _stream(case: str, learner):
     """What one sync of ``case`` sends: (metas, tensors, the delta plan or None)."""
     if case == "lora-delta":
@@ -360,8 +391,12 @@ def run(args: argparse.Namespace) -> None:
                 "hf_receiver_load_s": load_s, "vllm": vllm_note, **clock.fields()}
     notes = ("seconds: start of send -> last receiver done loading in place (median); gb_s per receiver; "
              "copy: Tensor.copy_ of the same bytes in one process; sync_over_copy = seconds / copy_s")
+    pair = delta_vs_full(rows)
+    floor = delta_floor(learners["lora-delta"], args.model, args.repeat, pair.get("full_s"))
+    print(f"LoRA-delta floor without transport: merge {floor['merge_s']:.3f} s + oneDNN repack "
+          f"{floor.get('repack_s', float('nan')):.3f} s", flush=True)
     report(NAME, rows, COLUMNS, out_dir=Path(args.out_dir) if args.out_dir else None,
-           settings=settings, notes=notes, **delta_vs_full(rows))
+           settings=settings, notes=notes, **pair, lora_delta_floor=floor)
 
 
 if __name__ == "__main__":

@@ -93,3 +93,5 @@ def test_weight_sync_quick(tmp_path):
     assert all(r["gb"] > 0 and r["seconds"] > 0 for r in rows)
     assert record["pair"] == "hf, 1 receiver" and 0 < record["lora_delta_bytes"] < record["full_bytes"]
     assert record["full_s"] > 0 and record["lora_delta_s"] > 0
+    floor = record["lora_delta_floor"]  # the receiver's merge (and vLLM's repack) alone, every LoRA target merged
+    assert floor["merge_s"] > 0 and floor["merged_tensors"] > 0 and floor["floor_s"] >= floor["merge_s"]
