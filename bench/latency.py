@@ -57,6 +57,9 @@ if __package__ in (None, ""):  # run as a script (python bench/latency.py): make
 
 from bench.common import RunClock, load_average, report, tree_cpu_seconds  # noqa: E402
 
+# The zero-shot model without adapters; a config's LoRA-delta sync (the quickstart's) needs LoRA, so it goes too.
+PLAIN_MODEL = ["model.lora.enabled=false", "learner.weight_sync=full"]
+
 NAME = "latency"
 
 
@@ -178,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     clock = RunClock()
-    cfg = load_config(args.config, ["model.lora.enabled=false"])
+    cfg = load_config(args.config, PLAIN_MODEL)
     max_new = args.max_new_tokens or cfg.eval.max_new_tokens
     torch.manual_seed(cfg.run.seed)
     prepared = prepare_from_config(cfg.data)

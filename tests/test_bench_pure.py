@@ -11,7 +11,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.common import tree_cpu_seconds  # noqa: E402
-from bench.latency import TitleTrie, generative_text, prefix_fn, summarize  # noqa: E402
+from bench.latency import PLAIN_MODEL, TitleTrie, generative_text, prefix_fn, summarize  # noqa: E402
 from bench.trl_grpo import StepTimer, measured_steps, step_rows  # noqa: E402
 
 EOS = 0
@@ -161,3 +161,14 @@ def test_step_rows_follow_the_training_sampler():
     s = EpochSampler(10, 3)
     assert rows == [s.next(4) for _ in range(3)]
     assert all(len(r) == 4 for r in rows)
+
+
+@pytest.mark.parametrize("config", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*.yaml")))
+def test_latency_overrides_load_every_shipped_config(config, monkeypatch):
+    """bench/latency.py runs the zero-shot model on ``--config``: its overrides must validate on each shipped one
+    (the quickstart's LoRA-delta sync once made them fail)."""
+    from r2ec.config import load_config
+
+    monkeypatch.chdir(ROOT)
+    cfg = load_config(config, PLAIN_MODEL)
+    assert not cfg.model.lora.enabled
