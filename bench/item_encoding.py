@@ -33,7 +33,8 @@ Rows (``part`` vllm): ``block_size``, ``threads_bind``, ``items``, ``seconds``, 
 ``max_abs_diff`` (encodings against the unpacked side's), ``grad_max_rel_diff``. The load average around the run is
 recorded. Needs the offline assets (``r2ec assets``).
 
-    python bench/item_encoding.py                 # 400 items per vLLM engine, 16 targets (~5 min)
+    python bench/item_encoding.py                 # 200 items per vLLM engine, both cores, 16 targets (~2 min)
+    python bench/item_encoding.py --variants default:auto,32:auto,32:0-1   # also one compute thread
     python bench/item_encoding.py --items 0       # the whole catalogue per vLLM engine (~10 min more)
     python bench/item_encoding.py --quick         # smoke run: a tiny random model, the learner table only
 """
@@ -58,9 +59,9 @@ WARMUP_ITEMS = 16
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", default="configs/quickstart.yaml", help="model, data and prompt settings to use")
-    p.add_argument("--items", type=int, default=400, help="items to encode per vLLM engine (0 = the whole catalogue "
+    p.add_argument("--items", type=int, default=200, help="items to encode per vLLM engine (0 = the whole catalogue "
                    f"after the {WARMUP_ITEMS} warm-up items)")
-    p.add_argument("--variants", default="default:auto,32:auto,32:0-1",
+    p.add_argument("--variants", default="default:0-1,32:0-1",
                    help="comma-separated BLOCK:BIND pairs; BLOCK 'default' = vLLM's own; empty: no vLLM rows")
     p.add_argument("--targets", default="16", help="comma-separated targets per learner step")
     p.add_argument("--repeats", type=int, default=5, help="measured learner steps per side and target count")

@@ -12,8 +12,10 @@ Caveats:
 - The item table is random (the quickstart's is frozen: the item term scores against it as constants, so its
   values do not change the learner's work) and the rollout's h_T and log-probs are synthetic: they decide the
   advantages' values, not the work.
-- The item term (the top-1 chain of each group re-encoded with gradient) is the same on both sides: packing only
-  shrinks the token term's forwards, so the step's ratio is above the token term's.
+- The item term's user side (the top-1 chain of each group re-encoded with gradient) is the same on both sides, and
+  with the quickstart's frozen table no target item is re-encoded (with ``model.item_table: trained`` the targets
+  would pack too, section 7 of docs/performance.md; each step resets the table and so the targets' packing):
+  packing shrinks the token term's forwards only, so the step's ratio is above the token term's.
 - One warm-up step per side (the first DeepSpeed step carries one-time costs) is left out of the medians.
 
     python bench/packing.py            # ~2.5 min on 2 idle cores
@@ -101,7 +103,7 @@ def run(args) -> None:
                            master_port=port, device="cpu", seed=0)
     vocab = worker.dual.tokenizer.vocab_size
     batches, items = _tiny_inputs(cfg, steps, vocab) if args.quick else _real_inputs(cfg, steps)
-    worker.set_items(items, torch.nn.functional.normalize(torch.randn(len(items), worker.hidden_size), dim=1))
+    table = torch.nn.functional.normalize(torch.randn(len(items), worker.hidden_size), dim=1)
     chain_len = (4, 8) if args.quick else (40, 64)
     rows = []
     for k, (prompts, history, target) in enumerate(batches):
@@ -109,6 +111,7 @@ def run(args) -> None:
         P, C = sum(len(p) for p in prompts), sum(len(c) for c in shard.rollout.chain_ids)
         for packed in ((False, True) if k % 2 == 0 else (True, False)):  # alternate which side goes first
             worker.learner_cfg = cfg.learner.model_copy(update={"pack_prompts": packed})
+            worker.set_items(items, table)  # the same table on both sides; set_items packs the targets or not
             m = worker.train_step(shard).metrics
             rows.append({"step": k, "warmup": k == 0, "packed": packed, "train_s": m["time_train_s"],
                          "token_s": m["time_token_s"], "item_s": m["time_item_s"], "prompt_tokens": P,

@@ -3,7 +3,7 @@
 What it measures: for each engine (``rollout.vllm_engine.VllmEngine``, CPU build, and ``rollout.hf_engine.HFEngine``)
 serving the same model (SmolLM2-135M-Instruct, float32, by default), the same prompts and the same sampling
 (temperature 1.0, top-k 200, top-p 1, 32 new tokens, stop at the answer marker as the rollout worker does, one
-completion per prompt), at batches of 1, 16 and 64 prompts (n = 1, so batch = prompts = completions):
+completion per prompt), at batches of 1, 16 and 32 prompts (n = 1, so batch = prompts = completions):
 
 - ``gen_s``: one ``Engine.sample`` call over the batch (prefill + decode), and ``tok_s`` = generated tokens /
   ``gen_s``; ``all_tok_s`` counts prompt tokens too. ``vllm_over_hf`` (on the vLLM rows) is vLLM's ``tok_s`` over
@@ -23,7 +23,7 @@ prefix-cache hits across measurements), and each engine does one small unmeasure
 (engine, batch) is measured ``--repeat`` times (default 1) on fresh prompts; the table gives medians. Batching is
 each engine's own: vLLM takes the whole call and schedules it (``max_num_batched_tokens`` 4096 on CPU); the HF engine
 cuts it into ``generate`` / forward calls of ``rollout.batch_size`` prompts (``--hf-batch-size``, default 16, the
-configured default), so HF at batch 64 is four batch-16 calls (``--hf-batch-size 0``: one call of the whole batch,
+configured default), so HF at batch 32 is two batch-16 calls (``--hf-batch-size 0``: one call of the whole batch,
 which on a 2-core machine was slower per token and needs several GB for the float32 logits of ``chain_states``).
 
 Caveats: neither engine's ``sample`` can ignore EOS or the answer marker, so completions may end early: tokens are
@@ -73,7 +73,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--engines", default="hf,vllm", help="comma-separated, measured in this order")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64], help="prompts per call (n = 1)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 32], help="prompts per call (n = 1); docs/performance.md's earlier rows at 64 came from --batches 1 16 64")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=200)
