@@ -73,7 +73,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--engines", default="hf,vllm", help="comma-separated, measured in this order")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 32], help="prompts per call (n = 1); docs/performance.md's earlier rows at 64 came from --batches 1 16 64")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 32],
+                   help="prompts per call (n = 1); the earlier rows at 64 came from --batches 1 16 64")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=200)

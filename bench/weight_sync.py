@@ -241,7 +241,7 @@ def delta_floor(learner, model_path: str, repeat: int, full_s: float | None) -> 
         merged[:] = [t for _, t in applier.merged(plan, learner.delta_tensors())]
 
     out = {"merge_s": timeit(merge, repeat=max(repeat, 3), warmup=1), "merged_tensors": len(merged),
-           "merged_bytes": sum(t.numel() * t.element_size() for t in merged)}
+           "merged_bytes": sum(t.nbytes for t in merged)}
     if importlib.util.find_spec("vllm") is not None:
         from vllm import _custom_ops as ops
 
