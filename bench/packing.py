@@ -1,24 +1,32 @@
-"""Shared-prompt packing in the learner: the time of a RecPO learner step with and without ``learner.pack_prompts``.
+"""Shared-prompt packing in the learner: the time of a RecPO learner step with and without ``learner.pack_prompts``
+and ``learner.fuse_item_term``.
 
 One DeepSpeed learner rank (world size 1) is built in this process from ``configs/quickstart.yaml`` (SmolLM2-135M
 fp32, LoRA r=4, ZeRO-2, G=4, 4 prompts per step, micro_batch_size 4) and fed real MovieLens-100k user prompts with
 synthetic chains: random ordinary token ids, 40 to 63 of them, then the answer marker (the quickstart samples at
 most 64 tokens; only the lengths matter to the learner's work, not which tokens). Each measured step trains
-on a fresh batch of users; the packed and the unpacked step alternate on the same worker, so both see the same
-machine load, weights and batches (step k of each side uses batch k). ``time_train_s`` is the learner's own timer
-(token term + item term + optimiser step); rewards, advantages and the weight sync are outside it.
+on a fresh batch of users; the three sides take turns on the same worker (in an order that rotates with the
+step), so all see the same machine load, weights and batches (step k of each side uses batch k). ``time_train_s``
+is the learner's own timer (token term + item term + optimiser step); rewards, advantages and the weight sync are
+outside it. The sides:
+
+- ``unpacked``: neither (G x (P + C) token-term tokens per group, plus the relabelled chain's P + C re-encoded for
+  the item term): the computation before either existed;
+- ``unpacked_fused``: the item term from the token term's h_T, every chain still in a row of its own;
+- ``packed``: both, the default: each group's prompt computed once in the whole step (P + G x C).
+
+``ratio`` = packed / unpacked (what sharing the prompt saves in all); ``packing_ratio`` = packed / unpacked_fused
+(packing alone, the fusion on both sides).
 
 Caveats:
 - The item table is random (the quickstart's is frozen: the item term scores against it as constants, so its
   values do not change the learner's work) and the rollout's h_T and log-probs are synthetic: they decide the
   advantages' values, not the work.
-- The item term's user side (the top-1 chain of each group re-encoded with gradient) is the same on both sides, and
-  with the quickstart's frozen table no target item is re-encoded (with ``model.item_table: trained`` the targets
-  would pack too, section 7 of docs/performance.md; each step resets the table and so the targets' packing):
-  packing shrinks the token term's forwards only, so the step's ratio is above the token term's.
+- With the quickstart's frozen table no target item is re-encoded (with ``model.item_table: trained`` the targets
+  would pack too, section 7 of docs/performance.md; each step resets the table and so the targets' packing).
 - One warm-up step per side (the first DeepSpeed step carries one-time costs) is left out of the medians.
 
-    python bench/packing.py            # ~2.5 min on 2 idle cores
+    python bench/packing.py            # ~3.5 min on 2 idle cores
     python bench/packing.py --quick    # smoke run: a tiny random model, synthetic prompts, 1 step per side
 """
 
@@ -35,6 +43,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RunClock, report  # noqa: E402
+
+# side -> (learner.pack_prompts, learner.fuse_item_term)
+SIDES = {"unpacked": (False, False), "unpacked_fused": (False, True), "packed": (True, True)}
 
 
 def _real_inputs(cfg, batches: int):
@@ -109,22 +120,26 @@ def run(args) -> None:
     for k, (prompts, history, target) in enumerate(batches):
         shard = _shard(worker, prompts, history, target, G, chain_len, seed=k)
         P, C = sum(len(p) for p in prompts), sum(len(c) for c in shard.rollout.chain_ids)
-        for packed in ((False, True) if k % 2 == 0 else (True, False)):  # alternate which side goes first
-            worker.learner_cfg = cfg.learner.model_copy(update={"pack_prompts": packed})
-            worker.set_items(items, table)  # the same table on both sides; set_items packs the targets or not
+        for i in range(len(SIDES)):  # rotate which side goes first
+            side, (packed, fused) = list(SIDES.items())[(i + k) % len(SIDES)]
+            worker.learner_cfg = cfg.learner.model_copy(update={"pack_prompts": packed, "fuse_item_term": fused})
+            worker.set_items(items, table)  # the same table on every side; set_items packs the targets or not
             m = worker.train_step(shard).metrics
-            rows.append({"step": k, "warmup": k == 0, "packed": packed, "train_s": m["time_train_s"],
-                         "token_s": m["time_token_s"], "item_s": m["time_item_s"], "prompt_tokens": P,
-                         "chain_tokens": C, "forward_tokens": m["tokens_forward_learner"]})
-            print(f"  step {k} packed={packed}: train {m['time_train_s']:.2f} s (token {m['time_token_s']:.2f} s)")
+            rows.append({"step": k, "warmup": k == 0, "side": side, "packed": packed, "fused": fused,
+                         "train_s": m["time_train_s"], "token_s": m["time_token_s"], "item_s": m["time_item_s"],
+                         "prompt_tokens": P, "chain_tokens": C, "forward_tokens": m["tokens_forward_learner"]})
+            print(f"  step {k} {side}: train {m['time_train_s']:.2f} s (token {m['time_token_s']:.2f} s, "
+                  f"item {m['time_item_s']:.2f} s)")
     summary = {}
-    for side, packed in (("unpacked", False), ("packed", True)):
-        measured = [r for r in rows if r["packed"] == packed and not r["warmup"]]
+    for side in SIDES:
+        measured = [r for r in rows if r["side"] == side and not r["warmup"]]
         for key in ("train", "token", "item"):
             summary[f"{side}_{key}_s"] = statistics.median(r[f"{key}_s"] for r in measured)
         summary[f"{side}_forward_tokens"] = statistics.median(r["forward_tokens"] for r in measured)
     summary["ratio"] = summary["packed_train_s"] / summary["unpacked_train_s"]
-    summary["token_ratio"] = summary["packed_token_s"] / summary["unpacked_token_s"]
+    summary["packing_ratio"] = summary["packed_train_s"] / summary["unpacked_fused_train_s"]
+    summary["fusion_ratio"] = summary["unpacked_fused_train_s"] / summary["unpacked_train_s"]
+    summary["token_ratio"] = summary["packed_token_s"] / summary["unpacked_fused_token_s"]
     summary["measured_steps"] = args.steps
     print("\n" + "\n".join(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in summary.items()))
     report("packing", rows, out_dir=args.out_dir, **summary,

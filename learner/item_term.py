@@ -29,6 +29,13 @@ Rank r's backward then yields the global loss's gradient with respect to rank r'
 ranks (DeepSpeed's average times the world size the caller multiplies in) is the global gradient. A target held by
 several ranks is one candidate, taken from the lowest rank (its encodings are identical: same weights, same prompt).
 
+Fused (``learner.fuse_item_term``, the RecPO default): ``gather_candidates`` encodes and gathers the targets before
+the token term; each token micro-batch adds its relabelled chains' share (``user_item_loss``, h_T from its own
+forward, the candidates as constants) and accumulates the gradient with respect to the candidates; after the last,
+``candidates_loss`` sums that gradient over ranks and backpropagates it into this rank's own encodings. Each user's
+term depends on its own state and the candidates only, so this is ``item_term``'s loss and gradient, without the
+user side's second forward.
+
 Deviation from the official code: it gathers the same tensors but keeps duplicated targets as separate candidates,
 and averages the loss over each device's batch; here duplicates are one candidate and the normaliser is global.
 
@@ -160,6 +167,67 @@ def item_term(encode: Callable[[list[list[int]]], torch.Tensor], encode_items: C
     return ItemTermOutput(loss=loss, loss_local=local, items=items.cpu(), h_items=h_items.detach(),
                           h_user=h_user.detach(), rank=target_ranks.cpu(),
                           candidates=len(table) if negatives == "catalogue" else len(uniq))
+
+
+@dataclass
+class Candidates:
+    """The in-batch candidates of one optimiser update, encoded before its token micro-batches, for the fused item
+    term (``learner.fuse_item_term``): each micro-batch adds its relabelled chains' share of the item loss, from the
+    h_T of its own forward, and accumulates the gradient with respect to the candidates in ``grad``;
+    ``candidates_loss`` then sends the sum over ranks into this rank's own encodings."""
+
+    items: torch.Tensor  # (K,) long: this rank's distinct targets, sorted
+    h_items: torch.Tensor  # (K, d) float32: their encodings with graph (the table's rows, constants, when frozen)
+    uniq: torch.Tensor  # (C,) long: the distinct targets over every rank, sorted
+    fresh: torch.Tensor  # (C, d) float32: one encoding per candidate, this rank's first occurrences with graph
+    grad: torch.Tensor  # (C, d) float32: d(this rank's item loss so far) / d fresh
+    frozen: bool  # model.item_table: frozen (no item side: nothing to backpropagate, nothing to write back)
+    loss_local: float = 0.0  # this rank's users' share of the update's item loss so far
+
+
+def gather_candidates(encode_items: Callable[[list[int]], torch.Tensor], table: torch.Tensor,
+                      target_idx: torch.Tensor, rank: int = 0, world_size: int = 1,
+                      items_frozen: bool = False) -> Candidates:
+    """The candidates of ``item_term`` for the relabelled chains' targets ``target_idx`` (n,) on this rank (one
+    ``encode_items`` forward on every rank; collective when ``world_size`` > 1)."""
+    device = table.device
+    items = torch.unique(target_idx)
+    h_items = table[items.to(device)] if items_frozen else encode_items(items.tolist()).float()
+    ids = _all_ranks(items.to(device), rank, world_size)
+    uniq, fresh = _distinct_candidates(ids, _all_ranks(h_items, rank, world_size))
+    return Candidates(items.cpu(), h_items, uniq, fresh, torch.zeros_like(fresh.detach()), items_frozen)
+
+
+def user_item_loss(cand: Candidates, h_user: torch.Tensor, target_idx: torch.Tensor, history_idx: torch.Tensor,
+                   adv: torch.Tensor, table: torch.Tensor, num_norm: int, tau: float,
+                   negatives: Negatives) -> torch.Tensor:
+    """These users' share of ``item_term``'s loss, h_user (n, d) carrying the graph of the forward it came from and
+    the candidates taken as constants; their gradient is added to ``cand.grad`` (a small autograd call through the
+    scores alone, so it is the loss's own gradient whatever scaling the caller's backward applies)."""
+    device = table.device
+    leaf = cand.fresh.detach().requires_grad_(not cand.frozen)
+    target, history = target_idx.to(device), history_idx.to(device)
+    labels = torch.searchsorted(cand.uniq, target)
+    a, rel = adv.to(device, torch.float32), torch.ones(len(target), dtype=torch.bool, device=device)
+    norm = max(num_norm, 1)
+    loss = item_loss(h_user.float(), leaf, labels, a, rel, tau, num_chains=norm)
+    if not cand.frozen:
+        cand.grad += torch.autograd.grad(loss, leaf, retain_graph=True)[0]
+    if negatives == "catalogue":
+        loss = loss + catalogue_item_loss(h_user.float(), table, target, history, a, rel, tau, num_chains=norm)
+    cand.loss_local += float(loss.detach())
+    return loss
+
+
+def candidates_loss(cand: Candidates, world_size: int = 1) -> torch.Tensor | None:
+    """A scalar whose backward sends d(the update's item loss over every rank) / d(candidates) into this rank's own
+    encodings: sum over ranks of ``cand.grad`` (collective when ``world_size`` > 1), dotted with ``fresh``. None when
+    the table is frozen. Sharded equals global: each rank's grad is its users' share, exactly as ``item_term``."""
+    if cand.frozen:
+        return None
+    if world_size > 1:
+        torch.distributed.all_reduce(cand.grad)
+    return (cand.fresh * cand.grad).sum()
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""The module DeepSpeed wraps on a learner rank, and where a chain's tokens sit on its log-prob grid.
+"""The module DeepSpeed wraps on a learner rank, and where a chain's tokens sit on its log-prob grid (and the rollout's).
 
 Imports torch only (the model is handed in).
 """
@@ -48,3 +48,18 @@ def chain_positions(prompt_len: int, chain_len: int) -> slice:
     """Where a chain's tokens sit on chain_forward's (N, L) log-prob grid: position t predicts token t + 1, so chain
     token j of a prompt of length P is at t = P - 1 + j."""
     return slice(prompt_len - 1, prompt_len - 1 + chain_len)
+
+
+def align_chain_tokens(rows: Sequence[int], prompts: Sequence[Sequence[int]], chains: Sequence[Sequence[int]],
+                       shape: tuple[int, ...], logp_mask: torch.Tensor, logp: torch.Tensor,
+                       device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rollout's rows ``rows`` moved onto chain_forward's grid ``shape`` (``chain_positions``): the loss mask
+    (only tokens the rollout sampled are trained) and ``logp``, both (B, L-1) float32 on ``device``; ``logp_mask`` and
+    ``logp`` are (N, L) on the rollout's grid."""
+    mask = torch.zeros(shape, dtype=torch.float32)
+    out = torch.zeros(shape, dtype=torch.float32)
+    for i, (r, p, c) in enumerate(zip(rows, prompts, chains, strict=True)):
+        n, at = len(c), chain_positions(len(p), len(c))
+        mask[i, at] = logp_mask[r, :n].float()
+        out[i, at] = logp[r, :n].float()
+    return mask.to(device), out.to(device)

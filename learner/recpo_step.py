@@ -9,7 +9,7 @@ Each rank receives whole groups of chains (``TrainShard``) and, per RecPO step:
    and the relabel mask (the top-k chains of each group by advantage, the paper's i*);
 3. token term: PPO-style clipped surrogate on the sampled chain tokens, micro-batch by micro-batch;
 4. item term: advantage-weighted softmax of the relabelled chains' h_T against the step's target items, both
-   recomputed WITH gradient (one extra backward), gathered over all ranks; with ``item_negatives: catalogue`` also
+   WITH gradient (h_T from step 3's forwards, or recomputed in an extra backward), gathered over all ranks; with ``item_negatives: catalogue`` also
    against the whole cached table (learner/item_term.py);
 5. one optimiser step (``engine.step()``), with DeepSpeed's ZeRO 0-3.
 With ``learner.mini_batches`` M > 1, steps 3-5 run once per mini-batch of whole groups (M optimiser updates), all
@@ -40,8 +40,14 @@ Deviations from the paper / official code (github YRYangang/RRec):
 - With ``learner.pack_prompts`` the token term's forwards (and pi_old's, and the KL reference's) compute each
   group's prompt once, its G chains in one row behind a block attention mask (``chain_forward_packed``,
   r2ec/packing.py): the same log-probs, h_T and gradients within float rounding, P + G x C tokens per group instead
-  of G x (P + C). The item term's user side stays one row per relabelled chain (top-k of G, usually one); its
-  target items run packed behind the prefix all item prompts share (``LearnerWorker._encode_items``).
+  of G x (P + C). The item term's target items run packed behind the prefix all item prompts share
+  (``LearnerWorker._encode_items``).
+- With ``learner.fuse_item_term`` (default) the item term's user side is not re-encoded: each relabelled chain's
+  h_T comes from the token term's forward of that chain, its item loss joins that micro-batch's backward, and the
+  targets are encoded before the token term, their gradient (summed over ranks) backpropagated once after it
+  (learner/item_term.py, ``gather_candidates``). The same loss and gradients within float rounding (tests); the
+  official code, like ``fuse_item_term: false``, runs the relabelled chains again. One backward then holds both
+  terms, so ``grad_norm_token`` / ``grad_norm_item`` are reported only without it.
 - A KL penalty (not in the paper, off by default): with ``recpo.kl_coef > 0`` the token term also gets
   kl_coef x k3(pi_ref, pi_theta) on the sampled tokens, pi_ref being the model with its LoRA adapters disabled (the
   weights the run started from, no copy): one extra no-grad forward per micro-batch. LoRA only (the config refuses
@@ -62,9 +68,17 @@ from typing import Any
 
 import torch
 
-from learner.item_term import item_term, score_std_mean, table_cosine_mean
+from learner.item_term import (
+    Candidates,
+    candidates_loss,
+    gather_candidates,
+    item_term,
+    score_std_mean,
+    table_cosine_mean,
+    user_item_loss,
+)
 from learner.micro_batches import plan_micro_batches
-from learner.policy import chain_positions
+from learner.policy import align_chain_tokens, chain_positions
 from r2ec.algo.off_policy import off_policy_weights
 from r2ec.algo.recpo import RewardOutput, compute_advantages, fused_reward, kl_penalty, relabel_mask, token_loss
 from r2ec.protocol import StepMetrics, StepResult, TrainShard
@@ -167,40 +181,60 @@ class RecPOStep:
         # Global normalisers of this update: the shard's (one update per step) or summed over ranks.
         num_tokens = shard.num_tokens if single else self._agree_sum(local_tokens)
         num_chains = shard.num_chains if single else self._agree_sum(len(rows_all))
+        sel = [r for r in rows_all if relabel[r]]
+        batches = self._micro_batches(shard, rows_all)
+        n_batches = self._agree_max(len(batches))  # every rank runs as many token-term passes
+        t0 = time.perf_counter()
+        cand = self._candidates(shard, sel) if self.learner_cfg.fuse_item_term else None
+        t_item = time.perf_counter() - t0
+        if cand is not None:
+            self.spans.mark("item", t0, t0 + t_item)
         t0 = time.perf_counter()
         # max(., 1): all chains may be appended markers only: loss 0, not NaN
-        token = self._token_term(shard, rows_all, adv, old_logp, h_T_learner, max(num_tokens, 1))
+        token = self._token_term(shard, (batches, n_batches), adv, old_logp, h_T_learner, max(num_tokens, 1),
+                                 (cand, relabel, num_chains))
         t_token = time.perf_counter() - t0
         self.spans.mark("token", t0, t0 + t_token)
-        token_grads = self._grads_snapshot()
+        token_grads = None if cand is not None else self._grads_snapshot()
         t0 = time.perf_counter()
-        term = self._item_term(shard, rows_all, adv, relabel, num_chains)
-        t_item = time.perf_counter() - t0
-        self.spans.mark("item", t0, t0 + t_item)
+        item = self._item_term(shard, sel, adv, num_chains) if cand is None else self._finish_item_term(cand)
+        t_end = time.perf_counter() - t0
+        t_item += t_end
+        self.spans.mark("item", t0, t0 + t_end)
         t0 = time.perf_counter()
         norms = self._optimizer_step(token_grads)
         t_opt = time.perf_counter() - t0
         self.spans.mark("optimizer", t0, t0 + t_opt)
-        return {**token, "loss_item": term.loss_local, "items": term.items, "candidates": term.candidates,
-                "t_token": t_token, "t_item": t_item, "t_opt": t_opt, **norms}
+        return {**token, **item, "t_token": t_token, "t_item": t_item, "t_opt": t_opt, **norms}
 
-    def _token_term(self, shard: TrainShard, rows_all: list[int], adv: torch.Tensor, old_logp: torch.Tensor | None,
-                    h_T_learner: torch.Tensor, num_tokens: int) -> dict[str, float]:
+    def _token_term(self, shard: TrainShard, plan: tuple[list[list[int]], int], adv: torch.Tensor,
+                    old_logp: torch.Tensor | None,
+                    h_T_learner: torch.Tensor, num_tokens: int,
+                    fused: tuple[Candidates | None, torch.Tensor, int]) -> dict[str, float]:
         """Step 3 of an update: the clipped token loss (plus the KL term) micro-batch by micro-batch, each with its
-        backward. Fills ``h_T_learner`` for these rows when pi_old was not computed beforehand."""
+        backward: ``plan`` = this rank's micro-batches (rows) and the most any rank has (the passes every rank
+        runs). Fills ``h_T_learner`` for these rows when pi_old was not computed beforehand. With candidates
+        (``learner.fuse_item_term``; ``fused`` = candidates, relabel mask, global chain count), each micro-batch's
+        relabelled chains add their item loss from this forward's h_T, and the boundary falls on the last
+        micro-batch when nothing else backpropagates after it (a frozen table)."""
         G, rollout, W = self.recpo_cfg.group_size, shard.rollout, self.world_size
         self.engine.train()
-        batches = self._micro_batches(shard, rows_all)
+        batches, n_batches = plan
         out = {"loss_token": 0.0, "loss_kl": 0.0, "clipped": 0.0, "logp_abs_diff": 0.0, "tokens_forward": 0,
                "op_tokens": 0, "op_ratio_sum": 0.0, "op_corrected": 0, "op_log_ratio_max": 0.0}
         kl_coef, rc = self.recpo_cfg.kl_coef, self.recpo_cfg
-        for k in range(self._agree_max(len(batches))):
-            self.engine.set_gradient_accumulation_boundary(False)
+        cand, relabel, num_chains = fused
+        last = n_batches - 1
+        for k in range(n_batches):
+            self.engine.set_gradient_accumulation_boundary(k == last and cand is not None and cand.frozen)
             if k >= len(batches):  # padding micro-batch: keeps ZeRO's collectives in step with busier ranks
-                logp, _, _ = self.engine("chain", *self._padding_chain())
+                logp, _, h_T = self.engine("chain", *self._padding_chain())
                 if kl_coef > 0:
                     self._ref_logp("chain", self._padding_chain())
-                self.engine.backward(logp.sum() * 0.0, scale_wrt_gas=False)
+                # With fused candidates the real micro-batches backpropagate through h_T too; ZeRO-3 gathers the
+                # parameters in the order autograd reaches them, so every backward must have the same shape.
+                pad = logp.sum() * 0.0 + (h_T.sum() * 0.0 if cand is not None else 0.0)
+                self.engine.backward(pad, scale_wrt_gas=False)
                 continue
             rows = batches[k]
             prompts, chains = [shard.prompt_ids[r // G] for r in rows], [rollout.chain_ids[r] for r in rows]
@@ -208,9 +242,10 @@ class RecPOStep:
             logp, _, h_T = self.engine(kind, *args)
             out["tokens_forward"] += sum(len(p) for p in args[0]) + sum(len(c) for c in chains)  # a prompt per row
             grid = tuple(logp.shape)
-            mask, logp_rollout = self._align_chain_tokens(rows, prompts, chains, grid, rollout.logp_mask, rollout.logp)
-            old = logp.detach() if old_logp is None else self._align_chain_tokens(
-                rows, prompts, chains, grid, rollout.logp_mask, old_logp)[1]
+            mask, logp_rollout = align_chain_tokens(rows, prompts, chains, grid, rollout.logp_mask, rollout.logp,
+                                                    self.device)
+            old = logp.detach() if old_logp is None else align_chain_tokens(
+                rows, prompts, chains, grid, rollout.logp_mask, old_logp, self.device)[1]
             # pi_old (the proximal policy) over the sampler's pi_b: the off-policy weight (rollout.async)
             weights, op = off_policy_weights(old, logp_rollout, mask, rc.off_policy, rc.tis_cap, rc.icepop_low,
                                              rc.icepop_high)
@@ -227,6 +262,12 @@ class RecPOStep:
                 kl = kl_penalty(logp, self._ref_logp(kind, args), mask, num_tokens=num_tokens)
                 loss = loss + kl_coef * kl
                 out["loss_kl"] += float(kl.detach())
+            sel = [i for i, r in enumerate(rows) if relabel[r]]
+            if cand is not None:  # the item term's user side, from this forward's h_T (Step 4)
+                users = torch.tensor([rows[i] // G for i in sel], dtype=torch.long)
+                loss = loss + (user_item_loss(cand, h_T[sel], shard.target_idx[users], shard.history_idx[users],
+                                              adv[[rows[i] for i in sel]], self.table, num_chains,
+                                              self.model_cfg.tau, rc.item_negatives) if sel else h_T.sum() * 0.0)
             if old_logp is None:  # else both come from the pass that computed pi_old
                 out["logp_abs_diff"] += float(((logp.detach().float() - logp_rollout).abs() * mask).sum())
                 h_T_learner[rows] = h_T.detach().float().cpu()
@@ -235,13 +276,31 @@ class RecPOStep:
             self.engine.backward(loss * W, scale_wrt_gas=False)
         return out
 
-    def _item_term(self, shard: TrainShard, rows_all: list[int], adv: torch.Tensor, relabel: torch.Tensor,
-                   num_chains: int):
-        """Step 4 of an update: the relabelled chains' h_T against the step's targets, both with gradient (the
-        update's last backward); the targets' fresh rows go into this rank's table."""
+    def _candidates(self, shard: TrainShard, sel: list[int]) -> Candidates:
+        """Step 4's item side, before the token term (``learner.fuse_item_term``): the relabelled chains' targets
+        encoded with gradient and gathered over ranks."""
+        return gather_candidates(self._encode_items, self.table, shard.target_idx[[r // self.recpo_cfg.group_size
+                                                                                   for r in sel]],
+                                 self.rank, self.world_size, items_frozen=self.model_cfg.item_table == "frozen")
+
+    def _finish_item_term(self, cand: Candidates) -> dict[str, Any]:
+        """Step 4's end with ``learner.fuse_item_term``: the candidates' gradient, summed over ranks, backpropagated
+        into this rank's target encodings (the update's last backward); their fresh rows go into this rank's table.
+        Nothing to do for a frozen table (the last token micro-batch was the boundary)."""
+        loss = candidates_loss(cand, self.world_size)
+        if loss is not None:
+            self.engine.set_gradient_accumulation_boundary(True)
+            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+            self._items().apply(cand.items, cand.h_items.detach())
+        items = cand.items[:0] if cand.frozen else cand.items
+        candidates = len(self.table) if self.recpo_cfg.item_negatives == "catalogue" else len(cand.uniq)
+        return {"loss_item": cand.loss_local, "items": items, "candidates": candidates}
+
+    def _item_term(self, shard: TrainShard, sel: list[int], adv: torch.Tensor, num_chains: int) -> dict[str, Any]:
+        """Step 4 of an update: the relabelled chains ``sel``' h_T against the step's targets, both with gradient
+        (re-encoded: the update's last backward); the targets' fresh rows go into this rank's table."""
         G, rollout, W = self.recpo_cfg.group_size, shard.rollout, self.world_size
         self.engine.set_gradient_accumulation_boundary(True)
-        sel = [r for r in rows_all if relabel[r]]
         term = item_term(self._encode, self._encode_items, self.table,
                          [list(shard.prompt_ids[r // G]) + list(rollout.chain_ids[r]) for r in sel],
                          shard.target_idx[[r // G for r in sel]], shard.history_idx[[r // G for r in sel]],
@@ -249,7 +308,7 @@ class RecPOStep:
                          items_frozen=self.model_cfg.item_table == "frozen")
         self.engine.backward(term.loss * W, scale_wrt_gas=False)
         self._items().apply(term.items, term.h_items)
-        return term
+        return {"loss_item": term.loss_local, "items": term.items, "candidates": term.candidates}
 
     def _step_metrics(self, shard: TrainShard, scored: _Scored, ups: list[dict], h_T_learner: torch.Tensor,
                       old_logp: torch.Tensor | None, table_cos: float, t_reward: float, t_old: float
@@ -354,16 +413,3 @@ class RecPOStep:
             return "chain", ([shard.prompt_ids[r // G] for r in rows], [chains[r] for r in rows])
         groups = [rows[i:i + G] for i in range(0, len(rows), G)]
         return "chain_packed", ([shard.prompt_ids[g[0] // G] for g in groups], [[chains[r] for r in g] for g in groups])
-
-    def _align_chain_tokens(self, rows: list[int], prompts: list[list[int]], chains: list[list[int]],
-                            shape: tuple[int, ...], logp_mask: torch.Tensor, logp: torch.Tensor
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Loss mask and a rollout-grid logp (N, L) on chain_forward's grid (``chain_positions``). Only tokens the
-        rollout sampled are trained."""
-        mask = torch.zeros(shape, dtype=torch.float32)
-        out = torch.zeros(shape, dtype=torch.float32)
-        for i, (r, p, c) in enumerate(zip(rows, prompts, chains, strict=True)):
-            n, at = len(c), chain_positions(len(p), len(c))
-            mask[i, at] = logp_mask[r, :n].float()
-            out[i, at] = logp[r, :n].float()
-        return mask.to(self.device), out.to(self.device)

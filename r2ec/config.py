@@ -214,6 +214,12 @@ class LearnerConfig(Section):
         None, ge=2, description="token budget of a token-term micro-batch: rows (whole groups with pack_prompts, "
         "else chains) are taken in order while rows x the longest row's length stays within it; a row longer than "
         "the budget goes alone. None = micro_batch_size chains per micro-batch")
+    fuse_item_term: bool = Field(
+        True, description="the item term's user side takes each relabelled chain's h_T from the token term's forward "
+        "of that chain (its item loss joins that micro-batch's backward) instead of re-encoding prompt + chain in an "
+        "extra forward and backward; the targets are encoded before the token term and their gradient, summed over "
+        "ranks, is backpropagated once after it. The same loss and gradients within float rounding; False also "
+        "reports grad_norm_token / grad_norm_item (ZeRO-0, one learner rank), which the fused backward cannot split")
     gradient_checkpointing: bool = True
     epochs: int = Field(3, ge=1)
     max_steps: int | None = Field(

@@ -45,9 +45,13 @@ def test_chain_logits_quick(tmp_path):
 @pytest.mark.slow
 def test_packing_quick(tmp_path):
     record = _run("packing.py", tmp_path)
-    assert {"unpacked_train_s", "packed_train_s", "ratio", "measured_steps"} <= set(record)
+    assert {"unpacked_train_s", "unpacked_fused_train_s", "packed_train_s", "ratio", "packing_ratio",
+            "measured_steps"} <= set(record)
     measured = [r for r in record["rows"] if not r["warmup"]]
-    assert sorted(r["packed"] for r in measured) == [False, True] and all(r["train_s"] > 0 for r in measured)
+    assert sorted(r["side"] for r in measured) == ["packed", "unpacked", "unpacked_fused"]
+    assert all(r["train_s"] > 0 for r in measured)
+    assert [(r["packed"], r["fused"]) for r in sorted(measured, key=lambda r: r["side"])] == [
+        (True, True), (False, False), (False, True)]
     # the packed step's forwards hold each prompt once, the unpacked one's G times
     assert all(r["forward_tokens"] == r["prompt_tokens"] + r["chain_tokens"] for r in measured if r["packed"])
     assert all(r["forward_tokens"] == 4 * r["prompt_tokens"] + r["chain_tokens"] for r in measured if not r["packed"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from learner.item_term import item_term
+from learner.item_term import candidates_loss, gather_candidates, item_term, user_item_loss
 from r2ec.algo.recpo import catalogue_item_loss, item_loss
 
 V, D, TAU = 12, 6, 0.1
@@ -66,3 +66,31 @@ def test_trained_items_encode_the_targets_with_gradient_and_write_them_back():
     torch.testing.assert_close(out.h_items, enc([item_prompts[3], item_prompts[7]]).detach())
     out.loss.backward()
     assert enc.emb.weight.grad[[23, 27]].abs().sum() > 0  # the targets' own tokens are trained
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+@pytest.mark.parametrize("negatives", ["in_batch", "catalogue"])
+def test_fused_item_term_in_slices_equals_item_term(frozen, negatives):
+    """``learner.fuse_item_term``: the users' shares, added slice by slice (the token term's micro-batches) and then
+    the candidates' summed gradient backpropagated once, give item_term's loss and gradients."""
+    item_prompts, table, seqs, target, history, adv = _inputs()
+    adv = torch.tensor([0.5, -1.0, 2.0])
+    ref_enc = ToyEncoder()
+    ref = item_term(ref_enc, lambda ids: ref_enc([item_prompts[v] for v in ids]), table, seqs, target, history, adv,
+                    5, TAU, negatives, items_frozen=frozen)
+    ref.loss.backward()
+
+    enc = ToyEncoder()
+    cand = gather_candidates(lambda ids: enc([item_prompts[v] for v in ids]), table, target, items_frozen=frozen)
+    for part in ([0, 1], [2]):  # two micro-batches; each user's h from "its own forward"
+        h_user = enc([seqs[i] for i in part])
+        user_item_loss(cand, h_user, target[part], history[part], adv[part], table, 5, TAU, negatives).backward()
+    rest = candidates_loss(cand)
+    assert (rest is None) == frozen
+    if rest is not None:
+        rest.backward()
+    assert cand.loss_local == pytest.approx(ref.loss_local, rel=1e-6)
+    assert cand.uniq.tolist() == [3, 7] and cand.items.tolist() == [3, 7]
+    torch.testing.assert_close(enc.emb.weight.grad, ref_enc.emb.weight.grad, rtol=1e-5, atol=1e-7)
+    if not frozen:
+        assert enc.emb.weight.grad[[23, 27]].abs().sum() > 0  # the target side is trained through the surrogate

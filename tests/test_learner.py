@@ -3,7 +3,7 @@
 What is checked, against values computed independently in the test process with ``DualHeadModel``:
 - a train_step under ZeRO-2 and ZeRO-3 changes the parameters and returns finite metrics (with the default
   ``learner.pack_prompts``, against an unpacked reference: packing is exact, the groups' prompts and the item
-  prompts' shared prefix alike);
+  prompts' shared prefix alike; with the default ``learner.fuse_item_term``, and re-encoded it is the same step);
 - sharded equals global: 2 ranks with half the users each take the same update as 1 rank with all users (ZeRO-2
   and ZeRO-3), and the reported gradient norm equals a plain-PyTorch reference of the RecPO loss;
 - rewards from the learner's recomputed h_T equal the rollout's when the rollout used the same weights;
@@ -307,6 +307,21 @@ def test_one_rank_step_matches_reference(global_run, step_data):
     # the re-encoded targets come back and match the item encodings of the (pre-step) weights
     assert result.table_updates_idx.tolist() == sorted(set(TARGETS))
     assert torch.allclose(result.table_updates, step["table"][result.table_updates_idx], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_item_term_re_encoded_equals_the_fused_one(tiny_model_dir, step_data, global_run):
+    """learner.fuse_item_term false re-encodes the relabelled chains in a backward of their own: the same step."""
+    step, ref = step_data
+    model, learner, recpo = _configs(str(tiny_model_dir), 2)
+    cfgs = (model, learner.model_copy(update={"fuse_item_term": False}), recpo)
+    run = _run_ranks("step", 1, cfgs, {"step": step, "users": [list(range(USERS))]})[0]
+    m, fused = run["result"].metrics, global_run["result"].metrics
+    assert _max_diff(run["after"], global_run["after"]) < 1e-5
+    for key in ("loss_token", "loss_item", "grad_norm"):
+        assert m[key] == pytest.approx(fused[key], rel=1e-4), key
+    assert torch.equal(run["result"].table_updates_idx, global_run["result"].table_updates_idx)
+    assert torch.allclose(run["result"].table_updates, global_run["result"].table_updates, atol=1e-6)
 
 
 @pytest.mark.slow
