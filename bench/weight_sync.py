@@ -26,14 +26,18 @@ of ``send`` until the last receiver has finished ``receive_weights`` (receive, p
 model's parameters); the receivers' checksums are checked against the sender's. One unmeasured sync first, then the
 median of ``--repeat`` syncs. Optionally (on by default when vLLM is installed, off with ``--no-vllm``) a rollout
 worker with the vLLM engine takes the ``full`` and ``lora-delta`` broadcasts alone (vLLM's in-place layer-wise
-reload, heavier: reported in its own rows; ``lora-merged`` differs from ``full`` only on the sender side).
+reload, heavier: reported in its own rows; ``lora-merged`` differs from ``full`` only on the sender side), once per
+``--vllm-threads-bind`` value (``rollout.vllm.cpu_threads_bind``; default the quickstart's ``all``: every core, two
+OpenMP threads on a 2-core machine, where ``auto`` gives one). The delta's receiver work (merge, vLLM's repack)
+scales with its threads; a full sync is mostly the broadcast.
 
 Baseline (``copy_s``, ``copy_gb_s``): a plain in-memory copy of the same bytes in one process, ``Tensor.copy_`` of
 every exported tensor into preallocated buffers (median of 3 or more); ``sync_over_copy`` = sync seconds / copy
 seconds. ``checksum_s`` is the time of ``r2ec.weight_sync.bits_checksum`` over one sync's buckets, measured alone in
 the sender: the sender and every receiver each pay it once per sync, inside ``send_s`` / ``receive_s``.
 
-Caveats: every process runs with ``--threads`` torch threads (default 1) and all of them share the machine's cores
+Caveats: every process runs with ``--threads`` torch threads (default 1; the vLLM receiver's compute threads follow
+its ``cpu_threads_bind``) and all of them share the machine's cores
 (on a 2-core machine the sender and two receivers oversubscribe the CPU; in a deployment each worker has its own).
 Loopback gloo measures memory copies and the TCP stack, not a network. GB = 1e9 bytes; ``gb_s`` is the bytes one
 receiver gets per second (the sender pushes receivers x that). The load average before and after is recorded.
@@ -63,7 +67,7 @@ from bench.common import RunClock, report, run_with_quick_model, timeit  # noqa:
 
 NAME = "weight_sync"
 DEFAULT_MODEL = "asset://smollm2-135m-instruct"
-COLUMNS = ["case", "engine", "receivers", "tensors", "bytes", "export_s", "checksum_s", "send_s", "receive_s", "seconds",
+COLUMNS = ["case", "engine", "threads_bind", "receivers", "tensors", "bytes", "export_s", "checksum_s", "send_s", "receive_s", "seconds",
            "gb_s", "copy_s", "copy_gb_s", "sync_over_copy"]
 
 
@@ -78,6 +82,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads of every process")
     p.add_argument("--no-vllm", dest="vllm", action="store_false", help="skip the vLLM receiver")
     p.add_argument("--kv-cache-gib", type=int, default=1, help="vLLM receiver: rollout.vllm.cpu_kvcache_space_gib")
+    p.add_argument("--vllm-threads-bind", nargs="+", default=["all"],
+                   help="vLLM receiver: rollout.vllm.cpu_threads_bind, one receiver (and its rows) per value; the\n"
+                        "first gives the headline pair (default: the quickstart's all)")
     p.add_argument("--timeout", type=float, default=600, help="seconds before a stuck sync fails")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: a tiny random model built on the fly (unless --model is given), 1 receiver, "
@@ -96,7 +103,8 @@ def _free_port() -> int:
 
 
 # ------------------------------------------------------------------------------------------------ receiver process
-def _receiver(index: int, engine: str, model_cfg, kv_cache_gib: int, threads: int, commands, results) -> None:
+def _receiver(index: int, engine: str, model_cfg, kv_cache_gib: int, threads: int, threads_bind: str, commands,
+              results) -> None:
     """One rollout worker: load, then serve join / receive / stop commands from the sender."""
     torch.set_num_threads(threads)
     from r2ec.config import RolloutConfig, VllmConfig
@@ -104,7 +112,8 @@ def _receiver(index: int, engine: str, model_cfg, kv_cache_gib: int, threads: in
 
     try:
         t = time.perf_counter()
-        rollout_cfg = RolloutConfig(engine=engine, vllm=VllmConfig(cpu_kvcache_space_gib=kv_cache_gib))
+        rollout_cfg = RolloutConfig(engine=engine, vllm=VllmConfig(cpu_kvcache_space_gib=kv_cache_gib,
+                                                                   cpu_threads_bind=threads_bind))
         worker = RolloutWorker(model_cfg, rollout_cfg, seed=0, device="cpu", worker_index=index)
         results.put(("ready", index, time.perf_counter() - t))
         while True:
@@ -130,13 +139,15 @@ def _receiver(index: int, engine: str, model_cfg, kv_cache_gib: int, threads: in
 class Receivers:
     """Receiver processes and their command queues; ``expect`` waits for their replies (and notices deaths)."""
 
-    def __init__(self, engine: str, count: int, first_index: int, model_cfg, args: argparse.Namespace):
+    def __init__(self, engine: str, count: int, first_index: int, model_cfg, args: argparse.Namespace,
+                 threads_bind: str = "auto"):
         ctx = torch.multiprocessing.get_context("spawn")
         self.results = ctx.Queue()
         self.commands = [ctx.Queue() for _ in range(count)]
         self.indices = list(range(first_index, first_index + count))
         self.procs = [ctx.Process(target=_receiver, daemon=False,  # vLLM starts processes of its own
-                                  args=(i, engine, model_cfg, args.kv_cache_gib, args.threads, q, self.results))
+                                  args=(i, engine, model_cfg, args.kv_cache_gib, args.threads, threads_bind, q,
+                                        self.results))
                       for i, q in zip(self.indices, self.commands, strict=True)]
         self.timeout = args.timeout
         for p in self.procs:
@@ -309,14 +320,19 @@ def run_cases(cases: dict, engine: str, group, receivers: Receivers, which: list
     return rows
 
 
-def delta_vs_full(rows: list[dict]) -> dict:
+def delta_vs_full(rows: list[dict], threads_bind: str | None = None) -> dict:
     """The LoRA-delta sync against the full one, from the same run: the vLLM receiver's rows where it ran (the
-    engine a run uses), else one HF receiver's."""
+    engine a run uses; its first ``--vllm-threads-bind`` unless ``threads_bind`` names another), else one HF
+    receiver's."""
+    vllm_rows = [r for r in rows if r["engine"] == "vllm"]
+    bind = threads_bind or (vllm_rows[0]["threads_bind"] if vllm_rows else None)
     for engine in ("vllm", "hf"):
-        pair = {r["case"]: r for r in rows if r["engine"] == engine and r["receivers"] == 1}
+        pair = {r["case"]: r for r in rows if r["engine"] == engine and r["receivers"] == 1
+                and r.get("threads_bind") in (None, bind)}
         if "full" in pair and "lora-delta" in pair:
             full, delta = pair["full"], pair["lora-delta"]
-            return {"pair": f"{engine}, 1 receiver", "full_s": full["seconds"], "full_bytes": full["bytes"],
+            where = f", cpu_threads_bind {bind}" if engine == "vllm" else ""
+            return {"pair": f"{engine}, 1 receiver{where}", "full_s": full["seconds"], "full_bytes": full["bytes"],
                     "lora_delta_s": delta["seconds"], "lora_delta_bytes": delta["bytes"],
                     "lora_delta_over_full_s": delta["seconds"] / full["seconds"],
                     "lora_delta_over_full_bytes": delta["bytes"] / full["bytes"]}
@@ -372,18 +388,22 @@ def run(args: argparse.Namespace) -> None:
         if importlib.util.find_spec("vllm") is None:  # the receiver imports it, not this process
             vllm_note = "skipped: vLLM is not installed"
         else:
-            t = time.perf_counter()
-            vl = Receivers("vllm", 1, n_hf, base_cfg, args)
-            try:
-                vl.expect("ready", 1)
-                vllm_note = f"vLLM receiver started in {time.perf_counter() - t:.1f} s"
-                group = open_with(vl, vl.indices, args.timeout)
-                # Not lora-merged: its merge is sender-side work, already measured in the HF rows.
-                cases = {case: learners[case] for case in ("full", "lora-delta")}
-                rows += run_cases(cases, "vllm", group, vl, vl.indices, args, version, copy_s, checksum_s)
-                close_group(group)
-            finally:
-                vl.stop()
+            notes = []
+            for i, bind in enumerate(args.vllm_threads_bind):  # one receiver at a time, each bind its own rows
+                t = time.perf_counter()
+                vl = Receivers("vllm", 1, n_hf + i, base_cfg, args, threads_bind=bind)
+                try:
+                    vl.expect("ready", 1)
+                    notes.append(f"vLLM receiver (cpu_threads_bind {bind}) started in {time.perf_counter() - t:.1f} s")
+                    group = open_with(vl, vl.indices, args.timeout)
+                    # Not lora-merged: its merge is sender-side work, already measured in the HF rows.
+                    cases = {case: learners[case] for case in ("full", "lora-delta")}
+                    got = run_cases(cases, "vllm", group, vl, vl.indices, args, version, copy_s, checksum_s)
+                    rows += [{**r, "threads_bind": bind} for r in got]
+                    close_group(group)
+                finally:
+                    vl.stop()
+            vllm_note = "; ".join(notes)
     model = "tiny random model (r2ec.testing.build_tiny_model)" if getattr(args, "tiny_model", False) else args.model
     settings = {"model": model, "dtype": args.dtype, "bucket_mb": args.bucket_mb, "repeat": args.repeat,
                 "warmup_syncs": 0 if args.quick else 1, "threads_per_process": args.threads, "backend": "gloo",
@@ -392,6 +412,8 @@ def run(args: argparse.Namespace) -> None:
     notes = ("seconds: start of send -> last receiver done loading in place (median); gb_s per receiver; "
              "copy: Tensor.copy_ of the same bytes in one process; sync_over_copy = seconds / copy_s")
     pair = delta_vs_full(rows)
+    if len(args.vllm_threads_bind) > 1:  # the other receivers' pairs, each side by side within its own rows
+        pair["pairs_by_threads_bind"] = {b: delta_vs_full(rows, b) for b in args.vllm_threads_bind}
     floor = delta_floor(learners["lora-delta"], args.model, args.repeat, pair.get("full_s"))
     print(f"LoRA-delta floor without transport: merge {floor['merge_s']:.3f} s + oneDNN repack "
           f"{floor.get('repack_s', float('nan')):.3f} s", flush=True)

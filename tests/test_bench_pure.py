@@ -172,3 +172,20 @@ def test_latency_overrides_load_every_shipped_config(config, monkeypatch):
     monkeypatch.chdir(ROOT)
     cfg = load_config(config, PLAIN_MODEL)
     assert not cfg.model.lora.enabled
+
+
+def test_weight_sync_pair_takes_the_vllm_rows_of_one_threads_bind():
+    from bench.weight_sync import delta_vs_full
+
+    def row(case, engine, seconds, nbytes, bind=None):
+        return {"case": case, "engine": engine, "receivers": 1, "seconds": seconds, "bytes": nbytes,
+                **({"threads_bind": bind} if bind else {})}
+
+    rows = [row("full", "hf", 1.0, 100), row("lora-delta", "hf", 0.2, 1),
+            row("full", "vllm", 3.0, 100, "all"), row("lora-delta", "vllm", 0.3, 1, "all"),
+            row("full", "vllm", 2.0, 100, "auto"), row("lora-delta", "vllm", 0.4, 1, "auto")]
+    first = delta_vs_full(rows)  # the first bind's rows, never a mix of two receivers
+    assert first["pair"] == "vllm, 1 receiver, cpu_threads_bind all"
+    assert first["lora_delta_over_full_s"] == pytest.approx(0.1)
+    assert delta_vs_full(rows, "auto")["lora_delta_over_full_s"] == pytest.approx(0.2)
+    assert delta_vs_full(rows[:2])["pair"] == "hf, 1 receiver"
