@@ -237,8 +237,7 @@ def checksum_seconds(learner, bucket_bytes: int) -> float:
 
 def delta_floor(learner, model_path: str, repeat: int, full_s: float | None) -> dict:
     """What a LoRA-delta sync into a CPU vLLM engine costs without any transport: the receiver's merge
-    (``DeltaApplier.merged`` over the learner's own delta stream, W0 already read, into the buffers it keeps per
-    target; ``merge_fresh_s``: each merged weight allocated anew, side by side) and, where vLLM is installed,
+    (``DeltaApplier.merged`` over the learner's own delta stream, W0 already read) and, where vLLM is installed,
     the oneDNN packing its CPU linear layers redo for every merged weight (``create_onednn_mm``, what vLLM's
     layer-wise reload runs after loading a layer; vLLM also concatenates q, k, v and gate, up first, not counted).
     Both in this process on ``--threads`` threads, medians; ``floor_over_full_s`` divides their sum by the full
@@ -252,14 +251,8 @@ def delta_floor(learner, model_path: str, repeat: int, full_s: float | None) -> 
     def merge() -> None:
         merged[:] = [t for _, t in applier.merged(plan, learner.delta_tensors())]
 
-    def merge_fresh() -> None:  # every merged weight allocated anew, as the receiver did before it kept buffers
-        merged.clear()
-        applier._out.clear()
-        merge()
-
-    fresh_s = timeit(merge_fresh, repeat=max(repeat, 3), warmup=1)
-    out = {"merge_s": timeit(merge, repeat=max(repeat, 3), warmup=1), "merge_fresh_s": fresh_s,
-           "merged_tensors": len(merged), "merged_bytes": sum(t.nbytes for t in merged)}
+    out = {"merge_s": timeit(merge, repeat=max(repeat, 3), warmup=1), "merged_tensors": len(merged),
+           "merged_bytes": sum(t.nbytes for t in merged)}
     if importlib.util.find_spec("vllm") is not None:
         from vllm import _custom_ops as ops
 

@@ -84,8 +84,7 @@ class DeltaPlan:
                    d["train_dtype"])
 
 
-def lora_merge(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+def lora_merge(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """W0 + (B @ A) * scaling in the adapters' dtype, as peft's ``get_delta_weight`` computes the delta (through
     float32 for (b)float16 on CPU) and the learner's ``merged_lora_weight`` adds it. ``w0`` may be in any dtype; it
     is cast to the adapters' first.
@@ -93,17 +92,11 @@ def lora_merge(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: floa
     Where peft's delta needs no cast, one fused ``addmm`` (W0 + scaling * B @ A: one pass over the weight instead of
     four, half the sync's time on CPU) gives the same value; on CPU in float32 to the last bit (tested: each element
     is a length-r dot product scaled and added once either way), elsewhere (a GPU epilogue may fuse the multiply and
-    the add) within one rounding of the full sync's weight.
-
-    ``out``: a tensor of the result's shape, dtype and device to write the fused ``addmm`` into (other paths, or a
-    mismatch, allocate): a receiver reusing one per weight skips allocating, and on CPU first-touching, the targeted
-    layers' bytes at every sync."""
+    the add) within one rounding of the full sync's weight."""
     dtype = b.dtype
     w0 = w0.to(device=b.device, dtype=dtype)
     if b.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
         return w0 + ((b.float() @ a.float()) * scaling).to(dtype)
-    if out is not None and (out.shape, out.dtype, out.device) == (w0.shape, dtype, w0.device):
-        return torch.addmm(w0, b, a, alpha=scaling, out=out)
     return torch.addmm(w0, b, a, alpha=scaling)
 
 
@@ -168,11 +161,6 @@ class DeltaApplier:
         self.model_path = model_path
         self._w0: dict[str, torch.Tensor] | None = None
         self._checked: int | None = None  # the base checksum already verified
-        # CPU: one merged weight per target, rewritten at every sync instead of allocated (and page-faulted in)
-        # anew. Both engines copy what ``merged`` yields into their own parameters before a receive returns (HF:
-        # copy_; vLLM's layer-wise reload: its original loaders), so the next sync may overwrite it. Not on a GPU,
-        # where the caching allocator reuses memory already and the buffers would hold the targets' size for good.
-        self._out: dict[str, torch.Tensor] = {}
 
     def _base(self, plan: DeltaPlan, also: Sequence[str]) -> dict[str, torch.Tensor]:
         names = [t.weight for t in plan.targets]
@@ -205,11 +193,7 @@ class DeltaApplier:
                 a = pending.pop(module, None)
                 if a is None or module not in scaling:
                     raise RuntimeError(f"LoRA-delta sync: {name} arrived without its lora_A or target")
-                weight = f"{module}.weight"
-                merged = lora_merge(w0[weight], a, t, scaling[module], out=self._out.get(weight)).to(dtype)
-                if merged.device.type == "cpu" and merged.dtype == t.dtype:  # the addmm's own output: reuse it
-                    self._out[weight] = merged
-                yield weight, merged
+                yield f"{module}.weight", lora_merge(w0[f"{module}.weight"], a, t, scaling[module]).to(dtype)
             else:
                 yield name, t
         if pending:

@@ -63,14 +63,6 @@ def test_applier_rebuilds_the_full_sync_of_the_targets(tiny_model_dir):
         assert torch.equal(w, full[name]), name  # the k_proj base weight too: LoRA does not touch it
     # plain round trip across an RPC that knows lists and numbers only
     assert DeltaPlan.from_plain(json.loads(json.dumps(plan.to_plain()))) == plan
-    # the next sync (new adapters) rewrites the same buffers, with the new merge's values
-    first = {n: w.data_ptr() for n, w in got.items()}
-    _, export2 = _lora_export(tiny_model_dir, seed=1)
-    full2 = dict(export2.full_weights())
-    again = dict(applier.merged(export2.delta_plan(), export2.delta_tensors()))
-    for name, w in again.items():
-        assert w.data_ptr() == first[name] and torch.equal(w, full2[name]), name
-        assert not torch.equal(w, full[name])
 
 
 def test_base_weights_that_differ_from_the_learners_are_refused(tiny_model_dir, tmp_path):
