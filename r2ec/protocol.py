@@ -197,8 +197,8 @@ class StepMetrics(RankMetrics):
     offpolicy_log_ratio_abs_max: float = _metric("max")
     time_reward_s: float = _metric("max")
     time_old_logp_s: float = _metric("max")
-    time_token_s: float = _metric("max")
-    time_item_s: float = _metric("max")
+    time_token_s: float = _metric("max")  # with learner.fuse_item_term it holds the item term's user side too
+    time_item_s: float = _metric("max")  # fused: the targets' encoding and their backward only
     time_optimizer_s: float = _metric("max")
     time_train_s: float = _metric("max")
     tokens_per_s_learner: float = _metric("sum")  # the ranks train in parallel: their rates add up
