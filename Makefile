@@ -55,9 +55,9 @@ $(VENV)/.bench: $(VENV)/.rollout-cpu
 	touch $@
 
 # The performance suite (docs/performance.md): each script prints a table and writes bench/results/<name>.json.
-# 26 min 21 s on an idle 2-core CPU machine (docs/performance.md: the measured run); keep it idle. The quickstart
-# step's phases are in async_pipeline.py's synchronous side (one core per side); bench/train_step.py (section 4: the
-# step on unpinned cores, and its scaling variants) runs on its own.
+# 26 min 21 s on an idle 2-core Intel VM, 41 min on a slower AMD one (docs/performance.md: the measured runs); keep
+# it idle. The quickstart step's phases are in async_pipeline.py's synchronous side (one core per side);
+# bench/train_step.py (section 4: the step on unpinned cores, and its scaling variants) runs on its own.
 bench: $(VENV)/.bench assets
 	$(PY) bench/rollout_throughput.py
 	$(PY) bench/rec_head_scoring.py

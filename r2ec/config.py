@@ -207,7 +207,7 @@ class LearnerConfig(Section):
     pack_prompts: bool = Field(
         True, description="the token term's forwards run one row [prompt, chain_1, ..., chain_G] per group behind a "
         "block attention mask: P + G x C tokens instead of G x (P + C), the same results within float rounding "
-        "(0.59x the learner step on the quickstart, docs/performance.md section 10); and the item term's target "
+        "(0.52x the learner step on the quickstart, docs/performance.md section 10); and the item term's target "
         "items run packed behind the prefix every item prompt shares (section 7). Refused at the first step for a "
         "sliding-window model whose window is shorter than prompt + chain")
     max_tokens_per_micro_batch: int | None = Field(
