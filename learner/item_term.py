@@ -132,21 +132,15 @@ def item_term(encode: Callable[[list[list[int]]], torch.Tensor], encode_items: C
             re-encoded and nothing is written back, so the term trains the user side only.
     """
     device = table.device
-    items = torch.unique(target_idx)
     h_user = encode(seqs).float()
-    if items_frozen:
-        h_items = table[items.to(device)]
-    else:
-        h_items = encode_items(items.tolist()).float()
+    cand = gather_candidates(encode_items, table, target_idx, rank, world_size, items_frozen)
+    items, h_items, uniq, fresh = cand.items, cand.h_items, cand.uniq, cand.fresh
     target, history, adv = target_idx.to(device), history_idx.to(device), adv.to(device, torch.float32)
 
     all_user = _all_ranks(h_user, rank, world_size)
     all_target = _all_ranks(target, rank, world_size)
     all_history = _all_ranks(history, rank, world_size, pad=-1)
     all_adv = _all_ranks(adv, rank, world_size)
-    ids = _all_ranks(items.to(device), rank, world_size)
-    encoded = _all_ranks(h_items, rank, world_size)
-    uniq, fresh = _distinct_candidates(ids, encoded)
     relabel = torch.ones(len(all_adv), dtype=torch.bool, device=device)
 
     def loss_of(h: torch.Tensor, tgt: torch.Tensor, hist: torch.Tensor, a: torch.Tensor,
