@@ -1,9 +1,9 @@
-"""Item encoding at the limit: the item table on the vLLM engine, and the learner's re-encoding of a step's targets.
+"""Item encoding at the limit: the item table on vLLM and in-process, and the learner's re-encoding of a step's targets.
 
 Every MovieLens-100k item prompt (rendered by ``PromptBuilder`` exactly as training renders them; 1,682 items,
 66-88 tokens, mean ~71) starts with the same tokens: the chat template and the instruction (``shared_prefix``,
-r2ec/packing.py). Only the rest differs from item to item, so that rest is what an encode has to compute. Two
-tables, both with SmolLM2-135M-Instruct in float32:
+r2ec/packing.py). Only the rest differs from item to item, so that rest is what an encode has to compute. Three
+parts, all with SmolLM2-135M-Instruct in float32:
 
 1. **The item table on vLLM** (``VllmEngine.last_hidden``, what the rollout worker runs at the start, at every table
    refresh, before validation and the test), once per ``--variants`` entry ``BLOCK:BIND``: ``rollout.vllm.block_size``
@@ -12,7 +12,11 @@ tables, both with SmolLM2-135M-Instruct in float32:
    whole KV blocks only: at 128 tokens per block no item prompt reuses anything, at 32 (the CPU attention backend's
    smallest) the first 32 tokens come from the cache. Each engine first encodes 16 items unmeasured (start-up; the
    prefix enters the cache as after a real encode's first batch), then ``--items`` others in one call.
-2. **The learner's target re-encoding** (``DualHeadModel.last_hidden`` vs ``last_hidden_packed``: what the learner's
+2. **The zero-shot table in-process** (``DualHeadModel.encode_items``: what evaluation of the untrained model and
+   the HF rollout engine run, no gradient, 32 items per forward): ``--table-items`` items unpacked (one padded row
+   per item) and packed (``packed=True``, the default: each batch's items behind one copy of the shared prefix per
+   row of at most 512 tokens), alternating, two measured encodes per side after one unmeasured batch, medians.
+3. **The learner's target re-encoding** (``DualHeadModel.last_hidden`` vs ``last_hidden_packed``: what the learner's
    item term runs, with gradient, when the item table is trained): ``--targets`` distinct random items per step,
    forward + backward of a loss on their encodings, unpacked (K rows of prefix + tail) and packed behind the shared
    prefix (``learner.pack_prompts``), the two sides alternating on the same items, ``--repeats`` steps each after
@@ -27,7 +31,10 @@ causal attention of that token), x 3 with the backward. ``of_bound`` = items_per
 
 Rows (``part`` vllm): ``block_size``, ``threads_bind``, ``items``, ``seconds``, ``items_per_s``, ``prompt_tokens_mean``,
 ``cached_tokens_mean`` (vLLM's own count), ``differing_tokens_mean``, ``bound_items_per_s``, ``of_bound``,
-``speedup`` (over the first row), ``max_abs_diff`` (of the rows from the first row's). Rows (``part`` learner):
+``speedup`` (over the first row), ``max_abs_diff`` (of the rows from the first row's). Rows (``part`` table):
+``items``, ``packed``, ``seconds``, ``items_per_s``, ``prompt_tokens_mean``, ``differing_tokens_mean``,
+``bound_items_per_s`` (forward only), ``of_bound``, ``speedup``, ``max_abs_diff`` (against the unpacked table).
+Rows (``part`` learner):
 ``targets``, ``packed``, ``seconds`` (median per step), ``items_per_s``,
 ``forward_tokens`` (per step), ``differing_tokens``, ``bound_items_per_s``, ``of_bound``, ``speedup``,
 ``max_abs_diff`` (encodings against the unpacked side's), ``grad_max_rel_diff``. The load average around the run is
@@ -63,6 +70,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    f"after the {WARMUP_ITEMS} warm-up items)")
     p.add_argument("--variants", default="default:0-1,32:0-1",
                    help="comma-separated BLOCK:BIND pairs; BLOCK 'default' = vLLM's own; empty: no vLLM rows")
+    p.add_argument("--table-items", type=int, default=128, help="items per side of the HF table encode (0: none)")
     p.add_argument("--targets", default="16", help="comma-separated targets per learner step")
     p.add_argument("--repeats", type=int, default=5, help="measured learner steps per side and target count")
     p.add_argument("--quick", action="store_true", help="smoke run: a tiny random model and synthetic prompts, "
@@ -153,6 +161,37 @@ def vllm_rows(args, cfg, ids: list[list[int]], prefix: int, shape: dict, peaks: 
             "speedup": reference[1] / seconds, "max_abs_diff": float((h - reference[0]).abs().max()),
         })
         del h
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- HF table
+def table_rows(args, dual, ids: list[list[int]], prefix: int, shape: dict, peak: float) -> list[dict]:
+    """``DualHeadModel.encode_items`` (the zero-shot table of evaluation and the HF rollout engine) unpacked and
+    packed on the same ``--table-items`` items, the two sides alternating, two measured encodes each after one
+    unmeasured batch; medians."""
+    items = ids[WARMUP_ITEMS:][:args.table_items]
+    if not items:
+        return []
+    ideal = sum(tail_flops(shape, prefix, len(s) - prefix) for s in items) / len(items)  # forward only
+    bound = peak * 1e9 / ideal
+    dual.model.eval()
+    times: dict[bool, list[float]] = {False: [], True: []}
+    out = {}
+    dual.encode_items(ids[:WARMUP_ITEMS])
+    for _ in range(min(args.repeats, 2)):
+        for packed in (False, True):
+            t = time.perf_counter()
+            out[packed] = dual.encode_items(items, packed=packed)
+            times[packed].append(time.perf_counter() - t)
+    base = statistics.median(times[False])
+    rows = []
+    for packed in (False, True):
+        sec = statistics.median(times[packed])
+        rows.append({"part": "table", "items": len(items), "packed": packed, "seconds": sec,
+                     "items_per_s": len(items) / sec, "prompt_tokens_mean": sum(map(len, items)) / len(items),
+                     "differing_tokens_mean": sum(len(s) - prefix for s in items) / len(items),
+                     "bound_items_per_s": bound, "of_bound": len(items) / sec / bound, "speedup": base / sec,
+                     "max_abs_diff": float((out[packed] - out[False]).abs().max())})
     return rows
 
 
@@ -254,9 +293,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"shared prefix {prefix} tokens of {sum(map(len, ids)) / len(ids):.1f} on average; torch float32 GEMM "
           f"{peaks[1]:.1f} GFLOP/s on 1 thread, {peaks[2]:.1f} on 2")
     rows = vllm_rows(args, cfg, ids, prefix, shape, peaks) if args.variants else []
-    learner = learner_rows(args, dual, ids, prefix, shape, peaks[torch.get_num_threads() if
-                                                                    torch.get_num_threads() in peaks else 2])
-    rows += learner
+    threads = torch.get_num_threads() if torch.get_num_threads() in peaks else 2
+    rows += table_rows(args, dual, ids, prefix, shape, peaks[threads])
+    rows += learner_rows(args, dual, ids, prefix, shape, peaks[threads])
     columns = list(dict.fromkeys(k for r in rows for k in r))
     report("item_encoding", rows, columns, out_dir=args.out_dir, load_average_before=load_before,
            load_average_after=load_average(), shared_prefix_tokens=prefix, model_shape=shape,

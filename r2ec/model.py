@@ -16,7 +16,8 @@ Deviations from the paper / official code:
   default would silently drop the cap that vLLM applies when sampling.
 - The learner may compute a group's G chains in one row behind one copy of their prompt
   (``chain_forward_packed``, r2ec/packing.py): the same log-probs and h_T as ``chain_forward`` within float
-  rounding, with the prompt's tokens computed once instead of G times.
+  rounding, with the prompt's tokens computed once instead of G times. ``encode_items`` packs the item prompts
+  behind their shared prefix the same way (``packed=False`` for one row per item, as the official code).
 - Optionally (``model.item_table: frozen``, ``model.center_items``; the driver applies them) H_V stays the initial
   weights' encodings, minus their mean row, instead of following the trained weights.
 """
@@ -277,17 +278,35 @@ class DualHeadModel:
 
     @torch.no_grad()
     def encode_items(self, item_prompt_ids: Sequence[Sequence[int]], batch_size: int = 32,
-                     progress=None) -> torch.Tensor:
-        """The item table H_V: (V, d) float32, rows in the order given. Batches are formed from length-sorted
-        prompts to waste little compute on padding."""
+                     progress=None, packed: bool = True) -> torch.Tensor:
+        """The item table H_V: (V, d) float32, rows in the order given, ``batch_size`` prompts per forward, formed
+        from length-sorted prompts to waste little compute on padding.
+
+        ``packed``: the prefix every item prompt shares (chat template + instruction, r2ec/packing.py
+        ``shared_prefix``; 45 of ~71 tokens on MovieLens) is computed once per packed row of a batch, and each
+        item's own tokens attend to it, as the learner's re-encoding does: the same rows within float rounding at
+        about half the cost (bench/item_encoding.py, part ``table``). Unpacked where the prompts share nothing or a
+        sliding window would bind."""
+        from r2ec.packing import PACKED_ROW_TOKENS, shared_prefix, tail_rows
+
+        P = shared_prefix(item_prompt_ids) if packed else 0
+        window = self._sliding_window()
+        if window is not None and max(map(len, item_prompt_ids), default=0) > window:
+            P = 0
         order = sorted(range(len(item_prompt_ids)), key=lambda i: len(item_prompt_ids[i]))
         table: torch.Tensor | None = None
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            h = self.last_hidden([item_prompt_ids[i] for i in idx]).float()
+            if P:
+                tails = [item_prompt_ids[i][P:] for i in idx]
+                rows = tail_rows(P, [len(t) for t in tails], PACKED_ROW_TOKENS)
+                prefix = list(item_prompt_ids[idx[0]][:P])
+                h = self.last_hidden_packed([prefix] * len(rows), [[tails[j] for j in row] for row in rows])
+            else:
+                h = self.last_hidden([item_prompt_ids[i] for i in idx])
             if table is None:
                 table = torch.empty((len(order), h.shape[1]), dtype=torch.float32, device=h.device)
-            table[torch.as_tensor(idx, device=h.device)] = h
+            table[torch.as_tensor(idx, device=h.device)] = h.float()
             if progress is not None:
                 progress(len(idx))
         if table is None:

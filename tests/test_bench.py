@@ -61,9 +61,12 @@ def test_packing_quick(tmp_path):
 def test_item_encoding_quick(tmp_path):
     record = _run("item_encoding.py", tmp_path)
     rows = record["rows"]
-    assert [(r["part"], r["packed"]) for r in rows] == [("learner", False), ("learner", True)]
+    assert [(r["part"], r["packed"]) for r in rows] == [("table", False), ("table", True), ("learner", False),
+                                                        ("learner", True)]
     assert record["shared_prefix_tokens"] == 20 and record["peak_gflops"]["1"] > 0
-    unpacked, packed = rows
+    # the in-process table: the same rows packed as unpacked
+    assert rows[1]["max_abs_diff"] < 1e-4 and rows[0]["items"] == rows[1]["items"] > 0
+    unpacked, packed = rows[2:]
     # the packed step computes the shared prefix once per row; both give the same encodings and gradients
     assert packed["forward_tokens"] < unpacked["forward_tokens"]
     assert packed["max_abs_diff"] < 1e-4 and packed["grad_max_rel_diff"] < 1e-3

@@ -53,13 +53,36 @@ def test_hidden_state_is_the_final_norm_output_at_the_last_token(tiny_model):
         assert torch.allclose(tiny_model.model.lm_head(ref), out.logits[0, -1], atol=1e-5)
 
 
-def test_encode_items_keeps_the_given_order(tiny_model):
-    _, items = _prompts(tiny_model)
-    table = tiny_model.encode_items(items, batch_size=2)
-    assert table.dtype == torch.float32 and table.shape[0] == 3
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("batch_size, row_tokens", [(1, 512), (2, 512), (7, 512), (7, 40)])
+def test_encode_items_keeps_the_given_order(tiny_model, monkeypatch, packed, batch_size, row_tokens):
+    import r2ec.packing
+
+    monkeypatch.setattr(r2ec.packing, "PACKED_ROW_TOKENS", row_tokens)  # 40: several packed rows per batch
+    b = PromptBuilder("movies", "movie")
+    titles = ("Toy Story (1995)", "X", "A longer title", "Heat (1995)", "B", "Twelve Monkeys (1995)", "Fargo")
+    items = [render_item(tiny_model.tokenizer, b.item_messages({"title": t})) for t in titles]
     with torch.no_grad():
-        for i, it in enumerate(items):
-            torch.testing.assert_close(table[i], tiny_model.last_hidden([it])[0], atol=1e-5, rtol=1e-5)
+        alone = torch.cat([tiny_model.last_hidden([it]) for it in items]).float()
+    tokens = []
+    forward = tiny_model.hidden_states
+    monkeypatch.setattr(tiny_model, "hidden_states", lambda ids, *a: tokens.append(ids.numel()) or forward(ids, *a))
+    table = tiny_model.encode_items(items, batch_size=batch_size, packed=packed)
+    assert table.dtype == torch.float32 and table.shape[0] == len(items)
+    assert len(tokens) == -(-len(items) // batch_size)  # one forward per batch
+    if packed and batch_size == 7 and row_tokens == 512:  # one row: the shared prefix once, not 7 times
+        assert tokens[0] < sum(map(len, items))
+    torch.testing.assert_close(table, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_encode_items_unpacked_where_a_sliding_window_binds(tiny_model, monkeypatch):
+    _, items = _prompts(tiny_model)
+    shapes = []
+    forward = tiny_model.hidden_states
+    monkeypatch.setattr(tiny_model, "hidden_states", lambda ids, *a: shapes.append(tuple(ids.shape)) or forward(ids, *a))
+    monkeypatch.setattr(tiny_model, "_sliding_window", lambda: 4)  # shorter than any item prompt
+    tiny_model.encode_items(items, batch_size=3)
+    assert shapes == [(3, max(map(len, items)))]  # one padded row per item, not a packed row
 
 
 def test_item_scores_mask_history_but_not_target(tiny_model):
