@@ -63,7 +63,7 @@ bench: $(VENV)/.bench assets
 	$(PY) bench/rec_head_scoring.py
 	$(PY) bench/weight_sync.py
 	$(PY) bench/latency.py
-	$(PY) bench/trl_grpo.py
+	$(PY) bench/trl_grpo.py --threads 2
 	$(PY) bench/item_encoding.py
 	$(PY) bench/chain_logits.py
 	$(PY) bench/packing.py

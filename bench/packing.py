@@ -5,18 +5,19 @@ One DeepSpeed learner rank (world size 1) is built in this process from ``config
 fp32, LoRA r=4, ZeRO-2, G=4, 4 prompts per step, micro_batch_size 4) and fed real MovieLens-100k user prompts with
 synthetic chains: random ordinary token ids, 40 to 63 of them, then the answer marker (the quickstart samples at
 most 64 tokens; only the lengths matter to the learner's work, not which tokens). Each measured step trains
-on a fresh batch of users; the three sides take turns on the same worker (in an order that rotates with the
-step), so all see the same machine load, weights and batches (step k of each side uses batch k). ``time_train_s``
+on a fresh batch of users; the sides take turns on the same worker (in an order that rotates with the step), so
+all see the same machine load, weights and batches (step k of each side uses batch k). ``time_train_s``
 is the learner's own timer (token term + item term + optimiser step); rewards, advantages and the weight sync are
-outside it. The sides:
+outside it. The sides (``--sides``; the first two by default):
 
-- ``unpacked``: neither (G x (P + C) token-term tokens per group, plus the relabelled chain's P + C re-encoded for
-  the item term): the computation before either existed;
-- ``unpacked_fused``: the item term from the token term's h_T, every chain still in a row of its own;
-- ``packed``: both, the default: each group's prompt computed once in the whole step (P + G x C).
+- ``unpacked``: every chain in a row of its own (G x (P + C) token-term tokens per group), the item term's user side
+  from the token term's h_T (``fuse_item_term``, the default);
+- ``packed``: the default learner: each group's prompt computed once in the whole step (P + G x C);
+- ``unfused``: neither switch (unpacked, and the relabelled chain's P + C re-encoded for the item term): the
+  computation before either existed.
 
-``ratio`` = packed / unpacked (what sharing the prompt saves in all); ``packing_ratio`` = packed / unpacked_fused
-(packing alone, the fusion on both sides).
+``ratio`` = packed / unpacked (packing alone: the only switch that differs); with ``unfused``, also
+``fusion_ratio`` = unpacked / unfused and ``ratio_vs_unfused`` = packed / unfused (both switches).
 
 Caveats:
 - The item table is random (the quickstart's is frozen: the item term scores against it as constants, so its
@@ -26,7 +27,8 @@ Caveats:
   would pack too, section 7 of docs/performance.md; each step resets the table and so the targets' packing).
 - One warm-up step per side (the first DeepSpeed step carries one-time costs) is left out of the medians.
 
-    python bench/packing.py            # ~3.5 min on 2 idle cores
+    python bench/packing.py                                 # ~3 min on 2 idle cores
+    python bench/packing.py --sides unpacked,packed,unfused # also the fusion's share (~2.5 min more)
     python bench/packing.py --quick    # smoke run: a tiny random model, synthetic prompts, 1 step per side
 """
 
@@ -45,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import RunClock, report  # noqa: E402
 
 # side -> (learner.pack_prompts, learner.fuse_item_term)
-SIDES = {"unpacked": (False, False), "unpacked_fused": (False, True), "packed": (True, True)}
+SIDES = {"unpacked": (False, True), "packed": (True, True), "unfused": (False, False)}
 
 
 def _real_inputs(cfg, batches: int):
@@ -120,8 +122,9 @@ def run(args) -> None:
     for k, (prompts, history, target) in enumerate(batches):
         shard = _shard(worker, prompts, history, target, G, chain_len, seed=k)
         P, C = sum(len(p) for p in prompts), sum(len(c) for c in shard.rollout.chain_ids)
-        for i in range(len(SIDES)):  # rotate which side goes first
-            side, (packed, fused) = list(SIDES.items())[(i + k) % len(SIDES)]
+        for i in range(len(args.sides)):  # rotate which side goes first
+            side = args.sides[(i + k) % len(args.sides)]
+            packed, fused = SIDES[side]
             worker.learner_cfg = cfg.learner.model_copy(update={"pack_prompts": packed, "fuse_item_term": fused})
             worker.set_items(items, table)  # the same table on every side; set_items packs the targets or not
             m = worker.train_step(shard).metrics
@@ -131,20 +134,22 @@ def run(args) -> None:
             print(f"  step {k} {side}: train {m['time_train_s']:.2f} s (token {m['time_token_s']:.2f} s, "
                   f"item {m['time_item_s']:.2f} s)")
     summary = {}
-    for side in SIDES:
+    for side in args.sides:
         measured = [r for r in rows if r["side"] == side and not r["warmup"]]
         for key in ("train", "token", "item"):
             summary[f"{side}_{key}_s"] = statistics.median(r[f"{key}_s"] for r in measured)
         summary[f"{side}_forward_tokens"] = statistics.median(r["forward_tokens"] for r in measured)
     summary["ratio"] = summary["packed_train_s"] / summary["unpacked_train_s"]
-    summary["packing_ratio"] = summary["packed_train_s"] / summary["unpacked_fused_train_s"]
-    summary["fusion_ratio"] = summary["unpacked_fused_train_s"] / summary["unpacked_train_s"]
-    summary["token_ratio"] = summary["packed_token_s"] / summary["unpacked_fused_token_s"]
+    summary["token_ratio"] = summary["packed_token_s"] / summary["unpacked_token_s"]
+    if "unfused" in args.sides:
+        summary["fusion_ratio"] = summary["unpacked_train_s"] / summary["unfused_train_s"]
+        summary["ratio_vs_unfused"] = summary["packed_train_s"] / summary["unfused_train_s"]
     summary["measured_steps"] = args.steps
     print("\n" + "\n".join(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in summary.items()))
     report("packing", rows, out_dir=args.out_dir, **summary,
            settings={"config": args.config, "group_size": G, "prompts_per_step": cfg.learner.prompts_per_step,
                      "micro_batch_size": cfg.learner.micro_batch_size, "chain_len": list(chain_len),
+                     "sides": args.sides,
                      "quick": args.quick, **args.clock.fields()})
 
 
@@ -154,9 +159,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/quickstart.yaml")
     p.add_argument("--steps", type=int, default=5, help="measured steps per side, after one warm-up step each")
+    p.add_argument("--sides", default="unpacked,packed",
+                   help=f"comma-separated sides to time, from {', '.join(SIDES)}; unpacked and packed are required")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny random model, 1 measured step per side")
     p.add_argument("--out-dir", type=Path, default=None)
     args = p.parse_args()
+    args.sides = list(dict.fromkeys(x.strip() for x in args.sides.split(",") if x.strip()))
+    if not {"unpacked", "packed"} <= set(args.sides) <= set(SIDES):
+        p.error(f"--sides {','.join(args.sides)}: expected unpacked and packed, optionally unfused")
     args.clock = RunClock()
     if args.quick:
         args.steps = 1

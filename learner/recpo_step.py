@@ -63,7 +63,6 @@ calls are collective. Imports no vllm, no ray, no deepspeed.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -73,29 +72,15 @@ from learner.item_term import (
     candidates_loss,
     gather_candidates,
     item_term,
-    score_std_mean,
     table_cosine_mean,
     user_item_loss,
 )
 from learner.micro_batches import plan_micro_batches
 from learner.policy import align_chain_tokens, chain_positions
+from learner.step_metrics import Scored, step_metrics
 from r2ec.algo.off_policy import off_policy_weights
 from r2ec.algo.recpo import RewardOutput, compute_advantages, fused_reward, kl_penalty, relabel_mask, token_loss
-from r2ec.protocol import StepMetrics, StepResult, TrainShard
-
-
-@dataclass
-class _Scored:
-    """Step 2 of a RecPO step on one rank: the rewards and advantages of its chains (N = U users x G)."""
-
-    reward: RewardOutput  # per chain: rewards (N,), r_d (N,), r_c (N,), rank (N,)
-    rewards: torch.Tensor  # (N,) float32 on CPU
-    scores: torch.Tensor  # (N, V) the item scores the rewards came from
-    adv: torch.Tensor  # (U, G) group-relative advantages
-    relabel: torch.Tensor  # (U, G) bool: the chains the item term trains on
-    table: torch.Tensor  # (V, d) the table they were scored against (before this step's row writes)
-    history_rep: torch.Tensor  # (N, H) long: each chain's user history, -1 padded
-    target_rep: torch.Tensor  # (N,) long: each chain's target item
+from r2ec.protocol import StepResult, TrainShard
 
 
 class RecPOStep:
@@ -132,7 +117,8 @@ class RecPOStep:
         # The alarm's rewards: the learner's own h_T (before the first update) against the same table.
         reward_learner, _ = self._rewards(h_T_learner, scored.history_rep, scored.target_rep, scored.table)
         items = torch.unique(torch.cat([u["items"] for u in ups]))
-        metrics = self._step_metrics(shard, scored, ups, h_T_learner, old_logp, table_cos, t_reward, t_old)
+        metrics = step_metrics(shard, scored, ups, h_T_learner, old_logp, table_cos, t_reward, t_old,
+                               kl=self.recpo_cfg.kl_coef > 0)
         return StepResult(metrics=metrics, table_updates_idx=items.cpu(),
                           table_updates=self.table[items.to(self.device)].float().cpu(), rewards=scored.rewards,
                           rewards_learner=reward_learner.rewards.float().cpu(), spans=self.spans.take())
@@ -151,7 +137,7 @@ class RecPOStep:
             if not chain or len(chain) > width or bool(rollout.logp_mask[r, len(chain):].any()):
                 raise ValueError(f"rollout row {r}: logp_mask does not fit its chain of {len(chain)} tokens")
 
-    def _score(self, shard: TrainShard) -> _Scored:
+    def _score(self, shard: TrainShard) -> Scored:
         """Step 2: RecPO's fused reward of every chain from the rollout's h_T, group advantages, the relabel mask."""
         G, U = self.recpo_cfg.group_size, len(shard.prompt_ids)
         target_rep = shard.target_idx.repeat_interleave(G)
@@ -160,7 +146,7 @@ class RecPOStep:
         reward, scores = self._rewards(shard.rollout.h_T, history_rep, target_rep, table)
         rewards = reward.rewards.float().cpu()
         adv = compute_advantages(rewards.view(U, G), self.recpo_cfg.advantage)  # (U, G)
-        return _Scored(reward, rewards, scores, adv, relabel_mask(adv, self.recpo_cfg.relabel_topk), table,
+        return Scored(reward, rewards, scores, adv, relabel_mask(adv, self.recpo_cfg.relabel_topk), table,
                        history_rep, target_rep)
 
     def _rewards(self, h_T: torch.Tensor, history_idx: torch.Tensor, target_idx: torch.Tensor,
@@ -310,58 +296,7 @@ class RecPOStep:
         self._items().apply(term.items, term.h_items)
         return {"loss_item": term.loss_local, "items": term.items, "candidates": term.candidates}
 
-    def _step_metrics(self, shard: TrainShard, scored: _Scored, ups: list[dict], h_T_learner: torch.Tensor,
-                      old_logp: torch.Tensor | None, table_cos: float, t_reward: float, t_old: float
-                      ) -> StepMetrics:
-        """The step's metrics on this rank (each field says how it combines over ranks)."""
-        rollout, M, N = shard.rollout, len(ups), len(shard.rollout)
-        local_tokens = rollout.num_sampled_tokens
-        logp_abs_diff = sum(u["logp_abs_diff"] for u in ups)
-        if old_logp is not None:  # measured once, in the pass that computed pi_old
-            logp_abs_diff += float(((old_logp - rollout.logp.float()).abs() * rollout.logp_mask).sum())
-        t_token, t_item, t_opt = (sum(u[k] for u in ups) for k in ("t_token", "t_item", "t_opt"))
-        t_train = t_old + t_token + t_item + t_opt
-        reward, rewards = scored.reward, scored.rewards
-        optional = {}
-        if self.recpo_cfg.kl_coef > 0:  # this rank's share of the step's token-mean KL, like loss_token
-            optional["loss_kl"] = sum(u["loss_kl"] for u in ups) / M
-        if "grad_norm_token" in ups[0]:  # measurable at ZeRO-0 with one rank only (_grads_snapshot)
-            for key in ("grad_norm_token", "grad_norm_item"):
-                optional[key] = sum(u[key] for u in ups) / M
-        return StepMetrics(
-            loss_token=sum(u["loss_token"] for u in ups) / M,
-            loss_item=sum(u["loss_item"] for u in ups) / M,
-            reward_mean=float(rewards.mean()),
-            reward_std=float(rewards.std()) if N > 1 else 0.0,
-            r_d_mean=float(reward.r_d.mean()),
-            r_c_mean=float(reward.r_c.mean()),
-            target_rank_mean=float(reward.rank.double().mean()),
-            adv_abs_mean=float(scored.adv.abs().mean()),
-            clip_frac=sum(u["clipped"] for u in ups) / max(local_tokens, 1),
-            grad_norm=sum(u["grad_norm"] for u in ups) / M,
-            diag_table_cos_mean=table_cos,
-            diag_score_std=score_std_mean(scored.scores),
-            chain_len_mean=sum(len(c) for c in rollout.chain_ids) / N,
-            num_tokens=float(local_tokens),
-            tokens_forward_learner=float(sum(u["tokens_forward"] for u in ups)),
-            offpolicy_ratio_mean=sum(u["op_ratio_sum"] for u in ups) / max(sum(u["op_tokens"] for u in ups), 1),
-            offpolicy_corrected_frac=sum(u["op_corrected"] for u in ups) / max(sum(u["op_tokens"] for u in ups), 1),
-            offpolicy_log_ratio_abs_max=max(u["op_log_ratio_max"] for u in ups),
-            item_candidates=sum(u["candidates"] for u in ups) / M,
-            alarm_h_T_max_diff=float((h_T_learner - rollout.h_T.float()).abs().max()),
-            alarm_logp_abs_diff_mean=logp_abs_diff / max(local_tokens, 1),
-            time_reward_s=t_reward,
-            time_old_logp_s=t_old,
-            time_token_s=t_token,
-            time_item_s=t_item,
-            time_optimizer_s=t_opt,
-            time_train_s=t_train,
-            tokens_per_s_learner=local_tokens / max(t_train, 1e-9),
-            **optional,
-        )
-
     @torch.no_grad()
-
     def _ref_logp(self, kind: str, args: tuple) -> torch.Tensor:
         """Log-probs (B, L-1) of the forward ``engine(kind, *args)`` under the reference policy of the KL term: the
         same model with its LoRA adapters disabled (peft's ``disable_adapter``), through the engine so ZeRO-3
@@ -370,7 +305,6 @@ class RecPOStep:
             return self.engine(kind, *args)[0]
 
     @torch.no_grad()
-
     def _chain_logp(self, shard: TrainShard, h_T: torch.Tensor) -> torch.Tensor:
         """(N, L) log-prob of every sampled chain token under the current weights, on the rollout's grid (the
         pi_old of every mini-batch update); fills ``h_T`` (N, d). Train mode, as the updates; collective under

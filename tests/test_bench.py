@@ -44,11 +44,11 @@ def test_chain_logits_quick(tmp_path):
 
 @pytest.mark.slow
 def test_packing_quick(tmp_path):
-    record = _run("packing.py", tmp_path)
-    assert {"unpacked_train_s", "unpacked_fused_train_s", "packed_train_s", "ratio", "packing_ratio",
+    record = _run("packing.py", tmp_path, "--sides", "unpacked,packed,unfused")
+    assert {"unpacked_train_s", "unfused_train_s", "packed_train_s", "ratio", "fusion_ratio", "ratio_vs_unfused",
             "measured_steps"} <= set(record)
     measured = [r for r in record["rows"] if not r["warmup"]]
-    assert sorted(r["side"] for r in measured) == ["packed", "unpacked", "unpacked_fused"]
+    assert sorted(r["side"] for r in measured) == ["packed", "unfused", "unpacked"]
     assert all(r["train_s"] > 0 for r in measured)
     assert [(r["packed"], r["fused"]) for r in sorted(measured, key=lambda r: r["side"])] == [
         (True, True), (False, False), (False, True)]
