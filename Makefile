@@ -55,7 +55,7 @@ $(VENV)/.bench: $(VENV)/.rollout-cpu
 	touch $@
 
 # The performance suite (docs/performance.md): each script prints a table and writes bench/results/<name>.json.
-# 26 min 21 s on an idle 2-core Intel VM, 41 min on a slower AMD one (docs/performance.md: the measured runs); keep
+# 26 min 21 s on an idle 2-core Intel VM, 32.5 min (cold cache; ~29.7 warm) on a slower AMD one (docs/performance.md: the measured runs); keep
 # it idle. The quickstart step's phases are in async_pipeline.py's synchronous side (one core per side);
 # bench/train_step.py (section 4: the step on unpinned cores, and its scaling variants) runs on its own.
 bench: $(VENV)/.bench assets
