@@ -52,7 +52,7 @@ from r2ec.config import LearnerConfig, ModelConfig, RecPOConfig, WarmupConfig
 from r2ec.item_table import ItemTable
 from r2ec.lora_delta import DeltaPlan
 from r2ec.model import DualHeadModel
-from r2ec.packing import PACKED_ROW_TOKENS, shared_prefix, tail_rows
+from r2ec.packing import shared_prefix, tail_groups
 from r2ec.protocol import StepResult, WarmupMetrics, WarmupShard
 from r2ec.spans import SpanRecorder
 from r2ec.weight_sync import SyncGroup, TensorMeta, bound_store
@@ -210,10 +210,7 @@ class LearnerWorker(RecPOStep, Probes):
         P = self.item_prefix
         if not items or P == 0:
             return self._encode([self.item_prompt_ids[v] for v in items])
-        tails = [self.item_prompt_ids[v][P:] for v in items]
-        rows = tail_rows(P, [len(t) for t in tails], PACKED_ROW_TOKENS)
-        prefix = self.item_prompt_ids[items[0]][:P]
-        return self.engine("last_packed", [prefix] * len(rows), [[tails[i] for i in row] for row in rows])
+        return self.engine("last_packed", *tail_groups([self.item_prompt_ids[v] for v in items], P))
 
     # ------------------------------------------------------------------------------------------ training
     def warmup_step(self, shard: WarmupShard) -> StepResult:

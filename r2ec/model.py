@@ -287,7 +287,7 @@ class DualHeadModel:
         item's own tokens attend to it, as the learner's re-encoding does: the same rows within float rounding at
         about half the cost (bench/item_encoding.py, part ``table``). Unpacked where the prompts share nothing or a
         sliding window would bind."""
-        from r2ec.packing import PACKED_ROW_TOKENS, shared_prefix, tail_rows
+        from r2ec.packing import shared_prefix, tail_groups
 
         P = shared_prefix(item_prompt_ids) if packed else 0
         window = self._sliding_window()
@@ -298,10 +298,7 @@ class DualHeadModel:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             if P:
-                tails = [item_prompt_ids[i][P:] for i in idx]
-                rows = tail_rows(P, [len(t) for t in tails], PACKED_ROW_TOKENS)
-                prefix = list(item_prompt_ids[idx[0]][:P])
-                h = self.last_hidden_packed([prefix] * len(rows), [[tails[j] for j in row] for row in rows])
+                h = self.last_hidden_packed(*tail_groups([item_prompt_ids[i] for i in idx], P))
             else:
                 h = self.last_hidden([item_prompt_ids[i] for i in idx])
             if table is None:

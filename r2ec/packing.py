@@ -138,3 +138,14 @@ def tail_rows(prefix_len: int, tail_lens: Sequence[int], max_row_tokens: int) ->
             rows.append([i])
             used = prefix_len + n
     return rows
+
+
+def tail_groups(seqs: Sequence[Sequence[int]], prefix_len: int, max_row_tokens: int | None = None
+                ) -> tuple[list[list[int]], list[list[list[int]]]]:
+    """``seqs`` that share their first ``prefix_len`` tokens as the (prefixes, tails) arguments of
+    ``DualHeadModel.last_hidden_packed``: one copy of the prefix per packed row (``tail_rows``) and each row's tails,
+    in the order given. ``max_row_tokens`` defaults to ``PACKED_ROW_TOKENS`` (read at call time)."""
+    tails = [list(s[prefix_len:]) for s in seqs]
+    rows = tail_rows(prefix_len, [len(t) for t in tails], max_row_tokens or PACKED_ROW_TOKENS)
+    prefix = list(seqs[0][:prefix_len])
+    return [prefix] * len(rows), [[tails[i] for i in row] for row in rows]
