@@ -1,8 +1,9 @@
 """One-step-off pipeline (``rollout.async``) against the synchronous loop: seconds per RecPO step, side by side.
 
 Runs the real system (local Ray on 127.0.0.1, one vLLM CPU rollout worker, one DeepSpeed learner rank) on
-``configs/quickstart.yaml`` with the rollout worker and the learner rank on one core each (vLLM's compute threads
-bound to core 0 with ``rollout.vllm.cpu_threads_bind``, the learner on one OpenMP thread), and times whole steps
+``configs/quickstart.yaml`` with the rollout worker and the learner rank pinned to one core each
+(``cluster.rollout.cpu_affinity`` 0, which vLLM's engine processes inherit and its compute threads bind to, and
+``cluster.learner.cpu_affinity`` 1, on one OpenMP thread), and times whole steps
 with the training loop's own primitives on ONE system: first ``--steps`` synchronous steps (``driver.steps.rl_step``:
 rollout, then learner, then weight sync), then ``--steps`` one-step-off steps (``driver.pipeline.overlapped_step``:
 the learner trains step k while the rollout worker samples step k + 1, then the sync), continuing the same weights.
@@ -31,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RunClock, report, system_inputs  # noqa: E402
 
-PINNED = ["rollout.vllm.cpu_threads_bind='0'", "cluster.learner.omp_threads=1", "cluster.rollout.cpus_per_worker=1",
-          "cluster.learner.cpus_per_worker=1"]
+PINNED = ["cluster.rollout.cpu_affinity='0'", "cluster.learner.cpu_affinity='1'", "rollout.vllm.cpu_threads_bind=all",
+          "cluster.learner.omp_threads=1", "cluster.rollout.cpus_per_worker=1", "cluster.learner.cpus_per_worker=1"]
 
 
 def run(cfg, data, table: torch.Tensor, steps: int, log) -> dict[str, list[dict]]:

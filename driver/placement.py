@@ -1,6 +1,6 @@
 """Where the actors go and the environment they start with: the placement groups (reserved for the whole run, so a
 replaced rollout worker lands where the dead one was), the scheduling strategy onto one bundle, and the worker
-processes' environment variables. ``driver.system`` creates the actors on them.
+processes' environment variables and CPU pinning. ``driver.system`` creates the actors on them.
 """
 
 from __future__ import annotations
@@ -34,6 +34,14 @@ def rollout_group(cfg: Config, i: int):
     return placement_group_ready([{"CPU": c.rollout.cpus_per_worker, "GPU": c.rollout.gpus_per_worker}]
                                  * c.rollout.tensor_parallel_size, "PACK", c.placement_timeout_s,
                                  f"rollout worker {i}")
+
+
+def pinned(section, side: str, index: int) -> tuple[list[int], str] | None:
+    """The ``cpu_affinity`` argument of worker ``index`` of ``cluster.<side>``: its cores and the field naming them
+    (for the error a core missing on its node raises), or None when not pinned."""
+    field = f"cluster.{side}.cpu_affinity"
+    cores = section.cores_of(index, field)
+    return None if cores is None else (cores, field)
 
 
 def worker_env(cfg: Config) -> tuple[dict[str, str], dict[str, str]]:

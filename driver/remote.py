@@ -91,17 +91,36 @@ def actor_log(cfg: Config, name: str) -> str | None:
     return None if folder is None else str(folder / f"{name}.log")
 
 
+def pin_to_cores(cores: Sequence[int], field: str) -> None:
+    """Pin every thread of this process to ``cores`` (``cluster.*.cpu_affinity``); threads and processes started
+    afterwards inherit the mask. Linux's sched_setaffinity(0) pins the calling thread only, hence each task id."""
+    allowed = os.sched_getaffinity(0)
+    missing = sorted(set(cores) - allowed)
+    if missing:
+        raise ClusterError(f"{field}: core(s) {missing} are not available to this process on "
+                           f"{socket.gethostname()} (it may run on {sorted(allowed)})")
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), set(cores))
+        except ProcessLookupError:  # a thread that ended meanwhile
+            pass
+
+
 def on_assigned_gpu(cls: type) -> type:
     """``cls`` (a plain worker class taking ``device``) as a Ray actor class whose device "cuda" becomes "cuda:N",
     the GPU Ray assigned to the actor, resolved inside the actor's process; given ``log_file``, the actor's output
-    goes there first (``redirect_output``)."""
+    goes there first (``redirect_output``); given ``cpu_affinity`` (cores and the field that named them), the process
+    is pinned to them before the worker starts (``pin_to_cores``)."""
 
     class Actor(cls):
-        def __init__(self, *args, device: str, log_file: str | None = None, **kwargs):
+        def __init__(self, *args, device: str, log_file: str | None = None,
+                     cpu_affinity: tuple[list[int], str] | None = None, **kwargs):
             import ray
 
             if log_file is not None:
                 redirect_output(log_file, type(self).__name__)
+            if cpu_affinity is not None:
+                pin_to_cores(*cpu_affinity)
             gpu_ids = ray.get_gpu_ids()  # none for a vLLM worker with tensor parallelism: vLLM places its own ranks
             if device == "cuda" and gpu_ids:
                 device = f"cuda:{local_cuda_index(gpu_ids, os.environ.get('CUDA_VISIBLE_DEVICES'))}"

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from driver.placement import learner_group, on_bundle, rollout_group, worker_env
+from driver.placement import learner_group, on_bundle, pinned, rollout_group, worker_env
 from driver.remote import (
     DEATH_REPORT_S,
     ClusterError,
@@ -142,7 +142,7 @@ class System:
                               name=f"colocated-{rank}").remote(
                 cfg.model, cfg.rollout, cfg.learner, cfg.recpo, rank, lr.num_workers, master_addr, ds_port,
                 device=self.device, seed=cfg.run.seed, load_universal=self.load_universal, warmup_cfg=cfg.warmup,
-                log_file=actor_log(cfg, f"colocated-{rank}"))
+                log_file=actor_log(cfg, f"colocated-{rank}"), cpu_affinity=pinned(lr, "learner", rank))
             for rank in range(lr.num_workers)
         ]
         self.rollouts = list(self.learners)
@@ -162,7 +162,7 @@ class System:
                             name=f"learner-{rank}").remote(
                 cfg.model, cfg.learner, cfg.recpo, rank, lr.num_workers, master_addr, ds_port, device=self.device,
                 seed=cfg.run.seed, load_universal=self.load_universal, warmup_cfg=cfg.warmup,
-                log_file=actor_log(cfg, f"learner-{rank}"))
+                log_file=actor_log(cfg, f"learner-{rank}"), cpu_affinity=pinned(lr, "learner", rank))
             for rank in range(lr.num_workers)
         ]
 
@@ -199,7 +199,8 @@ class System:
             num_cpus=r.cpus_per_worker, num_gpus=gpus, scheduling_strategy=on_bundle(self._rollout_pgs[i], 0),
             runtime_env={"env_vars": self._rollout_env}, name=f"rollout-{i}").remote(
             cfg.model, cfg.rollout, cfg.run.seed, device=self.device, worker_index=i,
-            tensor_parallel_size=r.tensor_parallel_size, log_file=actor_log(cfg, f"rollout-{i}"))
+            tensor_parallel_size=r.tensor_parallel_size, log_file=actor_log(cfg, f"rollout-{i}"),
+            cpu_affinity=pinned(r, "rollout", i))
 
     # ------------------------------------------------------------------------------------------ rollout faults
     @property

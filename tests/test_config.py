@@ -149,3 +149,39 @@ def test_kl_coef_needs_lora():
     with pytest.raises(ConfigError, match=r"recpo.kl_coef \(0.1\) needs model.lora.enabled"):
         load_config(data=MINIMAL, overrides=["recpo.kl_coef=0.1"])
     assert load_config(data=MINIMAL, overrides=["recpo.kl_coef=0.1", "model.lora.enabled=true"]).recpo.kl_coef == 0.1
+
+
+@pytest.mark.parametrize("spec, groups", [("0", [[0]]), ("0-3", [[0, 1, 2, 3]]), ("0,2|1, 3", [[0, 2], [1, 3]]),
+                                          ("4-5,1", [[1, 4, 5]])])
+def test_cpu_affinity_specs(spec, groups):
+    from r2ec.config_cluster import parse_cores
+
+    assert parse_cores(spec, "f") == groups
+
+
+def test_cpu_affinity_per_worker_or_shared():
+    cfg = load_config(data=MINIMAL, overrides=["cluster.learner.num_workers=2", "cluster.learner.cpu_affinity='0|1'",
+                                               "cluster.rollout.cpu_affinity=1"])
+    assert [cfg.cluster.learner.cores_of(i, "f") for i in (0, 1)] == [[0], [1]]
+    assert cfg.cluster.rollout.cpu_affinity == "1" and cfg.cluster.rollout.cores_of(0, "f") == [1]
+    assert load_config(data=MINIMAL).cluster.learner.cores_of(0, "f") is None
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["cluster.learner.cpu_affinity='0|1'"], "cluster.learner.cpu_affinity '0|1' has 2 groups for 1 workers"),
+    (["cluster.rollout.cpu_affinity='0||1'"], "cluster.rollout.cpu_affinity: '' in '0||1' is not a core id"),
+    (["cluster.rollout.cpu_affinity='3-1'"], "'3-1' in '3-1' is not a core id or range"),
+    (["cluster.colocate=true", "cluster.rollout.cpu_affinity=0"], "cluster.rollout.cpu_affinity is not used with "
+     "cluster.colocate"),
+])
+def test_cpu_affinity_errors_name_the_field(overrides, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(data=MINIMAL, overrides=overrides)
+    assert expected in str(e.value)
+
+
+def test_pin_to_cores_refuses_a_core_this_process_cannot_use():
+    from driver.remote import ClusterError, pin_to_cores
+
+    with pytest.raises(ClusterError, match=r"cluster.learner.cpu_affinity: core\(s\) \[4096\] are not available"):
+        pin_to_cores([4096], "cluster.learner.cpu_affinity")

@@ -5,6 +5,7 @@
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,23 @@ def _assert_listeners_on_loopback():
     assert not outside, f"listening beyond 127.0.0.1: {outside}"
 
 
+def _assert_pinned(actors, cores: list[int]):
+    """Actor i's process, each of its threads and every process it started (vLLM's engine core and worker) run on
+    cores[i] only."""
+    import psutil
+
+    from driver.remote import get
+
+    def threads_affinity(_self):
+        return os.getpid(), {tuple(sorted(os.sched_getaffinity(int(t)))) for t in os.listdir("/proc/self/task")}
+
+    for actor, core in zip(actors, cores, strict=True):
+        pid, per_thread = get([actor.__ray_call__.remote(threads_affinity)], 60, "affinity")[0]
+        assert per_thread == {(core,)}, (pid, per_thread, core)
+        for child in psutil.Process(pid).children(recursive=True):
+            assert child.cpu_affinity() == [core], (child.name(), child.cpu_affinity(), core)
+
+
 ENGINES_AND_STAGES = [
     pytest.param("hf", 2, marks=pytest.mark.ray),
     pytest.param("hf", 3, marks=pytest.mark.ray),
@@ -87,9 +105,16 @@ def test_two_rollout_workers_two_learner_ranks(engine, stage, tiny_model_dir, tm
     from driver.remote import get
     from driver.steps import rl_step
 
-    cfg = tiny_cfg(tiny_model_dir, tmp_path, f"rollout.engine={engine}", f"learner.zero_stage={stage}")
+    # Each worker pinned to a core of its own side's group (cluster.*.cpu_affinity), crossed so per-worker groups
+    # are told apart from a shared one.
+    cores = sorted(os.sched_getaffinity(0))[:2] * 2
+    cfg = tiny_cfg(tiny_model_dir, tmp_path, f"rollout.engine={engine}", f"learner.zero_stage={stage}",
+                   f"cluster.rollout.cpu_affinity='{cores[0]}|{cores[1]}'",
+                   f"cluster.learner.cpu_affinity='{cores[1]}|{cores[0]}'")
     items, batches = _inputs(cfg, n=2)
     with System(cfg, "cpu", log=print) as system:
+        _assert_pinned(system.rollouts, cores[:2])
+        _assert_pinned(system.learners, cores[1:3])
         table = system.encode_items(items)
         system.set_items(items, table)
         before = get([a.fingerprint.remote() for a in system.learners], 300, "fingerprint")[0]
