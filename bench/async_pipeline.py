@@ -8,13 +8,16 @@ with the training loop's own primitives on ONE system: first ``--steps`` synchro
 rollout, then learner, then weight sync), then ``--steps`` one-step-off steps (``driver.pipeline.overlapped_step``:
 the learner trains step k while the rollout worker samples step k + 1, then the sync), continuing the same weights.
 The first step of each mode is left out of the medians (one-time costs; for the pipeline, the on-policy rollout that
-fills it).
+fills it). Unpinned, vLLM's scheduler process (``EngineCore``, ~30 % of a core while it samples) shared the learner's
+core. Pinning costs the synchronous loop, whose phases take turns, a core in each phase; ``--unpinned-sync`` times
+that loop on the config's own cores too, for the comparison a 2-core user makes.
 
 As in bench/train_step.py, the item table is encoded once in this process with the HF model (cached on disk) instead
 of the start-up vLLM encoding ``r2ec train`` does; the quickstart's LoRA-delta sync and shared-prompt packing are on.
 
     python bench/async_pipeline.py            # ~5 min on 2 idle cores
     python bench/async_pipeline.py --quick    # smoke run: 2 steps per mode of 8-token chains
+    python bench/async_pipeline.py --unpinned-sync   # + the synchronous loop on the config's own cores, ~8 min
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ PINNED = ["cluster.rollout.cpu_affinity='0'", "cluster.learner.cpu_affinity='1'"
           "cluster.learner.omp_threads=1", "cluster.rollout.cpus_per_worker=1", "cluster.learner.cpus_per_worker=1"]
 
 
-def run(cfg, data, table: torch.Tensor, steps: int, log) -> dict[str, list[dict]]:
-    """``steps`` synchronous then ``steps`` one-step-off RecPO steps on one fresh system; per-step timings."""
+def run(cfg, data, table: torch.Tensor, steps: int, log, pipeline: bool = True) -> dict[str, list[dict]]:
+    """``steps`` synchronous then (``pipeline``) ``steps`` one-step-off RecPO steps on one fresh system; per-step
+    timings."""
     from driver.pipeline import overlapped_step
     from driver.run_state import rollout_seed
     from driver.steps import batch_inputs, rl_step
@@ -65,6 +69,8 @@ def run(cfg, data, table: torch.Tensor, steps: int, log) -> dict[str, list[dict]
             rollout, results, timings = rl_step(system, cfg, *draw(), updates, version=version, spans=spans)
             out["sync"].append(_row(time.perf_counter() - t, rollout, results, timings))
             log(f"  sync step {version}: {out['sync'][-1]['step_s']:.2f}s")
+        if not pipeline:
+            return out
         inputs = draw()
         rollout = system.generate(inputs[0], G, seed=rollout_seed(cfg.run.seed, version + 1), weight_version=version)
         for _ in range(steps):
@@ -94,6 +100,9 @@ def main() -> None:
     p.add_argument("--config", default="configs/quickstart.yaml")
     p.add_argument("--steps", type=int, default=6, help="steps per mode (the first is left out of the medians)")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 steps per mode, 8-token chains")
+    p.add_argument("--unpinned-sync", action="store_true",
+                   help="also the synchronous steps on a second system with the config's own cores (the quickstart: "
+                   "each phase on both cores), on the same prompts: mode sync_unpinned")
     p.add_argument("--out-dir", default=None, help="where the JSON goes (default bench/results)")
     args = p.parse_args()
 
@@ -109,6 +118,9 @@ def main() -> None:
     data, table = system_inputs(cfg)
     clock = RunClock()
     per_step = run(cfg, data, table, args.steps, print)
+    if args.unpinned_sync:
+        unpinned = load_config(args.config, [o for o in overrides if o not in PINNED])
+        per_step["sync_unpinned"] = run(unpinned, data, table, args.steps, print, pipeline=False)["sync"]
     rows = []
     for mode, steps in per_step.items():
         measured = steps[1:] or steps
@@ -116,13 +128,16 @@ def main() -> None:
                      **{f"{k}_median": statistics.median(s[k] for s in measured)
                         for k in ("step_s", "rollout_s", "learner_s", "sync_s", "train_s")}})
     sync_s, async_s = rows[0]["step_s_median"], rows[1]["step_s_median"]
-    print(f"\nasync / sync seconds per step: {async_s / sync_s:.3f}")
+    print(f"\nasync / sync seconds per step: {async_s / sync_s:.3f}" + (
+        f"; against the unpinned sync: {async_s / rows[2]['step_s_median']:.3f}" if args.unpinned_sync else ""))
     report("async", rows, ["mode", "measured_steps", "step_s_median", "rollout_s_median", "learner_s_median",
                            "sync_s_median", "train_s_median"],
            out_dir=Path(args.out_dir) if args.out_dir else None,
            settings={"config": args.config, "overrides": overrides, "steps_per_mode": args.steps, "quick": args.quick,
                      **clock.fields()},
-           sync_step_s=sync_s, async_step_s=async_s, async_over_sync=async_s / sync_s, per_step=per_step)
+           sync_step_s=sync_s, async_step_s=async_s, async_over_sync=async_s / sync_s, per_step=per_step,
+           **({"sync_unpinned_step_s": rows[2]["step_s_median"],
+               "async_over_sync_unpinned": async_s / rows[2]["step_s_median"]} if args.unpinned_sync else {}))
 
 
 if __name__ == "__main__":
