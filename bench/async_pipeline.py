@@ -18,6 +18,7 @@ of the start-up vLLM encoding ``r2ec train`` does; the quickstart's LoRA-delta s
     python bench/async_pipeline.py            # ~5 min on 2 idle cores
     python bench/async_pipeline.py --quick    # smoke run: 2 steps per mode of 8-token chains
     python bench/async_pipeline.py --unpinned-sync   # + the synchronous loop on the config's own cores, ~8 min
+                                                     # (bench/results/async_unpinned_sync.json)
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def main() -> None:
     sync_s, async_s = rows[0]["step_s_median"], rows[1]["step_s_median"]
     print(f"\nasync / sync seconds per step: {async_s / sync_s:.3f}" + (
         f"; against the unpinned sync: {async_s / rows[2]['step_s_median']:.3f}" if args.unpinned_sync else ""))
-    report("async", rows, ["mode", "measured_steps", "step_s_median", "rollout_s_median", "learner_s_median",
+    report("async_unpinned_sync" if args.unpinned_sync else "async", rows, ["mode", "measured_steps", "step_s_median", "rollout_s_median", "learner_s_median",
                            "sync_s_median", "train_s_median"],
            out_dir=Path(args.out_dir) if args.out_dir else None,
            settings={"config": args.config, "overrides": overrides, "steps_per_mode": args.steps, "quick": args.quick,
