@@ -63,8 +63,9 @@ class RolloutWorkersConfig(_Pinned):
     tensor_parallel_size: int = Field(1, ge=1)
     max_restarts: int = Field(3, ge=0, description="rollout workers restarted after dying, per run, before failing")
     cpu_affinity: str | None = Field(None, description=AFFINITY_HELP.format(
-        what="rollout worker", more="vLLM's engine processes inherit it, and rollout.vllm.cpu_threads_bind 'all' "
-        "then means these cores. Not used with cluster.colocate (use cluster.learner.cpu_affinity)"))
+        what="rollout worker", more="vLLM's engine processes inherit it (not the Ray workers of vLLM tensor "
+        "parallelism), and rollout.vllm.cpu_threads_bind 'all' then means these cores. Not used with "
+        "cluster.colocate (use cluster.learner.cpu_affinity)"))
 
 
 class LearnerWorkersConfig(_Pinned):
@@ -92,13 +93,17 @@ class ClusterConfig(Section):
         "new weights through CUDA IPC (GPU) or a shared-memory file (CPU) instead of the broadcast group")
 
     @model_validator(mode="after")
-    def _whole_gpus(self) -> ClusterConfig:
+    def _affinity_groups(self) -> ClusterConfig:
         self.rollout._check_affinity("cluster.rollout.cpu_affinity")
         self.learner._check_affinity("cluster.learner.cpu_affinity")
+        if self.colocate and self.rollout.cpu_affinity is not None:
+            raise ValueError("cluster.rollout.cpu_affinity is not used with cluster.colocate: each rollout engine "
+                             "runs in its learner rank's process; pin that with cluster.learner.cpu_affinity")
+        return self
+
+    @model_validator(mode="after")
+    def _whole_gpus(self) -> ClusterConfig:
         if self.colocate:
-            if self.rollout.cpu_affinity is not None:
-                raise ValueError("cluster.rollout.cpu_affinity is not used with cluster.colocate: each rollout engine "
-                                 "runs in its learner rank's process; pin that with cluster.learner.cpu_affinity")
             if self.rollout.num_workers != self.learner.num_workers:
                 raise ValueError(
                     f"cluster.colocate puts one rollout engine inside each learner rank: cluster.rollout.num_workers "
