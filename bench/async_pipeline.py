@@ -129,16 +129,17 @@ def main() -> None:
                      **{f"{k}_median": statistics.median(s[k] for s in measured)
                         for k in ("step_s", "rollout_s", "learner_s", "sync_s", "train_s")}})
     sync_s, async_s = rows[0]["step_s_median"], rows[1]["step_s_median"]
+    unpinned = {"sync_unpinned_step_s": rows[2]["step_s_median"],
+                "async_over_sync_unpinned": async_s / rows[2]["step_s_median"]} if args.unpinned_sync else {}
     print(f"\nasync / sync seconds per step: {async_s / sync_s:.3f}" + (
-        f"; against the unpinned sync: {async_s / rows[2]['step_s_median']:.3f}" if args.unpinned_sync else ""))
-    report("async_unpinned_sync" if args.unpinned_sync else "async", rows, ["mode", "measured_steps", "step_s_median", "rollout_s_median", "learner_s_median",
-                           "sync_s_median", "train_s_median"],
+        f"; against the unpinned sync: {unpinned['async_over_sync_unpinned']:.3f}" if unpinned else ""))
+    report("async_unpinned_sync" if args.unpinned_sync else "async", rows,
+           ["mode", "measured_steps", "step_s_median", "rollout_s_median", "learner_s_median", "sync_s_median",
+            "train_s_median"],
            out_dir=Path(args.out_dir) if args.out_dir else None,
            settings={"config": args.config, "overrides": overrides, "steps_per_mode": args.steps, "quick": args.quick,
                      **clock.fields()},
-           sync_step_s=sync_s, async_step_s=async_s, async_over_sync=async_s / sync_s, per_step=per_step,
-           **({"sync_unpinned_step_s": rows[2]["step_s_median"],
-               "async_over_sync_unpinned": async_s / rows[2]["step_s_median"]} if args.unpinned_sync else {}))
+           sync_step_s=sync_s, async_step_s=async_s, async_over_sync=async_s / sync_s, per_step=per_step, **unpinned)
 
 
 if __name__ == "__main__":

@@ -35,8 +35,8 @@ Caveats, stated plainly:
   the single-beam cost.
 - (b) does not mask the user's history inside the beam search (generative recommenders usually filter after);
   (a) masks it in the scores, at negligible cost.
-- One intra-op thread by default (``--threads``) for the timed queries (a cold item table is encoded on every core). On a small machine shared with other jobs, two OpenMP threads
-  make every op wait until both threads are scheduled; we measured a 200-token forward 10-15x slower with 2 threads
+- One intra-op thread by default (``--threads``) for the timed queries (a cold item table is encoded on every
+  core). On a small machine shared with other jobs, two OpenMP threads make every op wait until both threads are scheduled; we measured a 200-token forward 10-15x slower with 2 threads
   than with 1 under such load. Pass ``--threads 2`` on an idle 2-core machine. CPU seconds per query are reported
   next to wall seconds as the less load-sensitive number (under load, wall time hurts (a)'s many small
   single-sequence ops more than (b)'s batched beams); the load average is recorded. vLLM (c) picks its own threads.
