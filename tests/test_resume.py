@@ -1,8 +1,11 @@
 """Exact resume, for real: `python -m driver train` in a subprocess, killed with SIGKILL (its whole process group:
 driver, embedded Ray, rollout and learner workers) right after a checkpoint, then `--resume auto`.
 
-For each rollout engine (hf, vllm) and learner world size (1, 2), the resumed run must log the same per-step
-rewards and losses as an uninterrupted run to 1e-6, and every step exactly once. A checkpoint written by 2 learner
+For each rollout engine (hf at 2 learner ranks on ZeRO-2, vllm at 2 ranks on ZeRO-3, and vllm at 1 rank with the
+one-step-off pipeline), the resumed run must log the same per-step rewards and losses as an uninterrupted run to
+1e-6, and every step exactly once. (The kill of a synchronous run at 1 rank is left out on both engines: it cost
+about 1 and 2 minutes of CI and tested nothing the cases here do not; a 1-rank synchronous resume that must equal
+its uninterrupted run to 1e-6 is the corrupted-checkpoint test below.) A checkpoint written by 2 learner
 ranks continues on 1 rank (DeepSpeed universal checkpoint) with the next step's rewards and token loss within 1e-5
 (and the item loss: its negatives are gathered over the ranks). Resuming with
 another base model, catalogue or LoRA shape is refused with the difference named.
@@ -116,9 +119,7 @@ def _assert_same_steps(got: dict[int, dict], ref: dict[int, dict], steps: range,
 
 
 CASES = [
-    pytest.param("hf", 1, "learner.zero_stage=2", marks=pytest.mark.ray, id="hf-1rank"),
     pytest.param("hf", 2, "learner.zero_stage=2", marks=pytest.mark.ray, id="hf-2ranks"),
-    pytest.param("vllm", 1, "learner.zero_stage=2", marks=[pytest.mark.ray, pytest.mark.vllm], id="vllm-1rank"),
     pytest.param("vllm", 2, "learner.zero_stage=3", marks=[pytest.mark.ray, pytest.mark.vllm], id="vllm-2ranks"),
     # the one-step-off pipeline: step 2's rollout, sampled during step 1, is in the step-1 checkpoint
     pytest.param("vllm", 1, ("learner.zero_stage=2", "rollout.async=true", "recpo.off_policy=tis"),

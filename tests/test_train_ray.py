@@ -92,9 +92,10 @@ def _assert_pinned(actors, cores: list[int]):
             assert child.cpu_affinity() == [core], (child.name(), child.cpu_affinity(), core)
 
 
+# The HF engine at ZeRO-2 only: its ZeRO-3 twin took 2 minutes of CI and tested nothing new (the learner gathers and
+# broadcasts the same way whatever engine receives; vllm-3 covers ZeRO-3 with two ranks and two workers).
 ENGINES_AND_STAGES = [
     pytest.param("hf", 2, marks=pytest.mark.ray),
-    pytest.param("hf", 3, marks=pytest.mark.ray),
     pytest.param("vllm", 2, marks=[pytest.mark.ray, pytest.mark.vllm]),
     pytest.param("vllm", 3, marks=[pytest.mark.ray, pytest.mark.vllm]),
 ]
