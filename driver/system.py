@@ -199,7 +199,7 @@ class System:
             num_cpus=r.cpus_per_worker, num_gpus=gpus, scheduling_strategy=on_bundle(self._rollout_pgs[i], 0),
             runtime_env={"env_vars": self._rollout_env}, name=f"rollout-{i}").remote(
             cfg.model, cfg.rollout, cfg.run.seed, device=self.device, worker_index=i,
-            tensor_parallel_size=r.tensor_parallel_size, log_file=actor_log(cfg, f"rollout-{i}"),
+            tensor_parallel_size=r.tensor_parallel_size, own_process=True, log_file=actor_log(cfg, f"rollout-{i}"),
             cpu_affinity=pinned(r, "rollout", i))
 
     # ------------------------------------------------------------------------------------------ rollout faults

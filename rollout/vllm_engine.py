@@ -31,9 +31,10 @@ Deviations from the paper / official code (github YRYangang/RRec):
 - The official code also samples with vLLM, but colocated in the trainer process: it copies weights with a raw
   ``model.load_weights`` on vLLM's driver worker (an API later vLLM versions no longer expose that way), takes
   the completions as *text*, re-tokenises them and recomputes h_T and log-probs with the HF model. Here vLLM runs
-  in its own worker process(es), takes weights over a broadcast group, and returns the sampled token ids as they
+  in the rollout workers (Ray actors), takes weights over a broadcast group, and returns the sampled token ids as they
   were sampled (no re-tokenisation drift), their behaviour log-probs and h_T (final-norm output; it matches HF
-  float32 to ~1e-6, see tests/test_vllm_engine.py).
+  float32 to ~1e-6, see tests/test_vllm_engine.py). A rollout worker's engine runs inside the worker's process
+  (``in_process``); elsewhere vLLM starts its engine core and model worker processes as usual.
 - The official code passes the checkpoint generation config's ``repetition_penalty`` to vLLM (1.0, i.e. off, unless
   the checkpoint sets one); ``Sampling`` has no such field, so no penalty is applied here.
 - vLLM serves the plain base model: the learner broadcasts LoRA-merged full weights (the official code merges too).
@@ -57,14 +58,15 @@ EXTENSION = "rollout.vllm_ext.R2ecWorkerExtension"
 
 
 def llm_kwargs(model_path: str, model_cfg: ModelConfig, vcfg: VllmConfig, seed: int, device: str,
-               tensor_parallel_size: int, colocated: bool = False) -> dict[str, Any]:
+               tensor_parallel_size: int, colocated: bool = False, in_process: bool = False) -> dict[str, Any]:
     """The ``vllm.LLM`` arguments of an engine (pure: no vLLM needed).
 
     ``enforce_eager: false`` (GPU only) turns on CUDA graphs for decode-only batches and nothing else: no
     torch.compile (``mode`` 0), and prefill and mixed batches, where the hidden-state hook must run in Python, stay
     eager (``FULL_DECODE_ONLY``). The hook is installed after vLLM has captured its graphs, so no graph contains it;
     a prefill that vLLM mistakes for a decode step is caught by ``VllmEngine._prefill``. Async scheduling is off
-    explicitly: the hook reads the runner's per-step state, which async scheduling prepares a step ahead."""
+    explicitly: the hook reads the runner's per-step state, which async scheduling prepares a step ahead.
+    ``in_process`` (tensor_parallel_size 1): the model worker runs in the calling process (the ``uni`` executor)."""
     if not vcfg.enforce_eager and device != "cuda":
         raise ValueError("rollout.vllm.enforce_eager: false needs a GPU (CUDA graphs); the CPU build runs eagerly only")
     kwargs: dict[str, Any] = dict(
@@ -90,6 +92,8 @@ def llm_kwargs(model_path: str, model_cfg: ModelConfig, vcfg: VllmConfig, seed: 
         kwargs["max_num_batched_tokens"] = max(vcfg.max_model_len, 4096)
     if tensor_parallel_size > 1:
         kwargs["distributed_executor_backend"] = "ray"
+    elif in_process:  # the model worker in this process too (the engine core is, by VLLM_ENABLE_V1_MULTIPROCESSING)
+        kwargs["distributed_executor_backend"] = "uni"
     return kwargs
 
 
@@ -125,20 +129,31 @@ class VllmEngine:
     ``distributed_executor_backend="ray"``; each joins the weight-broadcast group. That path is untested here
     (no GPU on the development machines). ``llm_kwargs`` are passed on to ``vllm.LLM`` (tests use it to force small
     scheduler budgets); they override the values derived from the configs.
+
+    ``in_process`` (tensor_parallel_size 1 only; ``rollout.vllm.in_process`` for the rollout workers' own processes):
+    vLLM's engine core and its model worker run in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, the ``uni``
+    executor) instead of two processes of their own, each of which imports torch and vLLM again: an engine is up
+    about 15 s sooner on CPU, and the engine dies with its process. vLLM then owns this process's torch threads
+    (its CPU worker binds the OpenMP threads and turns ``torch.set_num_threads`` into a no-op), so only a process
+    that does nothing else should ask for it; a per-call ``timeout`` of the worker calls has no effect in-process
+    (vLLM's ``uni`` executor runs them directly), the caller's own timeout (the driver's, on the Ray call) remains.
     """
 
     def __init__(self, model_cfg: ModelConfig, rollout_cfg: RolloutConfig, seed: int, device: str,
                  tensor_parallel_size: int = 1, extra_llm_kwargs: dict[str, Any] | None = None,
-                 colocated: bool = False):
+                 colocated: bool = False, in_process: bool = False):
         from r2ec.assets import resolve
 
         if device not in ("cpu", "cuda"):
             raise ValueError(f"VllmEngine device must be 'cpu' or 'cuda', got {device!r}")
         if tensor_parallel_size > 1 and device != "cuda":
             raise ValueError("tensor_parallel_size > 1 needs device 'cuda'")
+        if in_process and (tensor_parallel_size > 1 or colocated):
+            raise ValueError("an in-process vLLM engine needs tensor_parallel_size 1 and a process of its own (not "
+                             "colocated with a learner rank)")
         vcfg = rollout_cfg.vllm
         kwargs = llm_kwargs(resolve(model_cfg.name_or_path), model_cfg, vcfg, seed, device, tensor_parallel_size,
-                            colocated)
+                            colocated, in_process)
         if device == "cpu":
             # Read by the CPU platform when the engine is configured; without it the CPU build sizes the KV cache
             # from a share of the whole machine's memory.
@@ -146,6 +161,8 @@ class VllmEngine:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_threads_bind(vcfg.cpu_threads_bind)
         # The hidden-state hook reads the V1 model runner's per-step state; on GPUs 0.32 may pick the V2 runner.
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+        # Read when the engine starts: the engine core in this process (in_process) or in one of its own.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
         vllm = import_vllm()
         from vllm.platforms import current_platform
 

@@ -24,13 +24,16 @@ from rollout.engine import Completion, Engine, Sampling
 
 
 def build_engine(model_cfg, rollout_cfg, seed: int, device: str, tensor_parallel_size: int = 1,
-                 colocated: bool = False) -> Engine:
+                 colocated: bool = False, own_process: bool = False) -> Engine:
+    """``own_process``: the caller gives this worker a process that does nothing else (a Ray actor), so a vLLM
+    engine may run inside it (``rollout.vllm.in_process``)."""
     if rollout_cfg.engine == "vllm":
         from rollout.vllm_engine import VllmEngine
 
+        in_process = own_process and rollout_cfg.vllm.in_process and tensor_parallel_size == 1 and not colocated
         # vLLM places itself on the GPUs CUDA_VISIBLE_DEVICES shows (Ray narrows it to the assigned ones)
         return VllmEngine(model_cfg, rollout_cfg, seed, device.split(":")[0], tensor_parallel_size=tensor_parallel_size,
-                          colocated=colocated)
+                          colocated=colocated, in_process=in_process)
     if tensor_parallel_size != 1:
         raise ValueError("the hf rollout engine has no tensor parallelism")
     from rollout.hf_engine import HFEngine
@@ -40,17 +43,20 @@ def build_engine(model_cfg, rollout_cfg, seed: int, device: str, tensor_parallel
 
 class RolloutWorker:
     """``engine``: a ready engine to use instead of building one (the colocated learner's shared-module HF engine);
-    ``colocated``: build a vLLM engine for the colocated mode (sleep mode on GPU, weights by ``load_packed``)."""
+    ``colocated``: build a vLLM engine for the colocated mode (sleep mode on GPU, weights by ``load_packed``);
+    ``own_process``: see ``build_engine`` (the driver sets it for its rollout actors; a worker built in a process
+    that does other work, a test's or a debugger's, keeps vLLM's engine in processes of its own)."""
 
     def __init__(self, model_cfg, rollout_cfg, seed: int, device: str = "cpu", worker_index: int = 0,
-                 tensor_parallel_size: int = 1, engine: Engine | None = None, colocated: bool = False):
+                 tensor_parallel_size: int = 1, engine: Engine | None = None, colocated: bool = False,
+                 own_process: bool = False):
         from r2ec.assets import resolve
 
         self.sampling_cfg = rollout_cfg.sampling
         self.seed = seed
         self.worker_index = worker_index
         self.engine = engine if engine is not None else build_engine(
-            model_cfg, rollout_cfg, seed + 1000 * worker_index, device, tensor_parallel_size, colocated)
+            model_cfg, rollout_cfg, seed + 1000 * worker_index, device, tensor_parallel_size, colocated, own_process)
         self.finisher = ChainFinisher.from_pretrained(resolve(model_cfg.name_or_path), model_cfg.answer_marker)
         self.weight_version = 0
 

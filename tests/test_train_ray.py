@@ -92,6 +92,15 @@ def _assert_pinned(actors, cores: list[int]):
             assert child.cpu_affinity() == [core], (child.name(), child.cpu_affinity(), core)
 
 
+def _children(actors) -> list[str]:
+    import psutil
+
+    from driver.remote import get
+
+    pids = get([a.__ray_call__.remote(lambda _self: os.getpid()) for a in actors], 60, "pids")
+    return [c.name() for pid in pids for c in psutil.Process(pid).children(recursive=True)]
+
+
 # The HF engine at ZeRO-2 only: its ZeRO-3 twin took 2 minutes of CI and tested nothing new (the learner gathers and
 # broadcasts the same way whatever engine receives; vllm-3 covers ZeRO-3 with two ranks and two workers).
 ENGINES_AND_STAGES = [
@@ -116,6 +125,8 @@ def test_two_rollout_workers_two_learner_ranks(engine, stage, tiny_model_dir, tm
     with System(cfg, "cpu", log=print) as system:
         _assert_pinned(system.rollouts, cores[:2])
         _assert_pinned(system.learners, cores[1:3])
+        if engine == "vllm":  # rollout.vllm.in_process: the engine core and model worker live in the actor's process
+            assert not _children(system.rollouts), _children(system.rollouts)
         table = system.encode_items(items)
         system.set_items(items, table)
         before = get([a.fingerprint.remote() for a in system.learners], 300, "fingerprint")[0]

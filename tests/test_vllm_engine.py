@@ -200,6 +200,19 @@ def test_llm_kwargs_decode_graphs_on_gpu_only():
         llm_kwargs("m", model, VllmConfig(enforce_eager=False), 0, "cpu", 1)
 
 
+def test_llm_kwargs_in_process_worker_at_one_rank_only():
+    from r2ec.config import ModelConfig, RolloutConfig, VllmConfig
+    from rollout.vllm_engine import VllmEngine, llm_kwargs
+
+    model = ModelConfig(name_or_path="m")
+    assert "distributed_executor_backend" not in llm_kwargs("m", model, VllmConfig(), 0, "cpu", 1)
+    assert llm_kwargs("m", model, VllmConfig(), 0, "cpu", 1, in_process=True)["distributed_executor_backend"] == "uni"
+    assert llm_kwargs("m", model, VllmConfig(), 0, "cuda", 2, in_process=True)["distributed_executor_backend"] == "ray"
+    for kwargs in ({"tensor_parallel_size": 2}, {"colocated": True}):  # refused before vLLM is imported
+        with pytest.raises(ValueError, match="in-process vLLM engine needs tensor_parallel_size 1"):
+            VllmEngine(model, RolloutConfig(engine="vllm"), 0, "cuda", in_process=True, **kwargs)
+
+
 # ------------------------------------------------------------------------------------------------- sampling
 def test_sample_groups_n_per_prompt_with_raw_logp(engine, tiny_model, prompts):
     from rollout.engine import Sampling
