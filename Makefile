@@ -68,6 +68,7 @@ bench: $(VENV)/.bench assets
 	$(PY) bench/chain_logits.py
 	$(PY) bench/packing.py
 	$(PY) bench/async_pipeline.py
+	$(PY) bench/engine_start.py
 
 # The quality study on MovieLens-100k (docs/results.md): every method as its own resumable step (study/run.py keeps each
 # finished method's small result under study/results/ and skips it on a re-run), then the tables and the curves.

@@ -102,3 +102,13 @@ def test_weight_sync_quick(tmp_path):
     assert record["full_s"] > 0 and record["lora_delta_s"] > 0
     floor = record["lora_delta_floor"]  # the receiver's merge (and vLLM's repack) alone, every LoRA target merged
     assert floor["merge_s"] > 0 and floor["merged_tensors"] > 0 and floor["floor_s"] >= floor["merge_s"]
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_engine_start_quick(tmp_path):
+    pytest.importorskip("vllm")
+    record = _run("engine_start.py", tmp_path)
+    assert [r["mode"] for r in record["rows"]] == ["separate", "in_process"]
+    assert all(r["start_s"] > 0 and r["chains"] == 8 for r in record["rows"])
+
