@@ -177,9 +177,9 @@ class VllmConfig(Section):
         "process (VLLM_ENABLE_V1_MULTIPROCESSING=0, the 'uni' executor) instead of in two processes of their own that "
         "import torch and vLLM again: an engine is up about 13 s sooner on 2 CPU cores, sampling as fast within the "
         "bench's noise (docs/performance.md, section 12); off by default, because on GPUs vLLM's own engine-core "
-        "process schedules while the GPU computes (not measured here). At cluster.rollout.tensor_parallel_size 1; with tensor parallelism, and for the engines of "
-        "colocated learner ranks (their process trains too: vLLM would take over its torch threads), vLLM starts "
-        "its own processes whatever this says")
+        "process schedules while the GPU computes (not measured here). At cluster.rollout.tensor_parallel_size 1; "
+        "with tensor parallelism, and for the engines of colocated learner ranks (their process trains too: vLLM "
+        "would take over its torch threads), vLLM starts its own processes whatever this says")
     enable_prefix_caching: bool = Field(True, description="makes the hidden-state prefill of prompt+chain cheap")
     max_model_len: int = Field(4096, ge=64, description="prompt + chain tokens per sequence")
     block_size: int | None = Field(

@@ -133,7 +133,7 @@ class VllmEngine:
     ``in_process`` (tensor_parallel_size 1 only; ``rollout.vllm.in_process`` for the rollout workers' own processes):
     vLLM's engine core and its model worker run in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, the ``uni``
     executor) instead of two processes of their own, each of which imports torch and vLLM again: an engine is up
-    about 15 s sooner on CPU, and the engine dies with its process. vLLM then owns this process's torch threads
+    about 13 s sooner on 2 CPU cores (bench/engine_start.py), and the engine dies with its process. vLLM then owns this process's torch threads
     (its CPU worker binds the OpenMP threads and turns ``torch.set_num_threads`` into a no-op), so only a process
     that does nothing else should ask for it; a per-call ``timeout`` of the worker calls has no effect in-process
     (vLLM's ``uni`` executor runs them directly), the caller's own timeout (the driver's, on the Ray call) remains.

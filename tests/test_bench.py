@@ -111,4 +111,3 @@ def test_engine_start_quick(tmp_path):
     record = _run("engine_start.py", tmp_path)
     assert [r["mode"] for r in record["rows"]] == ["separate", "in_process"]
     assert all(r["start_s"] > 0 and r["chains"] == 8 for r in record["rows"])
-
